@@ -1,0 +1,25 @@
+# wl_infer: everything here needs only Python 3.8+ (standard library).
+PYTHON ?= python3
+
+.PHONY: test demo compat lint
+
+# The whole suite, against the built-in fake Ollama and fake wl.
+test:
+	$(PYTHON) test_wl_infer.py
+
+# post -> run -> verify -> status, as a user sees it, against the fakes.
+demo:
+	$(PYTHON) test_wl_infer.py demo
+
+# The suite on the oldest and newest supported Pythons, when installed.
+compat:
+	@for v in 3.8 3.13; do \
+	  py=; for c in $$(ls -d $$HOME/.pyenv/versions/$$v.*/bin/python3 2>/dev/null) $$(command -v python$$v); do \
+	    if "$$c" -c 'import sys' >/dev/null 2>&1; then py=$$c; break; fi; done; \
+	  if [ -n "$$py" ]; then echo "== Python $$v ($$py)"; "$$py" test_wl_infer.py || exit 1; \
+	  else echo "== Python $$v not installed: skipped"; fi; \
+	done
+
+# Optional, development only: needs ruff (pip install ruff).
+lint:
+	ruff check --line-length 120 wl_infer.py test_wl_infer.py

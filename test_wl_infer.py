@@ -1,0 +1,1553 @@
+#!/usr/bin/env python3
+"""Tests for wl_infer.py, and the two fakes they run against.
+
+- FakeOllama: a real HTTP server on 127.0.0.1 (chunked NDJSON streaming,
+  /api/generate, /api/tags, /api/version, /api/show), scriptable per test.
+- FakeBoard: a real `wl` executable written into a temp dir, with its board
+  in a JSON file, the output formats, error lines and exit codes of
+  ../shared/contracts/wl-cli.md, PR mode, ID prefixes, failure injection and
+  a call log.
+
+`python3 test_wl_infer.py` runs the suite (what `make test` does);
+`python3 test_wl_infer.py demo` walks post -> run -> verify -> status against
+the fakes; `python3 test_wl_infer.py fake-wl STATE ARGS...` is the fake wl.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WL_INFER = os.path.join(HERE, "wl_infer.py")
+sys.path.insert(0, HERE)
+import wl_infer  # noqa: E402
+
+DEADLINE = 30.0  # seconds any wait-for-condition may take before failing
+
+
+def wait_for(condition, what, deadline=DEADLINE):
+    """Wait until condition() is true, polling; fail after the deadline."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+# =============================================================================
+# Fake Ollama
+# =============================================================================
+
+
+def default_output(model, prompt):
+    """What the fake model answers when a test scripted nothing: a
+    deterministic function of (model, prompt) with multi-byte characters."""
+    return "Réponse de %s à « %s » : 42 ✓ — 答え 🙂" % (model, prompt[:40])
+
+
+class FakeOllama(object):
+    """A threaded HTTP server that behaves like Ollama's API (see
+    ../shared/contracts/ollama-api.md). Scriptable attributes:
+
+    outputs[(model, prompt)] = text   what the model generates
+    models = {name: digest}           what /api/tags lists
+    piece_chars                       characters per streamed token
+    piece_delay                       seconds between tokens
+    wire_chunk                        re-chunk the HTTP body into N-byte chunks
+                                      (splits lines and UTF-8 sequences)
+    fail = (status, message)          answer /api/generate with an HTTP error
+    error_after = (n, message)        send n tokens, then an {"error"} line
+    stall_after = n                   send n tokens, then nothing (until stop)
+    end_after = n                     send n tokens, then close without `done`
+    """
+
+    def __init__(self):
+        self.models = {"llama3.2:1b": "a80c4f17acd5" + "0" * 52, "qwen2.5:0.5b": "c5396e06af29" + "1" * 52}
+        self.outputs = {}
+        self.piece_chars = 3
+        self.piece_delay = 0.0
+        self.wire_chunk = None
+        self.fail = None
+        self.error_after = None
+        self.stall_after = None
+        self.end_after = None
+        self.version = "0.12.11"
+        self.requests = []
+        self.generating = threading.Event()  # set when a generate request arrives
+        self.released = threading.Event()  # ends stalls at stop()
+        self.lock = threading.Lock()
+        self.server = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self):
+        from http.server import ThreadingHTTPServer
+
+        Handler = _ollama_handler()
+        Handler.fake = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        # a short poll interval: stop() waits for one, once per test
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.server.server_address[1]
+
+    def generate_requests(self):
+        with self.lock:
+            return [r["body"] for r in self.requests if r["path"] == "/api/generate"]
+
+    # -- the "model" --------------------------------------------------------
+    def find(self, name):
+        wanted = wl_infer.full_model_name(name).lower()
+        return next((n for n in self.models if n.lower() == wanted), None)
+
+    def tokens_for(self, model, prompt, options):
+        text = self.outputs.get((model, prompt))
+        if text is None:
+            text = default_output(model, prompt)
+        n = self.piece_chars
+        tokens = [text[i:i + n] for i in range(0, len(text), n)]
+        limit = (options or {}).get("num_predict", -1)
+        if isinstance(limit, int) and limit >= 0 and len(tokens) > limit:
+            return tokens[:limit], "length"
+        return tokens, "stop"
+
+
+def _ollama_handler():
+    """The request handler class (built on first use: http.server is slow to
+    import, and the fake wl imports this module on every call)."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(_OllamaHandlerMixin, BaseHTTPRequestHandler):  # ours first
+        pass
+
+    return Handler
+
+
+class _OllamaHandlerMixin(object):
+    protocol_version = "HTTP/1.1"
+    fake = None
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, status, doc):
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw.decode()) if raw else {}
+        except ValueError as exc:
+            return exc
+
+    def _record(self, body):
+        with self.fake.lock:
+            self.fake.requests.append({"method": self.command, "path": self.path, "body": body})
+
+    def do_GET(self):
+        self._record(None)
+        if self.path == "/api/tags":
+            self._json(200, {"models": [
+                {"name": n, "model": n, "modified_at": "2026-11-01T10:00:00Z", "size": 1321098329,
+                 "digest": d, "details": {"format": "gguf", "family": "llama", "parameter_size": "1.2B",
+                                          "quantization_level": "Q8_0"}}
+                for n, d in sorted(self.fake.models.items())]})
+        elif self.path == "/api/version":
+            self._json(200, {"version": self.fake.version})
+        else:
+            self._not_found()
+
+    def _not_found(self):
+        data = b"404 page not found"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self._body()
+        self._record(body if isinstance(body, dict) else None)
+        if isinstance(body, Exception):
+            return self._json(400, {"error": str(body)})
+        if self.path == "/api/show":
+            name = self.fake.find(body.get("model") or "")
+            if not name:
+                return self._json(404, {"error": "model '%s' not found" % body.get("model")})
+            return self._json(200, {"modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+                                    "details": {"format": "gguf"}, "model_info": {}})
+        if self.path != "/api/generate":
+            return self._not_found()
+        if not body.get("model"):
+            return self._json(400, {"error": "model is required"})
+        self.fake.generating.set()
+        if self.fake.fail:
+            status, message = self.fake.fail
+            return self._json(status, {"error": message})
+        name = self.fake.find(body["model"])
+        if not name:
+            return self._json(404, {"error": "model '%s' not found" % body["model"]})
+        tokens, reason = self.fake.tokens_for(body["model"], body.get("prompt", ""), body.get("options"))
+        if body.get("stream", True) is False:
+            return self._json(200, self._final(name, "".join(tokens), reason, len(tokens)))
+        self._stream(name, tokens, reason)
+
+    def _final(self, name, response, reason, count):
+        return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
+                "done_reason": reason, "total_duration": 1000000, "load_duration": 1000,
+                "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
+                "eval_duration": 1000000 * max(count, 1)}
+
+    def _stream(self, name, tokens, reason):
+        fake = self.fake
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pending = bytearray()
+
+        def send(line, final=False):
+            pending.extend(line)
+            size = fake.wire_chunk or len(pending)
+            while len(pending) >= size > 0 or (final and pending):
+                chunk, pending[:] = bytes(pending[:size]), pending[size:]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+
+        try:
+            for i, token in enumerate(tokens):
+                if fake.error_after and i == fake.error_after[0]:
+                    send(json.dumps({"error": fake.error_after[1]}).encode() + b"\n", final=True)
+                    return self.wfile.write(b"0\r\n\r\n")
+                if fake.stall_after is not None and i == fake.stall_after:
+                    send(b"", final=True)
+                    fake.released.wait(60)
+                    return
+                if fake.end_after is not None and i == fake.end_after:
+                    send(b"", final=True)
+                    return self.wfile.write(b"0\r\n\r\n")
+                if fake.piece_delay:
+                    time.sleep(fake.piece_delay)
+                line = json.dumps({"model": name, "created_at": "2026-11-26T10:00:00Z",
+                                   "response": token, "done": False}, ensure_ascii=False)
+                send(line.encode("utf-8") + b"\n")
+            send(json.dumps(self._final(name, "", reason, len(tokens))).encode() + b"\n", final=True)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away: Ollama cancels the generation
+        finally:
+            self.close_connection = True
+
+
+# =============================================================================
+# Fake wl (a real executable; the board is a JSON file)
+# =============================================================================
+
+# ---- fake wl: begin (FakeBoard copies this section into its executable) ----
+# Standalone: it may use only the modules imported here, so that one fake wl
+# call costs about what a real wl start does, not a whole test-module import.
+import fcntl  # noqa: E402
+import json  # noqa: E402,F811
+import os  # noqa: E402,F811
+import sys  # noqa: E402,F811
+import time  # noqa: E402,F811
+import zlib  # noqa: E402
+
+
+def _hex_id(seed, width):
+    value = zlib.crc32(seed.encode("utf-8"))
+    value = (value << 32) | zlib.crc32(("~" + seed).encode("utf-8"))
+    return ("%016x" % value)[:width]
+
+
+_GLOBAL_VALUE_FLAGS = {"--wasteland", "--color"}
+_GLOBAL_BOOL_FLAGS = {"--local-db"}
+_COMMAND_FLAGS = {  # command: (flags taking a value, boolean flags, positional args)
+    "post": ({"--title", "--type", "--description", "-d", "--priority", "--effort", "--project", "--tags"},
+             {"--no-push"}, 0),
+    "claim": (set(), {"--no-push"}, 1),
+    "unclaim": (set(), {"--no-push"}, 1),
+    "done": ({"--evidence"}, {"--no-push"}, 1),
+    "status": (set(), set(), 1),
+    "show": (set(), set(), 1),
+    "browse": ({"--type", "--status", "--limit", "--project"}, {"--json", "--long"}, 0),
+    "accept": ({"--quality", "--reliability", "--message", "--severity"}, {"--no-push"}, 1),
+    "reject": ({"--reason"}, {"--no-push"}, 1),
+}
+_TYPES = ("feature", "bug", "design", "rfc", "docs", "inference")
+_EFFORTS = ("trivial", "small", "medium", "large", "epic")
+
+
+class _WlFail(Exception):
+    def __init__(self, message, hint=None):
+        Exception.__init__(self, message)
+        self.hint = hint
+
+
+def _parse_wl_argv(argv):
+    command, flags, positional = None, {}, []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token.startswith("-") and len(token) > 1:
+            name, eq, value = token.partition("=")
+            spec = _COMMAND_FLAGS.get(command, (set(), set(), 0))
+            if name in _GLOBAL_VALUE_FLAGS or name in spec[0]:
+                if not eq:  # pflag takes the next argument, whatever it is
+                    if i >= len(argv):
+                        raise _WlFail("flag needs an argument: %s" % name)
+                    value = argv[i]
+                    i += 1
+                flags["--description" if name == "-d" else name] = value
+            elif name in _GLOBAL_BOOL_FLAGS or name in spec[1]:
+                flags[name] = value if eq else "true"
+            else:
+                raise _WlFail("unknown flag: %s" % name)
+        elif command is None:
+            if token not in _COMMAND_FLAGS:
+                raise _WlFail('unknown command "%s" for "wl"' % token)
+            command = token
+        else:
+            positional.append(token)
+    if command is None:
+        raise _WlFail("no command given")
+    want = _COMMAND_FLAGS[command][2]
+    if len(positional) != want:
+        raise _WlFail("accepts %d arg(s), received %d" % (want, len(positional)))
+    return command, flags, positional
+
+
+class FakeWl(object):
+    """The board logic of the fake wl, on a loaded state dict."""
+
+    def __init__(self, state, rig):
+        self.state, self.rig, self.out = state, rig, []
+
+    def say(self, line=""):
+        self.out.append(line)
+
+    def resolve(self, prefix):
+        items = self.state["items"]
+        if prefix in items:
+            return items[prefix]
+        found = sorted(i for i in items if i.startswith(prefix))
+        if not found:
+            raise _WlFail('no wanted item matching "%s"' % prefix)
+        if len(found) > 1:
+            raise _WlFail('ambiguous prefix "%s" matches: %s' % (prefix, ", ".join(found)))
+        return items[found[0]]
+
+    def tick(self):
+        self.state["clock"] = self.state.get("clock", 0) + 1
+        return "2026-03-01 10:%02d:%02d" % divmod(self.state["clock"] % 3600, 60)
+
+    def pr_lines(self, item, width):
+        if self.state.get("mode", "pr") != "pr":
+            return []
+        branch = "wl/%s/%s" % (self.rig, item["id"])
+        return ["  %s%s" % ("Branch:".ljust(width), branch),
+                "  %s%s" % ("Branch URL:".ljust(width), "https://example.invalid/fork/tree/" + branch),
+                "  %s%s" % ("PR:".ljust(width), "https://example.invalid/pulls/%d" % self.state["clock"]),
+                "  Delta: 1 row changed"]
+
+    def pushed(self, flags):
+        if "--no-push" in flags:
+            self.say("  changes saved locally (--no-push)")
+
+    def check_size(self, text, column):
+        if len(text.encode("utf-8")) > 65535:
+            raise _WlFail("Error 1406 (22001): Data too long for column '%s' at row 1" % column)
+
+    def cmd_post(self, flags, args):
+        if "--title" not in flags:
+            raise _WlFail('required flag(s) "title" not set')
+        kind = flags.get("--type", "feature")
+        if kind not in _TYPES:
+            raise _WlFail('invalid type "%s": must be one of %s' % (kind, ", ".join(_TYPES)))
+        priority = flags.get("--priority", "2")
+        if not priority.isdigit() or not 0 <= int(priority) <= 4:
+            raise _WlFail("invalid priority %s: must be 0-4" % priority)
+        effort = flags.get("--effort", "medium")
+        if effort not in _EFFORTS:
+            raise _WlFail('invalid effort "%s": must be one of %s' % (effort, ", ".join(_EFFORTS)))
+        description = flags.get("--description", "")
+        self.check_size(description, "description")
+        self.state["seq"] = self.state.get("seq", 0) + 1
+        item_id = "w-" + _hex_id("%d:%s" % (self.state["seq"], flags["--title"]), 10)
+        now = self.tick()
+        item = {"id": item_id, "title": flags["--title"], "type": kind, "priority": int(priority),
+                "effort": effort, "description": description, "posted_by": self.rig, "claimed_by": "",
+                "status": "open", "project": flags.get("--project", ""), "created": now, "updated": now,
+                "completion": None, "stamp": None, "order": self.state["seq"]}
+        self.state["items"][item_id] = item
+        self.say("✓ Posted wanted item: " + item_id)
+        self.say("  Title:    " + item["title"])
+        if item["project"]:
+            self.say("  Project:  " + item["project"])
+        self.say("  Type:     " + kind)
+        self.say("  Priority: %d" % item["priority"])
+        self.say("  Effort:   " + effort)
+        self.say("  Posted by: " + self.rig)
+        self.say()
+        for line in self.pr_lines(item, 10):
+            self.say(line)
+        self.pushed(flags)
+        self.say("  Next: others can claim this. Browse: wl browse")
+
+    def transition(self, item, status, verb, extra):
+        item["status"] = status
+        item["updated"] = self.tick()
+        self.say("✓ %s %s" % (verb, item["id"]))
+        self.say("  Title: " + item["title"])
+        self.say("  Status: " + status)
+        for line in extra:
+            self.say(line)
+        self.say()
+        for line in self.pr_lines(item, 12):
+            self.say(line)
+
+    def cmd_claim(self, flags, args):
+        item = self.resolve(args[0])
+        if item["status"] != "open":
+            raise _WlFail('wanted item "%s" is not open or does not exist' % item["id"])
+        item["claimed_by"] = self.rig
+        self.transition(item, "claimed", "Claimed", ["  Claimed by: " + self.rig])
+        self.pushed(flags)
+        self.say("  Next: do the work, then: wl done %s --evidence <url>" % item["id"])
+
+    def cmd_unclaim(self, flags, args):
+        item = self.resolve(args[0])
+        if item["status"] != "claimed":
+            raise _WlFail('wanted item "%s" is not claimed or does not exist' % item["id"])
+        if item["claimed_by"] != self.rig and item["posted_by"] != self.rig:
+            raise _WlFail('wanted item "%s" is not claimed by "%s" or does not exist' % (item["id"], self.rig))
+        item["claimed_by"] = ""
+        self.transition(item, "open", "Unclaimed", [])
+        self.pushed(flags)
+        self.say("  Next: others can claim it again")
+
+    def cmd_done(self, flags, args):
+        if "--evidence" not in flags:
+            raise _WlFail('required flag(s) "evidence" not set')
+        item = self.resolve(args[0])
+        if item["status"] != "claimed" or item["claimed_by"] != self.rig:
+            raise _WlFail('wanted item "%s" is not claimed by "%s" or does not exist' % (item["id"], self.rig))
+        self.check_size(flags["--evidence"], "evidence")
+        if item["completion"] is None:  # the first completion wins
+            cid = "c-" + _hex_id("c" + item["id"], 16)
+            item["completion"] = {"id": cid, "evidence": flags["--evidence"], "completed_by": self.rig}
+        self.transition(item, "in_review", "Completion submitted for",
+                        ["  Completed by: " + self.rig, "  Evidence: " + flags["--evidence"]])
+        self.pushed(flags)
+        self.say("  Next: the poster reviews it: wl accept %s" % item["id"])
+
+    def cmd_accept(self, flags, args):
+        item = self.resolve(args[0])
+        if item["status"] != "in_review":
+            raise _WlFail('wanted item "%s" is not in review or does not exist' % item["id"])
+        if item["completion"]["completed_by"] == self.rig:
+            raise _WlFail("cannot accept your own completion")
+        quality = flags.get("--quality", "")
+        if not quality.isdigit() or not 1 <= int(quality) <= 5:
+            raise _WlFail("--quality must be 1-5")
+        item["stamp"] = {"id": "s-" + item["id"][2:], "quality": int(quality),
+                         "reliability": int(flags.get("--reliability", quality))}
+        self.transition(item, "completed", "Accepted", ["  Quality: " + quality])
+        self.pushed(flags)
+
+    def cmd_reject(self, flags, args):
+        item = self.resolve(args[0])
+        if item["status"] != "in_review":
+            raise _WlFail('wanted item "%s" is not in review or does not exist' % item["id"])
+        self.transition(item, "claimed", "Rejected", ["  Reason: " + flags.get("--reason", "")])
+        self.pushed(flags)
+
+    def cmd_status(self, flags, args):
+        item = self.resolve(args[0])
+        self.say("%s: %s" % (item["id"], item["title"]))
+        self.say()
+        self.say("  Status:      " + item["status"])
+        self.say("  Type:        %-14sPriority: P%d" % (item["type"], item["priority"]))
+        if item["project"]:
+            self.say("  Project:     %-14sEffort:   %s" % (item["project"], item["effort"]))
+        else:
+            self.say("  Effort:   " + item["effort"])
+        self.say("  Posted by:   " + item["posted_by"])
+        self.say("  Created:     " + item["created"])
+        self.say("  Updated:     " + item["updated"])
+        if item["description"]:
+            self.say()
+            self.say("  Description:")
+            self.say("    " + item["description"])
+        if item["claimed_by"]:
+            self.say()
+            self.say("  Claimed by:  " + item["claimed_by"])
+        if item["claimed_by"] and self.state.get("mode", "pr") == "pr":
+            self.say()
+            branch = "wl/%s/%s" % (item["claimed_by"], item["id"])
+            self.say("  Branch:      " + branch)
+            self.say("  PR:          https://example.invalid/pulls/1")
+        if item["completion"]:
+            self.say()
+            self.say("  Completion:  " + item["completion"]["id"])
+            self.say("    Evidence:    " + item["completion"]["evidence"])
+            self.say("    Completed by: " + item["completion"]["completed_by"])
+        if item["stamp"]:
+            self.say()
+            self.say("  Stamp:       " + item["stamp"]["id"])
+            self.say("    Quality: %d  Reliability: %d  Severity: leaf"
+                     % (item["stamp"]["quality"], item["stamp"]["reliability"]))
+
+    cmd_show = cmd_status
+
+    def cmd_browse(self, flags, args):
+        items = list(self.state["items"].values())
+        for key in ("--type", "--status", "--project"):
+            if key in flags:
+                items = [i for i in items if i[key[2:]] == flags[key]]
+        items.sort(key=lambda i: (i["priority"], -i["order"]))
+        items = items[:int(flags.get("--limit", "50"))]
+        if "--json" not in flags:
+            for i in items:
+                self.say("%s  %-10s %s" % (i["id"], i["status"], i["title"]))
+            return
+        docs = []
+        for i in items:
+            doc = {"id": i["id"], "title": i["title"]}
+            if "--long" in flags:
+                doc["description"] = i["description"]
+            doc.update({"project": i["project"], "type": i["type"], "priority": i["priority"],
+                        "posted_by": i["posted_by"], "claimed_by": i["claimed_by"], "status": i["status"],
+                        "effort_level": i["effort"]})
+            docs.append({k: v for k, v in doc.items() if v != ""})
+        self.say(json.dumps(docs or None, indent=2, ensure_ascii=False))
+
+
+def fake_wl_main(argv, state_path):
+    """The fake wl's entry point: one invocation against the board file."""
+    started = time.time()
+    rig = os.environ.get("FAKE_WL_RIG", "")
+    code = 0
+    with open(state_path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(state_path) as f:
+            state = json.load(f)
+        rig = rig or state.get("rig", "alice")
+        wl = FakeWl(state, rig)
+        try:
+            command, flags, args = _parse_wl_argv(argv)
+            fail = state.get("fail", {}).get(command)
+            if fail and fail.get("times", 1) != 0:
+                if "times" in fail:
+                    fail["times"] -= 1
+                if fail.get("hang"):
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    time.sleep(3600)
+                if "stdout" in fail:
+                    wl.say(fail["stdout"])
+                else:
+                    raise _WlFail(fail.get("message", "injected failure"), fail.get("hint"))
+            else:
+                getattr(wl, "cmd_" + command)(flags, args)
+        except _WlFail as exc:
+            sys.stderr.write("wl: %s\n" % exc)
+            if exc.hint:
+                sys.stderr.write("\n  Hint: %s\n" % exc.hint)
+            wl.out, code = [], 1
+        with open(state_path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(state_path + ".tmp", state_path)
+    sys.stdout.write("".join(line + "\n" for line in wl.out))
+    with open(state_path + ".log", "a") as log:
+        log.write(json.dumps({"argv": argv, "rig": rig, "start": started, "end": time.time(), "exit": code}) + "\n")
+    return code
+# ---- fake wl: end ----
+
+
+def _fake_wl_source():
+    with open(os.path.join(HERE, "test_wl_infer.py"), encoding="utf-8") as f:
+        source = f.read()
+    begin = source.index("# ---- fake wl: begin")
+    return source[begin:source.index("# ---- fake wl: end ----", begin)]
+
+
+class FakeBoard(object):
+    """A fake wl executable in a temp dir, with helpers to set up and read
+    its board."""
+
+    def __init__(self, folder, rig="alice", mode="pr"):
+        self.folder = folder
+        self.state_path = os.path.join(folder, "board.json")
+        self.exe = os.path.join(folder, "wl")
+        self.save({"rig": rig, "mode": mode, "items": {}, "fail": {}})
+        with open(self.exe, "w", encoding="utf-8") as f:
+            # -S: no site import; the fake wl needs only the standard library
+            f.write("#!%s -S\n# fake wl, written by test_wl_infer.FakeBoard\n%s\n"
+                    "sys.exit(fake_wl_main(sys.argv[1:], %r))\n" % (sys.executable, _fake_wl_source(), self.state_path))
+        os.chmod(self.exe, 0o755)
+
+    def load(self):
+        with open(self.state_path) as f:
+            return json.load(f)
+
+    def save(self, state):
+        with open(self.state_path, "w") as f:
+            json.dump(state, f)
+
+    def update(self, change):
+        state = self.load()
+        change(state)
+        self.save(state)
+
+    def fail(self, command, **spec):
+        """Make `wl COMMAND` fail: message, hint, times, hang, stdout."""
+        self.update(lambda s: s["fail"].__setitem__(command, spec))
+
+    def wl(self, *argv, rig=None):
+        """Run the fake wl directly (as the poster or another rig)."""
+        env = dict(os.environ, FAKE_WL_RIG=rig or "")
+        return subprocess.run([self.exe] + list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, universal_newlines=True)
+
+    def add(self, description, title="infer: test", kind="inference", rig="poster"):
+        proc = self.wl("post", "--title=" + title, "--type=" + kind, "--description=" + description, rig=rig)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split("\n")[0].split()[-1]
+
+    def item(self, item_id):
+        return self.load()["items"][item_id]
+
+    def calls(self):
+        path = self.state_path + ".log"
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
+    def commands(self, rig=None):
+        """The commands of every call (or only those made as `rig`)."""
+        return [c["argv"][0] for c in self.calls() if rig is None or c["rig"] == rig]
+
+
+# =============================================================================
+# Helpers
+# =============================================================================
+
+GO_JOB = '{"prompt":"what is \\u003cb\\u003e1+1\\u003c/b\\u003e \\u0026 why","model":"llama3.2:1b","seed":42}'
+GO_EVIDENCE = ('{"output":"The answer is 2.","output_hash":"sha256:9f257ef08ce4a87bfbe460ce5a51e7d17ec4856ad13ebf5e'
+               '44979318db98a8fe","model":"llama3.2:1b","seed":42}')
+
+
+class CliTest(unittest.TestCase):
+    """Runs wl_infer.py as a child process against both fakes."""
+
+    rig = "bob"
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.board = FakeBoard(self.tmp.name, rig=self.rig)
+        self.ollama = FakeOllama().start()
+        self.addCleanup(self.ollama.stop)
+
+    def env(self, **extra):
+        env = dict(os.environ, WL_BIN=self.board.exe, OLLAMA_HOST=self.ollama.address, FAKE_WL_RIG="")
+        env.pop("NO_COLOR", None)
+        env.update(extra)
+        return env
+
+    def cli(self, *args, stdin=None, env=None):
+        proc = subprocess.run([sys.executable, WL_INFER] + list(args), input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env or self.env(), timeout=120)
+        return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+    def assertError(self, result, *fragments):
+        """Exit 2 and exactly one `wl_infer: error:` line on stderr."""
+        code, out, err = result
+        self.assertEqual(code, 2, (out, err))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("wl_infer: error: "), err)
+        self.assertNotIn("Traceback", err)
+        for fragment in fragments:
+            self.assertIn(fragment, err)
+        return err
+
+    def job(self, prompt="what is 1+1", model="llama3.2:1b", seed=42, max_tokens=0):
+        return wl_infer.encode_job(wl_infer.make_job(prompt, model, seed, max_tokens))
+
+    def completed(self, prompt="what is 1+1", output=None, model="llama3.2:1b", evidence=None):
+        """An in_review item completed by carol with the given output."""
+        item_id = self.board.add(self.job(prompt, model))
+        if output is None:
+            output = default_output(model, prompt)
+        if evidence is None:
+            evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(prompt, model), output))
+        self.assertEqual(self.board.wl("claim", item_id, rig="carol").returncode, 0)
+        self.assertEqual(self.board.wl("done", item_id, "--evidence=" + evidence, rig="carol").returncode, 0)
+        return item_id
+
+
+# =============================================================================
+# Codec
+# =============================================================================
+
+
+class CodecTest(unittest.TestCase):
+    def test_go_job_fixture_round_trips(self):
+        job = wl_infer.decode_job(GO_JOB)
+        self.assertEqual(job, {"prompt": "what is <b>1+1</b> & why", "model": "llama3.2:1b",
+                               "seed": 42, "max_tokens": 0})
+        self.assertEqual(wl_infer.encode_job(job), GO_JOB)
+
+    def test_go_evidence_fixture_round_trips_and_hash_is_sha256_of_output(self):
+        evidence = wl_infer.decode_evidence(GO_EVIDENCE)
+        self.assertEqual(evidence["output"], "The answer is 2.")
+        self.assertEqual(wl_infer.output_hash("The answer is 2."), evidence["output_hash"])
+        self.assertEqual(wl_infer.encode_evidence(evidence), GO_EVIDENCE)
+        self.assertEqual(wl_infer.encode_evidence(wl_infer.make_evidence(
+            wl_infer.make_job("p", "llama3.2:1b"), "The answer is 2.")), GO_EVIDENCE)
+
+    def test_job_key_order_and_max_tokens_omitted_when_zero(self):
+        self.assertEqual(wl_infer.encode_job(wl_infer.make_job("p", "m", 7, 0)),
+                         '{"prompt":"p","model":"m","seed":7}')
+        self.assertEqual(wl_infer.encode_job(wl_infer.make_job("p", "m", 0, 64)),
+                         '{"prompt":"p","model":"m","seed":0,"max_tokens":64}')
+
+    def test_encoding_escapes_like_go(self):
+        text = wl_infer.encode_go_json({"s": "a<b>&c\u2028\u2029é\n\t\x01\x7f"})
+        self.assertEqual(text, '{"s":"a\\u003cb\\u003e\\u0026c\\u2028\\u2029é\\n\\t\\u0001\x7f"}')
+        self.assertEqual(json.loads(text)["s"], "a<b>&c\u2028\u2029é\n\t\x01\x7f")
+
+    def test_hash_is_over_exact_utf8_bytes(self):
+        for output in ("x", " padded \n", "é", "🙂\r\n"):
+            self.assertEqual(wl_infer.output_hash(output),
+                             "sha256:" + hashlib.sha256(output.encode("utf-8")).hexdigest())
+        self.assertNotEqual(wl_infer.output_hash("a\n"), wl_infer.output_hash("a"))
+
+    def test_unknown_keys_ignored_and_missing_ints_are_zero(self):
+        job = wl_infer.decode_job('{"prompt":"p","model":"m","extra":{"deep":[1,2]},"model_digest":"x"}')
+        self.assertEqual(job, {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0})
+
+    def test_keys_match_case_insensitively_exact_match_preferred_last_wins(self):
+        self.assertEqual(wl_infer.decode_job('{"Prompt":"p","MODEL":"m","Seed":5,"Max_Tokens":9}'),
+                         {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9})
+        # Go's simple folding: U+017F (long s) folds to s, U+212A (Kelvin) to k
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}')["seed"], 3)
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m"}')["prompt"], "b")
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m"}')["prompt"], "c")
+        self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m"}')["prompt"], "p")
+
+    def test_null_leaves_zero_value_like_go(self):
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":null,"max_tokens":null}')["seed"], 0)
+
+    def test_integer_fields_reject_non_integers_naming_the_field(self):
+        cases = [('42.0', "the number 42.0"), ('"42"', 'the string "42"'), ("true", "true"),
+                 ("4e1", "the number 4e1"), ("[1]", "an array"), ('{"a":1}', "an object")]
+        for value, shown in cases:
+            with self.subTest(value=value):
+                with self.assertRaises(wl_infer.JobError) as ctx:
+                    wl_infer.decode_job('{"prompt":"p","model":"m","seed":%s}' % value)
+                self.assertIn('field "seed" must be an integer', str(ctx.exception))
+                self.assertIn(shown, str(ctx.exception))
+        with self.assertRaises(wl_infer.JobError) as ctx:
+            wl_infer.decode_job('{"prompt":"p","model":"m","max_tokens":1.5}')
+        self.assertIn('"max_tokens"', str(ctx.exception))
+
+    def test_int64_range(self):
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":-9223372036854775808}')["seed"],
+                         -2 ** 63)
+        with self.assertRaises(wl_infer.JobError) as ctx:
+            wl_infer.decode_job('{"prompt":"p","model":"m","seed":9223372036854775808}')
+        self.assertIn("64-bit", str(ctx.exception))
+
+    def test_string_fields_reject_other_types(self):
+        for value in ("1", "true", "[]", "{}"):
+            with self.assertRaises(wl_infer.JobError) as ctx:
+                wl_infer.decode_job('{"prompt":%s,"model":"m"}' % value)
+            self.assertIn('field "prompt" must be a string', str(ctx.exception))
+
+    def test_required_fields(self):
+        for doc, field in (('{"model":"m"}', "prompt"), ('{"prompt":"","model":"m"}', "prompt"),
+                           ('{"prompt":"p"}', "model"), ('{"prompt":"p","model":null}', "model")):
+            with self.assertRaises(wl_infer.JobError) as ctx:
+                wl_infer.decode_job(doc)
+            self.assertIn('job field "%s" is missing or empty' % field, str(ctx.exception))
+        for field in ("output", "output_hash", "model"):
+            doc = json.loads(GO_EVIDENCE)
+            del doc[field]
+            with self.assertRaises(wl_infer.JobError) as ctx:
+                wl_infer.decode_evidence(json.dumps(doc))
+            self.assertIn('evidence field "%s" is missing or empty' % field, str(ctx.exception))
+        self.assertEqual(wl_infer.decode_evidence('{"output":"o","output_hash":"h","model":"m"}')["seed"], 0)
+
+    def test_not_json_or_not_an_object(self):
+        for text, fragment in (("", "not valid JSON"), ("hello", "not valid JSON"), ("[1]", "got an array"),
+                               ('"s"', "got the string"), ("null", "got null"), ('{"prompt":"p"} x', "not valid JSON"),
+                               ('{"prompt":NaN}', "not valid JSON"), ("[" * 100000, "not valid JSON")):
+            with self.subTest(text=text[:20]):
+                with self.assertRaises(wl_infer.JobError) as ctx:
+                    wl_infer.decode_job(text)
+                self.assertIn(fragment, str(ctx.exception))
+
+    def test_unpaired_surrogate_becomes_replacement_character_like_go(self):
+        job = wl_infer.decode_job('{"prompt":"a\\ud800b \\ud83d\\ude00","model":"m"}')
+        self.assertEqual(job["prompt"], "a\ufffdb \U0001F600")
+        wl_infer.output_hash(job["prompt"])  # encodable
+
+    def test_model_name_normalisation(self):
+        self.assertEqual(wl_infer.full_model_name("llama3.2"), "llama3.2:latest")
+        self.assertEqual(wl_infer.full_model_name("llama3.2:1b"), "llama3.2:1b")
+        self.assertEqual(wl_infer.full_model_name("localhost:5000/lib/m"), "localhost:5000/lib/m:latest")
+
+    def test_title_is_cut_by_characters_on_one_line(self):
+        self.assertEqual(wl_infer.post_title("what is 1+1"), "infer: what is 1+1")
+        long = "é" * 59 + "🙂" + "tail"
+        self.assertEqual(wl_infer.post_title(long), "infer: " + "é" * 59 + "🙂...")
+        self.assertEqual(wl_infer.post_title("a\n\nb\x1b[31m\tc"), "infer: a b [31m c")
+
+    def test_printable_and_preview_neutralise_control_characters(self):
+        self.assertEqual(wl_infer.printable("a\x1b[2Jb\x07\x9b\n"), "a\\x1b[2Jb\\x07\\x9b\\n")
+        self.assertEqual(wl_infer.printable("a\nb\tc\x1b", keep_newlines=True), "a\nb\tc\\x1b")
+        self.assertEqual(wl_infer.preview("🙂" * 5, 3), "🙂🙂🙂…")
+        self.assertEqual(wl_infer.preview("abc", 3), "abc")
+
+    def test_request_body_is_the_one_go_sends(self):
+        self.assertEqual(wl_infer.generate_request(wl_infer.make_job("p", "m", 42, 0)),
+                         {"model": "m", "prompt": "p", "stream": True, "options": {"temperature": 0, "seed": 42}})
+        self.assertEqual(wl_infer.generate_request(wl_infer.make_job("p", "m", 7, 16))["options"],
+                         {"temperature": 0, "seed": 7, "num_predict": 16})
+
+    def test_source_is_python_38_syntax(self):
+        import ast
+
+        with open(WL_INFER, encoding="utf-8") as f:
+            source = f.read()
+        ast.parse(source, feature_version=(3, 8))
+        self.assertTrue(source.startswith("#!/usr/bin/env python3\n"))
+        self.assertTrue(os.access(WL_INFER, os.X_OK))
+        for newer in (".removeprefix(", ".removesuffix(", "strict=True"):
+            self.assertNotIn(newer, source)
+
+
+class OllamaHostTest(unittest.TestCase):
+    def test_ollama_host_forms(self):
+        cases = {
+            "": "http://127.0.0.1:11434",
+            "   ": "http://127.0.0.1:11434",
+            "example.com": "http://example.com:11434",
+            "example.com:8080": "http://example.com:8080",
+            "http://example.com": "http://example.com:80",
+            "https://example.com": "https://example.com:443",
+            "http://example.com:9000": "http://example.com:9000",
+            "https://example.com:9443/ollama/": "https://example.com:9443/ollama",
+            "http://example.com/base/path": "http://example.com:80/base/path",
+            "0.0.0.0": "http://0.0.0.0:11434",
+            ":11434": "http://127.0.0.1:11434",
+            "::1": "http://[::1]:11434",
+            "[::1]:8080": "http://[::1]:8080",
+            "[::1]": "http://[::1]:11434",
+            "example.com:notaport": "http://example.com:11434",
+            "example.com:99999": "http://example.com:11434",
+            "\"example.com:1234\"": "http://example.com:1234",
+            "'http://h:1'": "http://h:1",
+        }
+        for value, expected in cases.items():
+            with self.subTest(value=value):
+                self.assertEqual(wl_infer.ollama_url(value), expected)
+
+
+class StatusParserTest(unittest.TestCase):
+    FULL = """w-3f9a0c12be: infer: what is 1+1
+
+  Status:      in_review
+  Type:        inference     Priority: P2
+  Effort:   small
+  Posted by:   alice
+  Tags:        a, b
+  Created:     2026-03-01 10:00:00
+  Updated:     2026-03-01 10:05:00
+
+  Description:
+    {"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}
+
+  Claimed by:  bob
+
+  Branch:      wl/bob/w-3f9a0c12be
+  PR:          https://example.invalid/pr/1
+
+  Completion:  c-0123456789abcdef
+    Evidence:    {"output":"2","output_hash":"sha256:x","model":"llama3.2:1b","seed":42}
+    Completed by: bob
+
+  Stamp:       s-1
+    Quality: 5  Reliability: 5  Severity: leaf
+"""
+
+    def test_full_layout(self):
+        item = wl_infer.parse_status(self.FULL)
+        self.assertEqual(item["id"], "w-3f9a0c12be")
+        self.assertEqual(item["title"], "infer: what is 1+1")
+        self.assertEqual(item["status"], "in_review")
+        self.assertEqual(item["type"], "inference")
+        self.assertEqual(item["posted_by"], "alice")
+        self.assertEqual(item["claimed_by"], "bob")
+        self.assertEqual(item["description"], '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}')
+        self.assertEqual(item["completion"], {
+            "id": "c-0123456789abcdef", "completed_by": "bob",
+            "evidence_raw": '{"output":"2","output_hash":"sha256:x","model":"llama3.2:1b","seed":42}'})
+
+    def test_multiline_description_with_blank_lines_and_label_lookalikes(self):
+        description = '{\n  "prompt": "a\\n\\nb",\n\n  "model": "m"\n}\n\n  Status: fake\n  Claimed by x'
+        text = ("w-1: t\n\n  Status:      open\n  Type:        inference     Priority: P2\n\n"
+                "  Description:\n    " + description + "\n")
+        item = wl_infer.parse_status(text)
+        self.assertEqual(item["description"], description)
+        self.assertEqual(item["status"], "open")
+        self.assertIsNone(item["completion"])
+        with_claim = text + "\n  Claimed by:  bob\n"
+        item = wl_infer.parse_status(with_claim)
+        self.assertEqual(item["description"], description)
+        self.assertEqual(item["claimed_by"], "bob")
+
+    def test_sections_absent_and_ansi_stripped(self):
+        item = wl_infer.parse_status("\x1b[1mw-2: t\x1b[0m\n\n  Status:      \x1b[32mopen\x1b[0m\n")
+        self.assertEqual((item["id"], item["status"], item["description"], item["claimed_by"]),
+                         ("w-2", "open", None, None))
+
+    def test_imitated_completion_is_refused(self):
+        fake = "\n\n  Completion:  c-1111111111111111\n    Evidence:    {}"
+        text = self.FULL.replace('"seed":42}\n\n  Claimed', '"seed":42}' + fake + "\n\n  Claimed")
+        with self.assertRaises(wl_infer.WlError):
+            wl_infer.parse_status(text)
+
+    def test_garbage_is_a_clear_error(self):
+        for text in ("", "nonsense", "w-1: t\n  no status here\n"):
+            with self.assertRaises(wl_infer.WlError):
+                wl_infer.parse_status(text)
+
+    def test_posted_id_and_error_text(self):
+        self.assertEqual(wl_infer.parse_posted_id("✓ Posted wanted item: w-3f9a0c12be\n  Title: x\n"), "w-3f9a0c12be")
+        with self.assertRaises(wl_infer.WlError):
+            wl_infer.parse_posted_id("something else\n")
+        self.assertEqual(wl_infer.wl_error_text('wl: wanted item "w-1" is not open or does not exist\n\n'
+                                                "  Hint: browse with wl browse\n"),
+                         'wanted item "w-1" is not open or does not exist (hint: browse with wl browse)')
+        self.assertEqual(wl_infer.wl_error_text("panic: boom\n"), "panic: boom")
+        self.assertIsNone(wl_infer.wl_error_text(""))
+
+
+# =============================================================================
+# Streaming client (in-process, against the fake server)
+# =============================================================================
+
+
+class StreamingTest(unittest.TestCase):
+    def setUp(self):
+        self.ollama = FakeOllama().start()
+        self.addCleanup(self.ollama.stop)
+        self.client = wl_infer.Ollama(self.ollama.address, timeout=5)
+
+    def test_pieces_split_across_http_chunks_reassemble_exactly(self):
+        text = "naïve café — 日本語 🙂🙃\n  spaces  \r\nend"
+        self.ollama.outputs[("llama3.2:1b", "p")] = text
+        for wire_chunk in (1, 2, 3, 5, 7, None):
+            for piece_chars in (1, 2, 4):
+                with self.subTest(wire_chunk=wire_chunk, piece_chars=piece_chars):
+                    self.ollama.wire_chunk, self.ollama.piece_chars = wire_chunk, piece_chars
+                    seen = []
+                    gen = self.client.generate(wl_infer.make_job("p", "llama3.2:1b"), seen.append)
+                    self.assertEqual(gen.text, text)
+                    self.assertEqual(gen.tokens, len(seen))
+                    self.assertEqual(seen[-1], gen.tokens)
+                    self.assertEqual(gen.final["done_reason"], "stop")
+
+    def test_request_body_on_the_wire(self):
+        self.client.generate(wl_infer.make_job("hi", "llama3.2:1b", 7, 5))
+        self.assertEqual(self.ollama.generate_requests(), [
+            {"model": "llama3.2:1b", "prompt": "hi", "stream": True,
+             "options": {"temperature": 0, "seed": 7, "num_predict": 5}}])
+
+    def test_stream_equals_non_streamed_response(self):
+        body = wl_infer.generate_request(wl_infer.make_job("q", "llama3.2:1b"))
+        body["stream"] = False
+        whole = self.client._get_json("/api/generate", body)["response"]
+        self.assertEqual(self.client.generate(wl_infer.make_job("q", "llama3.2:1b")).text, whole)
+
+    def test_models_and_tag_normalisation(self):
+        self.ollama.models["mistral:latest"] = "d" * 64
+        self.assertEqual(self.client.find_model("mistral"), "d" * 64)
+        self.assertEqual(self.client.find_model("Llama3.2:1B"), self.ollama.models["llama3.2:1b"])
+        self.assertIsNone(self.client.find_model("llama3.2"))
+
+    def test_base_path_is_kept(self):
+        client = wl_infer.Ollama("http://%s/prefix" % self.ollama.address, timeout=5)
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            client.models()
+        self.assertIn("HTTP 404", str(ctx.exception))
+        self.assertEqual(self.ollama.requests[-1]["path"], "/prefix/api/tags")
+
+    def test_failures_carry_ollama_text(self):
+        job = wl_infer.make_job("p", "llama3.2:1b")
+        self.ollama.fail = (500, "llama runner process has terminated: signal: killed")
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            self.client.generate(job)
+        self.assertIn("llama runner process has terminated: signal: killed (HTTP 500)", str(ctx.exception))
+        self.ollama.fail = None
+        self.ollama.error_after = (2, "out of memory")
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            self.client.generate(job)
+        self.assertIn("failed after 2 tokens: out of memory", str(ctx.exception))
+        self.ollama.error_after = None
+        self.ollama.end_after = 3
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            self.client.generate(job)
+        self.assertIn("without its final `done`", str(ctx.exception))
+
+    def test_stall_is_an_inactivity_timeout(self):
+        self.ollama.stall_after = 2
+        client = wl_infer.Ollama(self.ollama.address, timeout=0.3)
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            client.generate(wl_infer.make_job("p", "llama3.2:1b"))
+        self.assertIn("sent nothing for 0.3 s after 2 tokens", str(ctx.exception))
+
+    def test_slow_but_steady_generation_is_not_cut(self):
+        # total time well above the inactivity timeout, never idle that long
+        self.ollama.piece_delay, self.ollama.piece_chars = 0.05, 1
+        self.ollama.outputs[("llama3.2:1b", "slow")] = "x" * 12
+        client = wl_infer.Ollama(self.ollama.address, timeout=0.4)
+        self.assertEqual(client.generate(wl_infer.make_job("slow", "llama3.2:1b")).text, "x" * 12)
+
+
+# =============================================================================
+# The command line, end to end (child processes, both fakes)
+# =============================================================================
+
+
+class EndToEndTest(CliTest):
+    def test_post_run_verify_status(self):
+        code, out, err = self.cli("post", "--prompt", "what is 1+1", "--model", "llama3.2:1b", "--no-push")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err, "")
+        self.assertTrue(out.startswith("✓ Posted inference job: w-"), out)
+        item_id = out.split("\n")[0].split()[-1]
+        self.assertIn("Next: wl_infer.py run " + item_id, out)
+        item = self.board.item(item_id)
+        self.assertEqual(item["description"], '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}')
+        self.assertEqual((item["title"], item["type"], item["priority"], item["effort"]),
+                         ("infer: what is 1+1", "inference", 2, "small"))
+        self.assertEqual(self.board.calls()[-1]["argv"][-1], "--no-push")
+
+        code, out, err = self.cli("run", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("✓ Inference completed for " + item_id), out)
+        expected = wl_infer.output_hash(default_output("llama3.2:1b", "what is 1+1"))
+        self.assertIn("Output hash: " + expected, out)
+        self.assertIn("Next: wl_infer.py verify " + item_id, out)
+        item = self.board.item(item_id)
+        self.assertEqual(item["status"], "in_review")
+        self.assertEqual(json.loads(item["completion"]["evidence"])["output_hash"], expected)
+
+        code, out, err = self.cli("verify", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("✓ VERIFIED — hashes match"), out)
+        self.assertIn("Expected:  " + expected, out)
+        self.assertIn("Actual:    " + expected, out)
+
+        code, out, err = self.cli("status", item_id)
+        self.assertEqual(code, 0, err)
+        for fragment in ("Status:      in_review", "Posted by:   bob", "Model:       llama3.2:1b",
+                         "Seed:        42", "Output hash: " + expected, "by bob"):
+            self.assertIn(fragment, out)
+        self.assertEqual(self.board.commands(), ["post", "status", "claim", "done", "status", "status"])
+
+    def test_run_writes_exactly_the_evidence_go_writes(self):
+        item_id = self.board.add(GO_JOB)
+        self.ollama.outputs[("llama3.2:1b", "what is <b>1+1</b> & why")] = "The answer is 2."
+        code, out, err = self.cli("run", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), {"id": item_id, "evidence": json.loads(GO_EVIDENCE)})
+        self.assertEqual(self.board.item(item_id)["completion"]["evidence"], GO_EVIDENCE)
+        self.assertEqual(self.ollama.generate_requests(), [
+            {"model": "llama3.2:1b", "prompt": "what is <b>1+1</b> & why", "stream": True,
+             "options": {"temperature": 0, "seed": 42}}])
+
+    def test_go_written_evidence_verifies(self):
+        prompt = "what is <b>1+1</b> & why"
+        self.ollama.outputs[("llama3.2:1b", prompt)] = "The answer is 2."
+        item_id = self.completed(prompt, evidence=GO_EVIDENCE)
+        code, out, err = self.cli("verify", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["verdict"], "VERIFIED")
+        self.assertEqual(doc["expected_hash"], doc["actual_hash"])
+        self.assertEqual(doc["job"], wl_infer.decode_job(GO_JOB))
+        self.assertEqual(doc["output"], "The answer is 2.")
+
+    def test_mismatch_exits_1(self):
+        item_id = self.completed(output="a forged answer")
+        code, out, err = self.cli("verify", item_id)
+        self.assertEqual(code, 1, err)
+        self.assertTrue(out.startswith("✗ MISMATCH — hashes differ"), out)
+        self.assertIn("Expected:  " + wl_infer.output_hash("a forged answer"), out)
+        self.assertIn("Claimed:   a forged answer", out)
+        code, out, err = self.cli("--json", "verify", item_id)
+        self.assertEqual(code, 1)
+        self.assertEqual(json.loads(out)["verdict"], "MISMATCH")
+
+    def test_forged_output_with_recomputed_hash_is_caught(self):
+        honest = default_output("llama3.2:1b", "what is 1+1")
+        item_id = self.completed(output=honest + " ")
+        self.assertEqual(self.cli("verify", item_id)[0], 1)
+
+    def test_max_tokens_is_sent_and_honoured(self):
+        code, out, err = self.cli("post", "--prompt", "count", "--model", "llama3.2:1b", "--max-tokens", "4",
+                                  "--seed", "-7", "--json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["job"], {"prompt": "count", "model": "llama3.2:1b", "seed": -7, "max_tokens": 4})
+        self.assertEqual(self.board.item(doc["id"])["description"],
+                         '{"prompt":"count","model":"llama3.2:1b","seed":-7,"max_tokens":4}')
+        code, out, err = self.cli("run", doc["id"], "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["evidence"]["output"], default_output("llama3.2:1b", "count")[:12])
+        self.assertEqual(self.ollama.generate_requests()[-1]["options"],
+                         {"temperature": 0, "seed": -7, "num_predict": 4})
+
+    def test_wild_west_and_pr_mode_outputs(self):
+        for mode in ("wild-west", "pr"):
+            with self.subTest(mode=mode):
+                self.board.update(lambda s: s.__setitem__("mode", mode))
+                code, out, err = self.cli("post", "--prompt", "p " + mode, "--model", "llama3.2:1b", "--json")
+                self.assertEqual(code, 0, err)
+                item_id = json.loads(out)["id"]
+                self.assertEqual(self.cli("run", item_id)[0], 0)
+                self.assertEqual(self.cli("verify", item_id)[0], 0)
+                code, out, err = self.cli("status", item_id, "--json")
+                self.assertEqual(json.loads(out)["completion"]["completed_by"], "bob")
+
+    def test_multiline_description_with_blank_lines_runs(self):
+        description = '{\n  "prompt": "line one\\n\\nline three",\n\n  "model": "llama3.2:1b",\n  "seed": 9\n}'
+        item_id = self.board.add(description)
+        code, out, err = self.cli("run", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["evidence"]["seed"], 9)
+        code, out, err = self.cli("status", item_id, "--json")
+        doc = json.loads(out)
+        self.assertEqual(doc["description"], description)
+        self.assertEqual(doc["job"]["prompt"], "line one\n\nline three")
+
+    def test_id_prefix_and_options_before_or_after_command(self):
+        item_id = self.completed()
+        for args in (("verify", item_id[:6], "--json", "-q"), ("--json", "-q", "verify", item_id[:6]),
+                     ("--json", "verify", "--ollama", self.ollama.address, item_id[:6])):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual(code, 0, err)
+                self.assertEqual(json.loads(out)["id"], item_id)
+
+    def test_wasteland_and_local_db_are_passed_to_every_wl_call(self):
+        code, out, err = self.cli("--wasteland", "org/db", "post", "--prompt", "p", "--model", "llama3.2:1b",
+                                  "--local-db", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.cli("run", json.loads(out)["id"], "--wasteland=org/db", "--local-db")[0], 0)
+        for call in self.board.calls():
+            self.assertIn("--wasteland=org/db", call["argv"])
+            self.assertIn("--local-db", call["argv"])
+
+    def test_skip_claim_uses_the_existing_claim(self):
+        item_id = self.board.add(self.job())
+        self.assertEqual(self.board.wl("claim", item_id, rig="bob").returncode, 0)
+        code, out, err = self.cli("run", item_id, "--skip-claim")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.board.item(item_id)["status"], "in_review")
+        self.assertEqual(self.board.commands(), ["post", "claim", "status", "done"])
+
+
+class PostTest(CliTest):
+    def test_prompt_from_stdin_and_file_kept_exactly(self):
+        code, out, err = self.cli("post", "--prompt", "-", "--model", "llama3.2:1b", "--json",
+                                  stdin="multi\nline <prompt>\n".encode())
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["job"]["prompt"], "multi\nline <prompt>\n")
+        self.assertEqual(json.loads(out)["title"], "infer: multi line <prompt>")
+        path = os.path.join(self.tmp.name, "prompt.txt")
+        with open(path, "wb") as f:
+            f.write("-starts with a dash ✓".encode())
+        code, out, err = self.cli("post", "--prompt-file", path, "--model", "llama3.2:1b", "--json")
+        self.assertEqual(code, 0, err)
+        item = self.board.item(json.loads(out)["id"])
+        self.assertEqual(item["title"], "infer: -starts with a dash ✓")
+        self.assertEqual(wl_infer.decode_job(item["description"])["prompt"], "-starts with a dash ✓")
+
+    def test_long_prompt_title_truncated(self):
+        prompt = "🙂" * 70
+        code, out, err = self.cli("post", "--prompt", prompt, "--model", "llama3.2:1b", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.board.item(json.loads(out)["id"])["title"], "infer: " + "🙂" * 60 + "...")
+
+    def test_warns_when_model_missing_or_ollama_down_but_posts(self):
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "llama3.2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("wl_infer: warning: model llama3.2 is not in the local Ollama", err)
+        self.ollama.stop()
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "llama3.2:1b")
+        self.assertEqual(code, 0, err)
+        self.assertIn("could not check the model locally: cannot reach Ollama", err)
+        self.assertEqual(len(self.board.load()["items"]), 2)
+
+    def test_bad_post_arguments(self):
+        self.assertError(self.cli("post", "--model", "m"), "exactly one of --prompt")
+        self.assertError(self.cli("post", "--prompt", "p", "--prompt-file", "f", "--model", "m"), "exactly one")
+        self.assertError(self.cli("post", "--prompt", "", "--model", "m"), "the prompt is empty")
+        self.assertError(self.cli("post", "--prompt", "p"), "--model")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "m", "--seed", "4.5"), "--seed")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "m", "--max-tokens", "-1"), "--max-tokens")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "m", "--seed", str(2 ** 63)), "--seed")
+        self.assertError(self.cli("post", "--prompt-file", "/nonexistent/x", "--model", "m"),
+                         "cannot read --prompt-file /nonexistent/x")
+        self.assertError(self.cli("post", "--prompt", "-", "--model", "m", stdin=b"\xff\xfe"), "not valid UTF-8")
+        self.assertEqual(self.board.calls(), [])
+
+    def test_job_over_the_field_limit_is_refused(self):
+        code, out, err = self.cli("post", "--prompt", "-", "--model", "llama3.2:1b", stdin=b"x" * 70000)
+        self.assertError((code, out, err), "over wl's 65535-byte field limit")
+        self.assertEqual(self.board.calls(), [])
+
+    def test_wl_post_failure_carries_wl_text(self):
+        self.board.fail("post", message="no wasteland joined", hint="run wl join ORG/DB")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "llama3.2:1b"),
+                         "wl post failed: no wasteland joined (hint: run wl join ORG/DB)")
+
+
+class RunFailureTest(CliTest):
+    """Every failure after the claim releases it; before the claim, none is made."""
+
+    def run_failing(self, *fragments, timeout="5"):
+        item_id = self.board.add(self.job())
+        err = self.assertError(self.cli("run", item_id, "--timeout", timeout), *fragments)
+        self.assertIn("the claim on %s was released and the job is open again" % item_id, err)
+        item = self.board.item(item_id)
+        self.assertEqual((item["status"], item["claimed_by"], item["completion"]), ("open", "", None))
+        commands = self.board.commands()
+        self.assertEqual(commands[1:3], ["status", "claim"])
+        self.assertEqual(commands[-1], "unclaim")
+        return err
+
+    def test_ollama_404_during_generation(self):
+        self.ollama.fail = (404, "model 'llama3.2:1b' not found")
+        self.run_failing("model 'llama3.2:1b' not found (HTTP 404)", "ollama pull llama3.2:1b")
+
+    def test_ollama_500(self):
+        self.ollama.fail = (500, "llama runner process has terminated: exit status 2")
+        self.run_failing("llama runner process has terminated: exit status 2 (HTTP 500)")
+
+    def test_mid_stream_error(self):
+        self.ollama.error_after = (3, "CUDA error: out of memory")
+        self.run_failing("failed after 3 tokens: CUDA error: out of memory")
+
+    def test_stall(self):
+        self.ollama.stall_after = 2
+        self.run_failing("sent nothing for 0.5 s after 2 tokens", timeout="0.5")
+
+    def test_stream_cut_without_done(self):
+        self.ollama.end_after = 2
+        self.run_failing("ended the stream after 2 tokens")
+
+    def test_wl_done_failure_releases_and_says_so(self):
+        self.board.fail("done", message="push rejected: remote changed")
+        self.run_failing("wl done failed: push rejected: remote changed")
+
+    def test_evidence_over_the_field_limit_is_not_submitted(self):
+        self.ollama.outputs[("llama3.2:1b", "what is 1+1")] = "é" * 40000
+        self.run_failing("the evidence is 80", "over wl's 65535-byte field limit", "smaller max_tokens")
+
+    def test_ollama_down_refuses_before_claiming(self):
+        item_id = self.board.add(self.job())
+        self.ollama.stop()
+        self.assertError(self.cli("run", item_id), "cannot reach Ollama at http://" + self.ollama.address,
+                         "ollama serve")
+        self.assertEqual(self.board.commands(), ["post", "status"])
+        self.assertEqual(self.board.item(item_id)["status"], "open")
+
+    def test_model_not_local_refuses_before_claiming(self):
+        item_id = self.board.add(self.job(model="llama3.2:90b"))
+        self.assertError(self.cli("run", item_id), "model llama3.2:90b is not in the local Ollama",
+                         "ollama pull llama3.2:90b")
+        self.assertEqual(self.board.commands(), ["post", "status"])
+        self.assertEqual(self.ollama.generate_requests(), [])
+
+    def test_claim_lost_to_another_worker(self):
+        item_id = self.board.add(self.job())
+        self.board.fail("claim", message='wanted item "%s" is not open or does not exist' % item_id)
+        self.assertError(self.cli("run", item_id), "wl claim failed: wanted item", "is not open")
+        self.assertEqual(self.ollama.generate_requests(), [])
+
+    def test_wrong_status_type_or_job(self):
+        claimed = self.board.add(self.job())
+        self.board.wl("claim", claimed, rig="carol")
+        self.assertError(self.cli("run", claimed), "is claimed, not open")
+        feature = self.board.add("do a thing", kind="feature")
+        self.assertError(self.cli("run", feature), "is a feature item, not an inference job")
+        bad = self.board.add('{"prompt":"p","model":"llama3.2:1b","seed":"42"}')
+        self.assertError(self.cli("run", bad), bad + ': job field "seed" must be an integer, got the string "42"')
+        self.assertEqual(self.board.commands(rig="bob"), ["status"] * 3)
+
+    def test_skip_claim_failure_leaves_the_claim_alone(self):
+        item_id = self.board.add(self.job())
+        self.board.wl("claim", item_id, rig="bob")
+        self.ollama.fail = (500, "boom")
+        err = self.assertError(self.cli("run", item_id, "--skip-claim"), "boom (HTTP 500)")
+        self.assertNotIn("released", err)
+        self.assertEqual(self.board.item(item_id)["status"], "claimed")
+        self.assertNotIn("unclaim", self.board.commands())
+
+    def test_release_failure_is_reported_with_the_command(self):
+        self.ollama.fail = (500, "boom")
+        self.board.fail("unclaim", message="network is unreachable")
+        item_id = self.board.add(self.job())
+        self.assertError(self.cli("run", item_id), "boom (HTTP 500)", "releasing the claim also failed",
+                         "network is unreachable", "run `wl unclaim %s`" % item_id)
+
+    def test_sigint_and_sigterm_release_the_claim_and_exit_130(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(sig=sig):
+                item_id = self.board.add(self.job(prompt="p%d" % sig))
+                self.ollama.generating.clear()
+                self.ollama.stall_after = 1
+                proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                wait_for(self.ollama.generating.is_set, "the generate request")
+                proc.send_signal(sig)
+                out, err = proc.communicate(timeout=60)
+                self.assertEqual(proc.returncode, 130, err)
+                self.assertIn(b"interrupted; the claim on %s was released" % item_id.encode(), err)
+                self.assertNotIn(b"Traceback", err)
+                self.assertEqual(self.board.item(item_id)["status"], "open")
+
+
+class ErrorTest(CliTest):
+    def test_missing_wl_executable(self):
+        self.assertError(self.cli("status", "w-1", env=self.env(WL_BIN="", PATH="/nonexistent")),
+                         "wl executable 'wl' not found on PATH")
+        self.assertError(self.cli("status", "w-1", "--wl", "/no/such/wl"), "/no/such/wl not found")
+
+    def test_wl_errors_carry_wl_text(self):
+        self.assertError(self.cli("status", "w-zz"), 'wl status failed: no wanted item matching "w-zz"')
+        for item_id in ("w-ab00000001", "w-ab00000002"):
+            self.board.add(self.job())
+            self.board.update(lambda s: s["items"].__setitem__(item_id, dict(
+                s["items"].pop(sorted(k for k in s["items"] if not k.startswith("w-ab"))[0]), id=item_id)))
+        self.assertError(self.cli("status", "w-ab"), 'ambiguous prefix "w-ab" matches: w-ab00000001, w-ab00000002')
+        code, out, err = self.cli("status", "w-ab00000002", "--json")
+        self.assertEqual(json.loads(out)["id"], "w-ab00000002")
+
+    def test_wl_without_message_and_garbage_output(self):
+        self.board.fail("status", message="")
+        self.assertError(self.cli("status", "w-1"), "wl status failed")
+        self.board.fail("status", stdout="<html>502 Bad Gateway</html>")
+        self.assertError(self.cli("status", "w-1"), "wl status printed no item header; got <html>502")
+
+    def test_wl_hang_is_bounded(self):
+        self.board.fail("status", hang=True)
+        self.assertError(self.cli("status", "w-1", "--wl-timeout", "0.5"),
+                         "wl status did not finish within 0.5 s")
+
+    def test_ids_that_are_not_ids_never_reach_wl(self):
+        for bad in ("--help-me", "-x", "abc", "w-", "W-ABC", "w-1 2", "w-1;rm"):
+            with self.subTest(bad=bad):
+                self.assertError(self.cli("status", "--", bad) if bad.startswith("-") else self.cli("status", bad),
+                                 "invalid item ID")
+        self.assertEqual(self.board.calls(), [])
+
+    def test_verify_without_completion(self):
+        item_id = self.board.add(self.job())
+        self.assertError(self.cli("verify", item_id), "has no completion evidence to verify (status open)")
+        self.assertEqual(self.ollama.generate_requests(), [])
+
+    def test_verify_undecodable_evidence(self):
+        item_id = self.completed(evidence='{"output":"x","model":"llama3.2:1b"}')
+        self.assertError(self.cli("verify", item_id), 'evidence field "output_hash" is missing or empty')
+
+    def test_json_errors_go_to_stdout_too(self):
+        code, out, err = self.cli("status", "w-zz", "--json")
+        self.assertEqual(code, 2)
+        self.assertEqual(json.loads(out), {"error": 'wl status failed: no wanted item matching "w-zz"'})
+        self.assertIn("wl_infer: error:", err)
+        code, out, err = self.cli("--json", "bogus")
+        self.assertEqual(code, 2)
+        self.assertIn("invalid choice", json.loads(out)["error"])
+
+    def test_usage_errors_are_one_line(self):
+        self.assertError(self.cli(), "the following arguments are required: COMMAND")
+        self.assertError(self.cli("run"), "the following arguments are required: ID")
+        self.assertError(self.cli("run", "w-1", "--timeout", "0"), "--timeout")
+        self.assertError(self.cli("run", "w-1", "--frobnicate"), "unrecognized arguments: --frobnicate")
+
+    def test_version_and_help(self):
+        code, out, err = self.cli("--version")
+        self.assertEqual((code, out), (0, "wl_infer %s\n" % wl_infer.__version__))
+        code, out, err = self.cli("--help")
+        self.assertEqual(code, 0)
+        for command in ("post", "run", "verify", "status"):
+            self.assertIn(command, out)
+
+
+class StatusCommandTest(CliTest):
+    def test_status_json_document(self):
+        item_id = self.completed()
+        code, out, err = self.cli("status", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(set(doc), {"id", "title", "status", "type", "posted_by", "claimed_by", "job",
+                                    "description", "completion"})
+        self.assertEqual((doc["status"], doc["type"], doc["posted_by"], doc["claimed_by"]),
+                         ("in_review", "inference", "poster", "carol"))
+        self.assertEqual(doc["job"]["model"], "llama3.2:1b")
+        self.assertEqual(doc["completion"]["completed_by"], "carol")
+        self.assertEqual(doc["completion"]["evidence"]["output"], default_output("llama3.2:1b", "what is 1+1"))
+        self.assertEqual(json.loads(doc["completion"]["raw"]), doc["completion"]["evidence"])
+        self.assertEqual(self.ollama.requests, [])  # status never touches the model
+
+    def test_status_of_an_open_item_and_an_undecodable_one(self):
+        item_id = self.board.add("not json at all")
+        code, out, err = self.cli("status", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("does not decode (%s: job is not valid JSON" % item_id, out)
+        self.assertIn("Description: not json at all", out)
+        code, out, err = self.cli("status", item_id, "--json")
+        doc = json.loads(out)
+        self.assertEqual((doc["job"], doc["completion"], doc["description"]), (None, None, "not json at all"))
+
+    def test_untrusted_text_cannot_reach_the_terminal_raw(self):
+        evil = "\x1b]0;pwned\x07\x1b[2J"
+        prompt = "p" + evil
+        self.ollama.outputs[("llama3.2:1b", prompt)] = "out" + evil
+        item_id = self.board.add(self.job(prompt=prompt), title="infer: " + evil)
+        for args in (("run", item_id), ("verify", item_id), ("status", item_id)):
+            code, out, err = self.cli(*args)
+            self.assertEqual(code, 0, err)
+            self.assertNotIn("\x1b", out + err)
+            self.assertIn("\\x1b]0;pwned\\x07", out)
+        code, out, err = self.cli("status", item_id, "--json")
+        self.assertEqual(json.loads(out)["job"]["prompt"], prompt)  # JSON keeps the exact text
+
+
+class ProgressTest(CliTest):
+    def test_progress_line_only_on_a_terminal(self):
+        import pty
+
+        item_id = self.board.add(self.job())
+        self.ollama.piece_chars, self.ollama.piece_delay = 2, 0.01
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=60)
+        os.close(master)
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn(b"generating with llama3.2:1b:", seen)
+        self.assertIn(b"tok/s", seen)
+        self.assertNotIn(b"tok/s", out)
+        item_id = self.board.add(self.job(prompt="again"))
+        code, out, err = self.cli("run", item_id)  # stderr is a pipe: no progress
+        self.assertEqual((code, err), (0, ""))
+
+
+# =============================================================================
+# Demo: the whole flow against the fakes (`make demo`)
+# =============================================================================
+
+
+def demo():
+    ollama = FakeOllama()
+    ollama.piece_delay = 0.01
+    ollama.outputs[("llama3.2:1b", "What is 1+1? Answer in one sentence.")] = "1 + 1 equals 2."
+    ollama.start()
+    with tempfile.TemporaryDirectory() as folder:
+        board = FakeBoard(folder, rig="alice", mode="wild-west")
+        base_env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address)
+
+        def step(rig, comment, *args):
+            print("\n# %s (as %s)" % (comment, rig))
+            print("$ wl_infer.py " + " ".join(_shell_quote(a) for a in args))
+            sys.stdout.flush()
+            proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(base_env, FAKE_WL_RIG=rig),
+                                  stdout=subprocess.PIPE, universal_newlines=True)
+            sys.stdout.write(proc.stdout)
+            print("[exit %d]" % proc.returncode)
+            return proc.stdout
+
+        print("wl_infer demo: a fake Ollama at %s and a fake wl board in %s" % (ollama.address, folder))
+        out = step("alice", "a poster puts a job on the board", "post", "--prompt",
+                   "What is 1+1? Answer in one sentence.", "--model", "llama3.2:1b")
+        item_id = out.split("\n")[0].split()[-1]
+        step("bob", "a worker claims it, runs it on its Ollama and submits the evidence", "run", item_id)
+        step("carol", "anyone re-runs it and compares the hashes", "verify", item_id)
+        step("alice", "the poster looks at the item", "status", item_id)
+        board.update(lambda s: s["items"][item_id]["completion"].__setitem__(
+            "evidence", wl_infer.encode_evidence(wl_infer.make_evidence(
+                wl_infer.make_job("x", "llama3.2:1b"), "1 + 1 equals 3."))))
+        step("carol", "a forged completion (evidence edited on the board) is caught", "verify", item_id)
+    ollama.stop()
+
+
+def _shell_quote(arg):
+    import shlex
+
+    return shlex.quote(arg)
+
+
+# =============================================================================
+# Entry point
+# =============================================================================
+
+
+def run_suite():
+    """Run every test; end with a plain `N passed, N failed` line."""
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    print("tests: %d passed, %d failed, %d skipped"
+          % (result.testsRun - failed - len(result.skipped), failed, len(result.skipped)))
+    return 0 if failed == 0 and result.testsRun > 0 else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["demo"]:
+        demo()
+    elif sys.argv[1:2] == ["fake-wl"]:
+        sys.exit(fake_wl_main(sys.argv[3:], sys.argv[2]))
+    else:
+        sys.exit(run_suite())
