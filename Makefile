@@ -22,4 +22,4 @@ compat:
 
 # Optional, development only: needs ruff (pip install ruff).
 lint:
-	ruff check --line-length 120 wl_infer.py test_wl_infer.py
+	ruff check --isolated --line-length 120 --select E,F,W,B --ignore B904,B905 wl_infer.py test_wl_infer.py

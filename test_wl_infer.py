@@ -622,6 +622,16 @@ class FakeBoard(object):
         change(state)
         self.save(state)
 
+    def set_mode(self, mode):
+        """"pr" (the default: extra Branch/PR lines) or "wild-west"."""
+        self.update(lambda state: state.__setitem__("mode", mode))
+
+    def rename(self, old, new):
+        """Give an item a chosen ID (to build prefix collisions)."""
+        def change(state):
+            state["items"][new] = dict(state["items"].pop(old), id=new)
+        self.update(change)
+
     def fail(self, command, **spec):
         """Make `wl COMMAND` fail: message, hint, times, hang, stdout."""
         self.update(lambda s: s["fail"].__setitem__(command, spec))
@@ -1139,7 +1149,7 @@ class EndToEndTest(CliTest):
     def test_wild_west_and_pr_mode_outputs(self):
         for mode in ("wild-west", "pr"):
             with self.subTest(mode=mode):
-                self.board.update(lambda s: s.__setitem__("mode", mode))
+                self.board.set_mode(mode)
                 code, out, err = self.cli("post", "--prompt", "p " + mode, "--model", "llama3.2:1b", "--json")
                 self.assertEqual(code, 0, err)
                 item_id = json.loads(out)["id"]
@@ -1356,10 +1366,8 @@ class ErrorTest(CliTest):
 
     def test_wl_errors_carry_wl_text(self):
         self.assertError(self.cli("status", "w-zz"), 'wl status failed: no wanted item matching "w-zz"')
-        for item_id in ("w-ab00000001", "w-ab00000002"):
-            self.board.add(self.job())
-            self.board.update(lambda s: s["items"].__setitem__(item_id, dict(
-                s["items"].pop(sorted(k for k in s["items"] if not k.startswith("w-ab"))[0]), id=item_id)))
+        for wanted in ("w-ab00000001", "w-ab00000002"):
+            self.board.rename(self.board.add(self.job()), wanted)
         self.assertError(self.cli("status", "w-ab"), 'ambiguous prefix "w-ab" matches: w-ab00000001, w-ab00000002')
         code, out, err = self.cli("status", "w-ab00000002", "--json")
         self.assertEqual(json.loads(out)["id"], "w-ab00000002")
@@ -1483,6 +1491,127 @@ class ProgressTest(CliTest):
         item_id = self.board.add(self.job(prompt="again"))
         code, out, err = self.cli("run", item_id)  # stderr is a pipe: no progress
         self.assertEqual((code, err), (0, ""))
+
+
+# =============================================================================
+# The fakes themselves: pinned to the contracts, so they cannot drift kinder
+# =============================================================================
+
+
+class FakeWlContractTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.board = FakeBoard(self.tmp.name, rig="alice", mode="wild-west")
+
+    def test_post_report_and_no_push_hint(self):
+        proc = self.board.wl("post", "--title", "infer: x", "--type=inference", "-d", "{}", "--priority=1",
+                             "--effort=small", "--no-push")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = proc.stdout.split("\n")
+        self.assertRegex(lines[0], r"^✓ Posted wanted item: w-[0-9a-f]{10}$")
+        self.assertEqual(lines[1:6], ["  Title:    infer: x", "  Type:     inference", "  Priority: 1",
+                                      "  Effort:   small", "  Posted by: alice"])
+        self.assertIn("  changes saved locally (--no-push)", lines)
+
+    def test_status_layout_exact_spacing(self):
+        item_id = self.board.add('{"prompt":"p"}', rig="alice")
+        self.board.wl("claim", item_id)
+        self.board.wl("done", item_id, "--evidence", "E")
+        lines = self.board.wl("status", item_id).stdout.split("\n")
+        self.assertEqual(lines[0], item_id + ": infer: test")
+        self.assertIn("  Type:        inference     Priority: P2", lines)
+        at = lines.index("  Description:")
+        self.assertEqual(lines[at + 1:at + 5], ['    {"prompt":"p"}', "", "  Claimed by:  alice", ""])
+        self.assertIn("  Completion:  " + self.board.item(item_id)["completion"]["id"], lines)
+        self.assertRegex(self.board.item(item_id)["completion"]["id"], r"^c-[0-9a-f]{16}$")
+        self.assertIn("    Evidence:    E", lines)
+        self.assertIn("    Completed by: alice", lines)
+
+    def test_errors_exit_1_with_a_wl_line(self):
+        item_id = self.board.add("{}")
+        for argv, message in ((("frob",), 'wl: unknown command "frob" for "wl"'),
+                              (("post", "--type=inference"), 'wl: required flag(s) "title" not set'),
+                              (("claim", item_id, "--bogus"), "wl: unknown flag: --bogus"),
+                              (("claim",), "wl: accepts 1 arg(s), received 0"),
+                              (("done", item_id, "--evidence=x"), 'is not claimed by "alice" or does not exist'),
+                              (("unclaim", item_id), "is not claimed or does not exist"),
+                              (("status", "w-zz"), 'wl: no wanted item matching "w-zz"'),
+                              (("post", "--title=t", "--type=chore"), 'wl: invalid type "chore"')):
+            with self.subTest(argv=argv):
+                proc = self.board.wl(*argv)
+                self.assertEqual((proc.returncode, proc.stdout), (1, ""))
+                self.assertTrue(proc.stderr.startswith("wl: "), proc.stderr)
+                self.assertIn(message, proc.stderr)
+
+    def test_lifecycle_accept_reject_and_own_completion(self):
+        item_id = self.board.add("{}", rig="alice")
+        self.assertEqual(self.board.wl("claim", item_id).returncode, 0)
+        self.assertIn('is not open', self.board.wl("claim", item_id, rig="bob").stderr)
+        self.board.wl("done", item_id, "--evidence=E1")
+        self.assertIn("cannot accept your own completion", self.board.wl("accept", item_id, "--quality=5").stderr)
+        self.assertEqual(self.board.wl("reject", item_id, "--reason=no", rig="carol").returncode, 0)
+        self.assertEqual(self.board.item(item_id)["status"], "claimed")
+        self.board.wl("done", item_id, "--evidence=E2")
+        self.assertEqual(self.board.item(item_id)["completion"]["evidence"], "E1")  # the first one wins
+        proc = self.board.wl("accept", item_id, "--quality=4", rig="carol")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(self.board.item(item_id)["status"], "completed")
+        self.assertIn("  Stamp:       s-", self.board.wl("status", item_id).stdout)
+
+    def test_browse_json(self):
+        self.assertEqual(self.board.wl("browse", "--json").stdout.strip(), "null")
+        first = self.board.add("d1")
+        second = self.board.add("d2")
+        self.board.wl("post", "--title=urgent", "--type=bug", "--priority=0")
+        docs = json.loads(self.board.wl("browse", "--json", "--type", "inference", "--status=open").stdout)
+        self.assertEqual([d["id"] for d in docs], [second, first])  # same priority: newest first
+        self.assertNotIn("description", docs[0])
+        self.assertNotIn("claimed_by", docs[0])  # empty strings are omitted
+        docs = json.loads(self.board.wl("browse", "--json", "--long", "--limit=1").stdout)
+        self.assertEqual((len(docs), docs[0]["title"]), (1, "urgent"))
+        self.assertEqual(json.loads(self.board.wl("browse", "--json", "--long").stdout)[1]["description"], "d2")
+
+    def test_pr_mode_lines_and_injected_failures(self):
+        self.board.set_mode("pr")
+        item_id = self.board.add("{}", rig="alice")
+        out = self.board.wl("claim", item_id).stdout
+        self.assertIn("  Branch:     wl/alice/" + item_id, out)
+        self.assertIn("  Branch:      wl/alice/" + item_id, self.board.wl("status", item_id).stdout)
+        self.board.fail("unclaim", message="push failed", hint="check your network", times=1)
+        proc = self.board.wl("unclaim", item_id)
+        self.assertEqual((proc.returncode, proc.stderr), (1, "wl: push failed\n\n  Hint: check your network\n"))
+        self.assertEqual(self.board.wl("unclaim", item_id).returncode, 0)
+        self.assertEqual([c["exit"] for c in self.board.calls()][-2:], [1, 0])
+
+
+class FakeOllamaContractTest(unittest.TestCase):
+    def setUp(self):
+        self.ollama = FakeOllama().start()
+        self.addCleanup(self.ollama.stop)
+        self.client = wl_infer.Ollama(self.ollama.address, timeout=5)
+
+    def test_version_show_and_errors(self):
+        self.assertEqual(self.client._get_json("/api/version"), {"version": "0.12.11"})
+        self.assertIn("details", self.client._get_json("/api/show", {"model": "llama3.2:1b"}))
+        for path, body, fragment in (("/api/show", {"model": "nope"}, "model 'nope' not found (HTTP 404)"),
+                                     ("/api/generate", {"prompt": "p"}, "model is required (HTTP 400)"),
+                                     ("/api/nothing", None, "404 page not found (HTTP 404)")):
+            with self.assertRaises(wl_infer.OllamaError) as ctx:
+                self.client._get_json(path, body)
+            self.assertIn(fragment, str(ctx.exception))
+
+    def test_tags_document(self):
+        models = self.client._get_json("/api/tags")["models"]
+        self.assertEqual(sorted(dict(m)["name"] for m in models), ["llama3.2:1b", "qwen2.5:0.5b"])
+        self.assertTrue(all(len(dict(m)["digest"]) == 64 for m in models))
+
+    def test_final_object_and_length_limit(self):
+        body = wl_infer.generate_request(wl_infer.make_job("p", "llama3.2:1b", 42, 2))
+        body["stream"] = False
+        doc = self.client._get_json("/api/generate", body)
+        self.assertEqual((doc["done"], doc["done_reason"], doc["eval_count"]), (True, "length", 2))
+        self.assertEqual(doc["response"], default_output("llama3.2:1b", "p")[:6])
 
 
 # =============================================================================

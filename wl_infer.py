@@ -935,7 +935,8 @@ def cmd_status(ctx, args):
         text += ["  Job:         does not decode (%s)" % printable(job_error),
                  "  Description: " + preview(item["description"] or "", 200)]
     if completion is not None:
-        text += ["  Completion:  %s by %s" % (printable(completion["id"]), printable(completion["completed_by"] or "unknown"))]
+        text += ["  Completion:  %s by %s" % (printable(completion["id"]),
+                                              printable(completion["completed_by"] or "unknown"))]
         if evidence is not None:
             text += ["    Output hash: " + printable(evidence["output_hash"]),
                      "    Output:      " + preview(evidence["output"])]
