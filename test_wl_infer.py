@@ -66,6 +66,7 @@ class FakeOllama(object):
     error_after = (n, message)        send n tokens, then an {"error"} line
     stall_after = n                   send n tokens, then nothing (until stop)
     end_after = n                     send n tokens, then close without `done`
+    inject = (n, raw_bytes)           send n tokens, then this raw line, then go on
     """
 
     def __init__(self):
@@ -78,6 +79,7 @@ class FakeOllama(object):
         self.error_after = None
         self.stall_after = None
         self.end_after = None
+        self.inject = None
         self.version = "0.12.11"
         self.requests = []
         self.generating = threading.Event()  # set when a generate request arrives
@@ -248,6 +250,8 @@ class _OllamaHandlerMixin(object):
                 if fake.end_after is not None and i == fake.end_after:
                     send(b"", final=True)
                     return self.wfile.write(b"0\r\n\r\n")
+                if fake.inject and i == fake.inject[0]:
+                    send(fake.inject[1] + b"\n")
                 if fake.piece_delay:
                     time.sleep(fake.piece_delay)
                 line = json.dumps({"model": name, "created_at": "2026-11-26T10:00:00Z",
@@ -974,12 +978,16 @@ class StatusParserTest(unittest.TestCase):
 # =============================================================================
 
 
-class StreamingTest(unittest.TestCase):
+class OllamaClientTest(unittest.TestCase):
+    """In-process client tests against a fresh fake server."""
+
     def setUp(self):
         self.ollama = FakeOllama().start()
         self.addCleanup(self.ollama.stop)
         self.client = wl_infer.Ollama(self.ollama.address, timeout=5)
 
+
+class StreamingTest(OllamaClientTest):
     def test_pieces_split_across_http_chunks_reassemble_exactly(self):
         text = "naïve café — 日本語 🙂🙃\n  spaces  \r\nend"
         self.ollama.outputs[("llama3.2:1b", "p")] = text
@@ -1035,6 +1043,19 @@ class StreamingTest(unittest.TestCase):
         with self.assertRaises(wl_infer.OllamaError) as ctx:
             self.client.generate(job)
         self.assertIn("without its final `done`", str(ctx.exception))
+
+    def test_malformed_stream_lines_are_clear_errors(self):
+        job = wl_infer.make_job("p", "llama3.2:1b")
+        for raw, fragment in ((b"<html>oops</html>", "not a JSON object after 2 tokens: <html>oops</html>"),
+                              (b'["a"]', "not a JSON object after 2 tokens"),
+                              (b'{"response":"\xff\xfe","done":false}', "invalid UTF-8 after 2 tokens"),
+                              (b'{"response":5,"done":false}', "`response` that is not a string"),
+                              (b'{"response":"' + b"x" * (1 << 20) + b'"}', "stream line over 1048576 bytes")):
+            with self.subTest(raw=raw[:20]):
+                self.ollama.inject = (2, raw)
+                with self.assertRaises(wl_infer.OllamaError) as ctx:
+                    self.client.generate(job)
+                self.assertIn(fragment, str(ctx.exception))
 
     def test_stall_is_an_inactivity_timeout(self):
         self.ollama.stall_after = 2
@@ -1585,12 +1606,7 @@ class FakeWlContractTest(unittest.TestCase):
         self.assertEqual([c["exit"] for c in self.board.calls()][-2:], [1, 0])
 
 
-class FakeOllamaContractTest(unittest.TestCase):
-    def setUp(self):
-        self.ollama = FakeOllama().start()
-        self.addCleanup(self.ollama.stop)
-        self.client = wl_infer.Ollama(self.ollama.address, timeout=5)
-
+class FakeOllamaContractTest(OllamaClientTest):
     def test_version_show_and_errors(self):
         self.assertEqual(self.client._get_json("/api/version"), {"version": "0.12.11"})
         self.assertIn("details", self.client._get_json("/api/show", {"model": "llama3.2:1b"}))
@@ -1603,8 +1619,8 @@ class FakeOllamaContractTest(unittest.TestCase):
 
     def test_tags_document(self):
         models = self.client._get_json("/api/tags")["models"]
-        self.assertEqual(sorted(dict(m)["name"] for m in models), ["llama3.2:1b", "qwen2.5:0.5b"])
-        self.assertTrue(all(len(dict(m)["digest"]) == 64 for m in models))
+        self.assertEqual(sorted(m["name"] for m in models), ["llama3.2:1b", "qwen2.5:0.5b"])
+        self.assertTrue(all(len(m["digest"]) == 64 for m in models))
 
     def test_final_object_and_length_limit(self):
         body = wl_infer.generate_request(wl_infer.make_job("p", "llama3.2:1b", 42, 2))

@@ -381,13 +381,9 @@ class Ollama(object):
 
     def _http_error(self, status, raw, body):
         message = raw.decode("utf-8", "replace").strip()
-        try:
-            doc = _loads(message)
-            found = dict(doc).get("error") if isinstance(doc, _JsonObject) else None
-            if isinstance(found, str):
-                message = found
-        except (ValueError, RecursionError):
-            pass
+        found = (_json_object(message) or {}).get("error")
+        if isinstance(found, str):
+            message = found
         text = "Ollama at %s: %s (HTTP %d)" % (self.url, message or "no error text", status)
         if status == 404 and body and "model" in body:
             text += "; pull the model with `ollama pull %s`" % body["model"]
@@ -403,20 +399,17 @@ class Ollama(object):
             raise OllamaError("reading %s from Ollama at %s failed: %s" % (path, self.url, _reason(exc)))
         finally:
             conn.close()
-        try:
-            doc = _loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):
-            raise OllamaError("Ollama at %s sent a response to %s that is not JSON" % (self.url, path))
-        if not isinstance(doc, _JsonObject):
-            raise OllamaError("Ollama at %s sent an unexpected response to %s" % (self.url, path))
-        return dict(doc)
+        doc = _json_object(raw.decode("utf-8", "replace"))
+        if doc is None:
+            raise OllamaError("Ollama at %s sent a response to %s that is not a JSON object" % (self.url, path))
+        return doc
 
     def models(self):
         """Local models: {full name: digest}."""
         found = {}
         models = self._get_json("/api/tags").get("models")
         for entry in models if isinstance(models, list) else []:
-            entry = dict(entry) if isinstance(entry, _JsonObject) else {}
+            entry = entry if isinstance(entry, dict) else {}
             name = entry.get("name") or entry.get("model")
             if isinstance(name, str):
                 digest = entry.get("digest")
@@ -479,19 +472,29 @@ class Ollama(object):
         if not line:
             return None
         try:
-            obj = _loads(line.decode("utf-8"))
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
             raise OllamaError("Ollama at %s sent invalid UTF-8 after %d tokens" % (self.url, tokens))
-        except (ValueError, RecursionError):
-            raise OllamaError("Ollama at %s sent a stream line that is not JSON after %d tokens: %s"
-                              % (self.url, tokens, preview(line.decode("utf-8", "replace"), 60)))
-        if not isinstance(obj, _JsonObject):
-            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object" % self.url)
-        obj = dict(obj)
+        obj = _json_object(text)
+        if obj is None:
+            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object after %d tokens: %s"
+                              % (self.url, tokens, preview(text, 60)))
         if "error" in obj:
             raise OllamaError("Ollama at %s failed after %d tokens: %s"
                               % (self.url, tokens, obj["error"]))
         return obj
+
+
+def _json_object(text):
+    """A JSON object from a server's response as a dict, or None. (Jobs and
+    evidence use the Go-compatible decoder above; this is for Ollama.)"""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _reason(exc):
