@@ -553,6 +553,8 @@ class FakeWl(object):
 def fake_wl_main(argv, state_path):
     """The fake wl's entry point: one invocation against the board file."""
     started = time.time()
+    # Like a Go program: argv and output are UTF-8 bytes whatever the locale.
+    argv = [os.fsencode(arg).decode("utf-8", "replace") for arg in argv]
     rig = os.environ.get("FAKE_WL_RIG", "")
     code = 0
     with open(state_path + ".lock", "w") as lock:
@@ -577,14 +579,13 @@ def fake_wl_main(argv, state_path):
             else:
                 getattr(wl, "cmd_" + command)(flags, args)
         except _WlFail as exc:
-            sys.stderr.write("wl: %s\n" % exc)
-            if exc.hint:
-                sys.stderr.write("\n  Hint: %s\n" % exc.hint)
+            message = "wl: %s\n" % exc + ("\n  Hint: %s\n" % exc.hint if exc.hint else "")
+            sys.stderr.buffer.write(message.encode("utf-8"))
             wl.out, code = [], 1
         with open(state_path + ".tmp", "w") as f:
             json.dump(state, f)
         os.replace(state_path + ".tmp", state_path)
-    sys.stdout.write("".join(line + "\n" for line in wl.out))
+    sys.stdout.buffer.write("".join(line + "\n" for line in wl.out).encode("utf-8"))
     with open(state_path + ".log", "a") as log:
         log.write(json.dumps({"argv": argv, "rig": rig, "start": started, "end": time.time(), "exit": code}) + "\n")
     return code
@@ -956,6 +957,10 @@ class StatusParserTest(unittest.TestCase):
         text = self.FULL.replace('"seed":42}\n\n  Claimed', '"seed":42}' + fake + "\n\n  Claimed")
         with self.assertRaises(wl_infer.WlError):
             wl_infer.parse_status(text)
+
+    def test_lines_before_the_header_are_skipped(self):
+        item = wl_infer.parse_status("Syncing with upstream...\nnote: x: y\n\n" + self.FULL)
+        self.assertEqual((item["id"], item["status"]), ("w-3f9a0c12be", "in_review"))
 
     def test_garbage_is_a_clear_error(self):
         for text in ("", "nonsense", "w-1: t\n  no status here\n"):
@@ -1442,6 +1447,20 @@ class ErrorTest(CliTest):
         self.assertEqual(code, 0)
         for command in ("post", "run", "verify", "status"):
             self.assertIn(command, out)
+
+
+class LocaleTest(CliTest):
+    def test_ascii_only_terminal_and_c_locale(self):
+        env = self.env(PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C")
+        code, out, err = self.cli("post", "--prompt", "été ✓", "--model", "llama3.2:1b", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("\\u2713 Posted inference job: w-"), out)
+        self.assertIn("Prompt:      \\xe9t\\xe9 \\u2713", out)
+        item_id = out.split("\n")[0].split()[-1]
+        self.assertEqual(wl_infer.decode_job(self.board.item(item_id)["description"])["prompt"], "été ✓")
+        code, out, err = self.cli("run", item_id, "--json", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["evidence"]["output"], default_output("llama3.2:1b", "été ✓"))
 
 
 class StatusCommandTest(CliTest):

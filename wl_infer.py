@@ -582,9 +582,11 @@ def parse_status(text):
     posted_by, claimed_by, description (None when absent) and completion
     (None, or {id, completed_by, evidence_raw})."""
     lines = strip_ansi(text).replace("\r\n", "\n").split("\n")
-    while lines and not lines[0].strip():
+    # The header `<id>: <title>` is the first line that starts with an ID
+    # (a notice printed before it, e.g. about syncing, is skipped).
+    while lines and not is_item_id(lines[0].partition(": ")[0]):
         lines.pop(0)
-    if not lines or ": " not in lines[0]:
+    if not lines:
         raise WlError("wl status printed no item header; got %s" % preview(text, 60))
     item_id, _, title = lines[0].partition(": ")
     item = {"id": item_id.strip(), "title": title, "status": None, "type": None,
@@ -1077,7 +1079,10 @@ def _emit(stream, text):
 def _json_text(doc):
     import json
 
-    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+    # UTF-8 as is; on any other stdout encoding, \u escapes (still valid JSON,
+    # where the stream's backslashreplace fallback would corrupt it)
+    utf8 = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
+    return json.dumps(doc, ensure_ascii=not utf8, indent=2) + "\n"
 
 
 def _on_sigterm(signum, frame):
