@@ -67,6 +67,7 @@ class FakeOllama(object):
     stall_after = n                   send n tokens, then nothing (until stop)
     end_after = n                     send n tokens, then close without `done`
     inject = (n, raw_bytes)           send n tokens, then this raw line, then go on
+    drop = True                       close /api/generate connections unanswered
     """
 
     def __init__(self):
@@ -80,6 +81,7 @@ class FakeOllama(object):
         self.stall_after = None
         self.end_after = None
         self.inject = None
+        self.drop = False
         self.version = "0.12.11"
         self.requests = []
         self.generating = threading.Event()  # set when a generate request arrives
@@ -205,6 +207,9 @@ class _OllamaHandlerMixin(object):
         if not body.get("model"):
             return self._json(400, {"error": "model is required"})
         self.fake.generating.set()
+        if self.fake.drop:
+            self.close_connection = True
+            return
         if self.fake.fail:
             status, message = self.fake.fail
             return self._json(status, {"error": message})
@@ -1312,6 +1317,10 @@ class RunFailureTest(CliTest):
         self.ollama.end_after = 2
         self.run_failing("ended the stream after 2 tokens")
 
+    def test_ollama_gone_after_the_model_check(self):
+        self.ollama.drop = True
+        self.run_failing("cannot reach Ollama at http://" + self.ollama.address)
+
     def test_wl_done_failure_releases_and_says_so(self):
         self.board.fail("done", message="push rejected: remote changed")
         self.run_failing("wl done failed: push rejected: remote changed")
@@ -1390,6 +1399,16 @@ class ErrorTest(CliTest):
                          "wl executable 'wl' not found on PATH")
         self.assertError(self.cli("status", "w-1", "--wl", "/no/such/wl"), "/no/such/wl not found")
 
+    def test_wl_found_through_wl_option_and_path(self):
+        item_id = self.board.add(self.job())
+        no_bin = self.env(WL_BIN="")
+        code, out, err = self.cli("status", item_id, "--wl", self.board.exe, env=no_bin)
+        self.assertEqual(code, 0, err)
+        path = self.tmp.name + os.pathsep + os.environ.get("PATH", "")
+        code, out, err = self.cli("status", item_id, env=self.env(WL_BIN="", PATH=path))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.board.commands(rig="bob"), ["status", "status"])
+
     def test_wl_errors_carry_wl_text(self):
         self.assertError(self.cli("status", "w-zz"), 'wl status failed: no wanted item matching "w-zz"')
         for wanted in ("w-ab00000001", "w-ab00000002"):
@@ -1413,8 +1432,19 @@ class ErrorTest(CliTest):
         for bad in ("--help-me", "-x", "abc", "w-", "W-ABC", "w-1 2", "w-1;rm"):
             with self.subTest(bad=bad):
                 self.assertError(self.cli("status", "--", bad) if bad.startswith("-") else self.cli("status", bad),
-                                 "invalid item ID")
+                                 "is not a wl item ID: IDs look like w-3f9a0c12be")
         self.assertEqual(self.board.calls(), [])
+
+    def test_verify_with_a_failing_ollama_is_an_error_not_a_mismatch(self):
+        item_id = self.completed()
+        for fault in ({"fail": (500, "runner crashed")}, {"error_after": (1, "out of memory")}, {"drop": True}):
+            with self.subTest(fault=fault):
+                self.ollama.fail, self.ollama.error_after, self.ollama.drop = None, None, False
+                for name, value in fault.items():
+                    setattr(self.ollama, name, value)
+                code, out, err = self.cli("verify", item_id, "--json")
+                self.assertError((code, out, err))
+                self.assertNotIn("verdict", json.loads(out))
 
     def test_verify_without_completion(self):
         item_id = self.board.add(self.job())

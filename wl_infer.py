@@ -454,17 +454,17 @@ class Ollama(object):
                     if on_token:
                         on_token(tokens)
         except socket.timeout:
-            raise OllamaError("Ollama at %s sent nothing for %g s after %d tokens (inactivity "
+            raise OllamaError("Ollama at %s sent nothing for %g s after %s (inactivity "
                               "timeout, --timeout); the server may be hung or overloaded"
-                              % (self.url, self.timeout, tokens))
+                              % (self.url, self.timeout, _tokens(tokens)))
         except (OSError, http.client.HTTPException) as exc:
-            raise OllamaError("connection to Ollama at %s lost after %d tokens: %s"
-                              % (self.url, tokens, _reason(exc)))
+            raise OllamaError("connection to Ollama at %s lost after %s: %s"
+                              % (self.url, _tokens(tokens), _reason(exc)))
         finally:
             conn.close()  # mid-stream, this cancels the generation on the server
         if final is None:
-            raise OllamaError("Ollama at %s ended the stream after %d tokens without its final "
-                              "`done` message; the generation did not finish" % (self.url, tokens))
+            raise OllamaError("Ollama at %s ended the stream after %s without its final "
+                              "`done` message; the generation did not finish" % (self.url, _tokens(tokens)))
         return Generation("".join(pieces), tokens, final)
 
     def _stream_object(self, line, tokens):
@@ -474,15 +474,19 @@ class Ollama(object):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise OllamaError("Ollama at %s sent invalid UTF-8 after %d tokens" % (self.url, tokens))
+            raise OllamaError("Ollama at %s sent invalid UTF-8 after %s" % (self.url, _tokens(tokens)))
         obj = _json_object(text)
         if obj is None:
-            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object after %d tokens: %s"
-                              % (self.url, tokens, preview(text, 60)))
+            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object after %s: %s"
+                              % (self.url, _tokens(tokens), preview(text, 60)))
         if "error" in obj:
-            raise OllamaError("Ollama at %s failed after %d tokens: %s"
-                              % (self.url, tokens, obj["error"]))
+            raise OllamaError("Ollama at %s failed after %s: %s"
+                              % (self.url, _tokens(tokens), obj["error"]))
         return obj
+
+
+def _tokens(n):
+    return "1 token" if n == 1 else "%d tokens" % n
 
 
 def _json_object(text):
@@ -966,11 +970,11 @@ COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cm
 
 def _item_id(text):
     if not is_item_id(text):
-        raise ValueError(text)
+        import argparse
+
+        raise argparse.ArgumentTypeError("%r is not a wl item ID: IDs look like w-3f9a0c12be "
+                                         "(any unique prefix, e.g. w-3f9a)" % text)
     return text
-
-
-_item_id.__name__ = "item ID (w-...)"  # argparse names the type in its error
 
 
 def _seed(text):
