@@ -1467,7 +1467,9 @@ class ErrorTest(CliTest):
     def test_usage_errors_are_one_line(self):
         self.assertError(self.cli(), "the following arguments are required: COMMAND")
         self.assertError(self.cli("run"), "the following arguments are required: ID")
-        self.assertError(self.cli("run", "w-1", "--timeout", "0"), "--timeout")
+        for bad in ("0", "-1", "inf", "nan", "soon"):
+            self.assertError(self.cli("run", "w-1", "--timeout", bad), "--timeout")
+        self.assertError(self.cli("run", "w-1", "--wl-timeout", "inf"), "--wl-timeout")
         self.assertError(self.cli("run", "w-1", "--frobnicate"), "unrecognized arguments: --frobnicate")
 
     def test_version_and_help(self):

@@ -322,7 +322,10 @@ def parse_ollama_host(value):
 
 
 def ollama_url(value):
-    scheme, host, port, path = parse_ollama_host(value)
+    return _format_url(*parse_ollama_host(value))
+
+
+def _format_url(scheme, host, port, path):
     shown = "[%s]" % host if ":" in host else host
     return "%s://%s:%d%s" % (scheme, shown, port, path)
 
@@ -343,8 +346,8 @@ class Generation(object):
 
 class Ollama(object):
     def __init__(self, base, timeout=300.0):
-        self.url = ollama_url(base)
         self.scheme, self.host, self.port, self.path = parse_ollama_host(base)
+        self.url = _format_url(self.scheme, self.host, self.port, self.path)
         self.timeout = timeout
         if self.scheme not in ("http", "https"):
             raise UserError("Ollama address %s: scheme %r is not http or https" % (self.url, self.scheme))
@@ -601,8 +604,7 @@ def parse_status(text):
         if line == "  Description:":
             i, item["description"] = _status_description(lines, i + 1)
             continue
-        label, _, value = line.strip().partition(":")
-        value = value.strip()
+        value = line.partition(":")[2].strip()
         if line.startswith("  Status:"):
             item["status"] = value
         elif line.startswith("  Type:"):
@@ -993,7 +995,7 @@ def _max_tokens(text):
 
 def _positive(text):
     value = float(text)
-    if not value > 0:
+    if not 0 < value < float("inf"):  # also refuses nan
         raise ValueError(text)
     return value
 
