@@ -1067,6 +1067,13 @@ class StreamingTest(OllamaClientTest):
                     self.client.generate(job)
                 self.assertIn(fragment, str(ctx.exception))
 
+    def test_unpaired_surrogate_in_the_stream_becomes_replacement_character(self):
+        self.ollama.outputs[("llama3.2:1b", "s")] = "abcdef"
+        self.ollama.inject = (1, b'{"response":"\\ud83d","done":false}')
+        gen = self.client.generate(wl_infer.make_job("s", "llama3.2:1b"))
+        self.assertEqual(gen.text, "abc\ufffddef")
+        self.assertEqual(wl_infer.output_hash(gen.text), wl_infer.output_hash("abc\ufffddef"))
+
     def test_stall_is_an_inactivity_timeout(self):
         self.ollama.stall_after = 2
         client = wl_infer.Ollama(self.ollama.address, timeout=0.3)

@@ -449,7 +449,7 @@ class Ollama(object):
                 piece = obj.get("response", "")
                 if not isinstance(piece, str):
                     raise OllamaError("Ollama at %s sent a `response` that is not a string" % self.url)
-                pieces.append(_go_string(piece))
+                pieces.append(piece)
                 if obj.get("done") is True:
                     final = obj
                 else:
@@ -468,7 +468,9 @@ class Ollama(object):
         if final is None:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
                               "`done` message; the generation did not finish" % (self.url, _tokens(tokens)))
-        return Generation("".join(pieces), tokens, final)
+        # once over the whole text, not per token: a lone surrogate escape
+        # becomes U+FFFD as Go decodes it (Python never merges adjacent ones)
+        return Generation(_go_string("".join(pieces)), tokens, final)
 
     def _stream_object(self, line, tokens):
         line = line.strip()
