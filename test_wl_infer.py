@@ -68,6 +68,13 @@ class FakeOllama(object):
     end_after = n                     send n tokens, then close without `done`
     inject = (n, raw_bytes)           send n tokens, then this raw line, then go on
     drop = True                       close /api/generate connections unanswered
+    thinking[(model, prompt)] = text  a thinking model: streamed as `thinking` first
+    logprobs_supported = False        an older server: ignores logprobs/top_logprobs
+    logprob_shift = x                 add x to every logprob (other weights, same text)
+    near_ties[i] = (token, margin)    token i's runner-up and its distance in nats
+                                      (default: "~", 3.0 nats below: a clear winner)
+    streams                           one record per streamed generate: pieces
+                                      sent, and `ended` once the handler is done
     """
 
     def __init__(self):
@@ -82,6 +89,11 @@ class FakeOllama(object):
         self.end_after = None
         self.inject = None
         self.drop = False
+        self.thinking = {}
+        self.logprobs_supported = True
+        self.logprob_shift = 0.0
+        self.near_ties = {}
+        self.streams = []
         self.version = "0.12.11"
         self.requests = []
         self.generating = threading.Event()  # set when a generate request arrives
@@ -130,6 +142,18 @@ class FakeOllama(object):
         if isinstance(limit, int) and limit >= 0 and len(tokens) > limit:
             return tokens[:limit], "length"
         return tokens, "stop"
+
+    def logprobs_for(self, index, token, top):
+        """Ollama's logprob entry for answer token `index`, with `top` candidates."""
+        chosen = round(-0.05 * (index % 5) + self.logprob_shift, 6)
+        runner_up, margin = self.near_ties.get(index, ("~", 3.0))
+        candidates = [(token, chosen), (runner_up, chosen - margin)]
+        candidates += [("#%d" % k, chosen - margin - k) for k in range(1, max(top - 1, 0))]
+
+        def entry(text, logprob):
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return dict(entry(token, chosen), top_logprobs=[entry(t, lp) for t, lp in candidates[:top]])
 
 
 def _ollama_handler():
@@ -216,10 +240,25 @@ class _OllamaHandlerMixin(object):
         name = self.fake.find(body["model"])
         if not name:
             return self._json(404, {"error": "model '%s' not found" % body["model"]})
-        tokens, reason = self.fake.tokens_for(body["model"], body.get("prompt", ""), body.get("options"))
+        top = body.get("top_logprobs", 0)
+        if self.fake.logprobs_supported and (type(top) is not int or not 0 <= top <= 20):
+            return self._json(400, {"error": "top_logprobs must be between 0 and 20"})
+        prompt = body.get("prompt", "")
+        tokens, reason = self.fake.tokens_for(body["model"], prompt, body.get("options"))
+        thinking = self.fake.thinking.get((body["model"], prompt), "")
+        thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
+        logprobs = None
+        if self.fake.logprobs_supported and body.get("logprobs") is True:
+            logprobs = [self.fake.logprobs_for(i, t, top) for i, t in enumerate(tokens)]
+        count = len(tokens) + len(thoughts)
         if body.get("stream", True) is False:
-            return self._json(200, self._final(name, "".join(tokens), reason, len(tokens)))
-        self._stream(name, tokens, reason)
+            final = self._final(name, "".join(tokens), reason, count)
+            if thinking:
+                final["thinking"] = thinking
+            if logprobs is not None:
+                final["logprobs"] = logprobs
+            return self._json(200, final)
+        self._stream(name, thoughts, tokens, logprobs, reason)
 
     def _final(self, name, response, reason, count):
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
@@ -227,7 +266,17 @@ class _OllamaHandlerMixin(object):
                 "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
                 "eval_duration": 1000000 * max(count, 1)}
 
-    def _stream(self, name, tokens, reason):
+    def _stream(self, name, thoughts, tokens, logprobs, reason):
+        fake = self.fake
+        record = {"sent": 0, "ended": threading.Event()}
+        with fake.lock:
+            fake.streams.append(record)
+        try:
+            self._stream_lines(name, thoughts, tokens, logprobs, reason, record)
+        finally:
+            record["ended"].set()
+
+    def _stream_lines(self, name, thoughts, tokens, logprobs, reason, record):
         fake = self.fake
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
@@ -244,6 +293,9 @@ class _OllamaHandlerMixin(object):
             self.wfile.flush()
 
         try:
+            for thought in thoughts:
+                send(json.dumps({"model": name, "created_at": "2026-11-26T10:00:00Z", "response": "",
+                                 "thinking": thought, "done": False}, ensure_ascii=False).encode("utf-8") + b"\n")
             for i, token in enumerate(tokens):
                 if fake.error_after and i == fake.error_after[0]:
                     send(json.dumps({"error": fake.error_after[1]}).encode() + b"\n", final=True)
@@ -259,10 +311,13 @@ class _OllamaHandlerMixin(object):
                     send(fake.inject[1] + b"\n")
                 if fake.piece_delay:
                     time.sleep(fake.piece_delay)
-                line = json.dumps({"model": name, "created_at": "2026-11-26T10:00:00Z",
-                                   "response": token, "done": False}, ensure_ascii=False)
-                send(line.encode("utf-8") + b"\n")
-            send(json.dumps(self._final(name, "", reason, len(tokens))).encode() + b"\n", final=True)
+                obj = {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": token, "done": False}
+                if logprobs is not None:
+                    obj["logprobs"] = [logprobs[i]]
+                send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
+                record["sent"] += 1
+            send(json.dumps(self._final(name, "", reason, len(tokens) + len(thoughts))).encode() + b"\n",
+                 final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away: Ollama cancels the generation
@@ -739,7 +794,7 @@ class CodecTest(unittest.TestCase):
     def test_go_job_fixture_round_trips(self):
         job = wl_infer.decode_job(GO_JOB)
         self.assertEqual(job, {"prompt": "what is <b>1+1</b> & why", "model": "llama3.2:1b",
-                               "seed": 42, "max_tokens": 0})
+                               "seed": 42, "max_tokens": 0, "model_digest": ""})
         self.assertEqual(wl_infer.encode_job(job), GO_JOB)
 
     def test_go_evidence_fixture_round_trips_and_hash_is_sha256_of_output(self):
@@ -768,12 +823,12 @@ class CodecTest(unittest.TestCase):
         self.assertNotEqual(wl_infer.output_hash("a\n"), wl_infer.output_hash("a"))
 
     def test_unknown_keys_ignored_and_missing_ints_are_zero(self):
-        job = wl_infer.decode_job('{"prompt":"p","model":"m","extra":{"deep":[1,2]},"model_digest":"x"}')
-        self.assertEqual(job, {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0})
+        job = wl_infer.decode_job('{"prompt":"p","model":"m","extra":{"deep":[1,2]},"worker":"x"}')
+        self.assertEqual(job, {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0, "model_digest": ""})
 
     def test_keys_match_case_insensitively_exact_match_preferred_last_wins(self):
         self.assertEqual(wl_infer.decode_job('{"Prompt":"p","MODEL":"m","Seed":5,"Max_Tokens":9}'),
-                         {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9})
+                         {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9, "model_digest": ""})
         # Go's simple folding: U+017F (long s) folds to s, U+212A (Kelvin) to k
         self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}')["seed"], 3)
         self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m"}')["prompt"], "b")
@@ -855,8 +910,10 @@ class CodecTest(unittest.TestCase):
         self.assertEqual(wl_infer.preview("abc", 3), "abc")
 
     def test_request_body_is_the_one_go_sends(self):
+        # Go's body, plus the logprobs request (ignored by servers without it)
         self.assertEqual(wl_infer.generate_request(wl_infer.make_job("p", "m", 42, 0)),
-                         {"model": "m", "prompt": "p", "stream": True, "options": {"temperature": 0, "seed": 42}})
+                         {"model": "m", "prompt": "p", "stream": True, "options": {"temperature": 0, "seed": 42},
+                          "logprobs": True, "top_logprobs": 2})
         self.assertEqual(wl_infer.generate_request(wl_infer.make_job("p", "m", 7, 16))["options"],
                          {"temperature": 0, "seed": 7, "num_predict": 16})
 
@@ -1008,15 +1065,15 @@ class StreamingTest(OllamaClientTest):
                     seen = []
                     gen = self.client.generate(wl_infer.make_job("p", "llama3.2:1b"), seen.append)
                     self.assertEqual(gen.text, text)
-                    self.assertEqual(gen.tokens, len(seen))
-                    self.assertEqual(seen[-1], gen.tokens)
+                    self.assertEqual(gen.chunks, len(seen))
+                    self.assertEqual(seen[-1], gen.chunks)
                     self.assertEqual(gen.final["done_reason"], "stop")
 
     def test_request_body_on_the_wire(self):
         self.client.generate(wl_infer.make_job("hi", "llama3.2:1b", 7, 5))
         self.assertEqual(self.ollama.generate_requests(), [
             {"model": "llama3.2:1b", "prompt": "hi", "stream": True,
-             "options": {"temperature": 0, "seed": 7, "num_predict": 5}}])
+             "options": {"temperature": 0, "seed": 7, "num_predict": 5}, "logprobs": True, "top_logprobs": 2}])
 
     def test_stream_equals_non_streamed_response(self):
         body = wl_infer.generate_request(wl_infer.make_job("q", "llama3.2:1b"))
@@ -1059,7 +1116,7 @@ class StreamingTest(OllamaClientTest):
         for raw, fragment in ((b"<html>oops</html>", "not a JSON object after 2 tokens: <html>oops</html>"),
                               (b'["a"]', "not a JSON object after 2 tokens"),
                               (b'{"response":"\xff\xfe","done":false}', "invalid UTF-8 after 2 tokens"),
-                              (b'{"response":5,"done":false}', "`response` that is not a string"),
+                              (b'{"response":5,"done":false}', "`response` or `thinking` that is not a string"),
                               (b'{"response":"' + b"x" * (1 << 20) + b'"}', "stream line over 1048576 bytes")):
             with self.subTest(raw=raw[:20]):
                 self.ollama.inject = (2, raw)
@@ -1103,7 +1160,8 @@ class EndToEndTest(CliTest):
         item_id = out.split("\n")[0].split()[-1]
         self.assertIn("Next: wl_infer.py run " + item_id, out)
         item = self.board.item(item_id)
-        self.assertEqual(item["description"], '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}')
+        self.assertEqual(item["description"], '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42,'
+                         '"model_digest":"%s"}' % self.ollama.models["llama3.2:1b"])  # pinned: it is local
         self.assertEqual((item["title"], item["type"], item["priority"], item["effort"]),
                          ("infer: what is 1+1", "inference", 2, "small"))
         self.assertEqual(self.board.calls()[-1]["argv"][-1], "--no-push")
@@ -1120,7 +1178,7 @@ class EndToEndTest(CliTest):
 
         code, out, err = self.cli("verify", item_id)
         self.assertEqual(code, 0, err)
-        self.assertTrue(out.startswith("✓ VERIFIED — hashes match"), out)
+        self.assertTrue(out.startswith("✓ VERIFIED — the re-run produced the claimed output, hashes match"), out)
         self.assertIn("Expected:  " + expected, out)
         self.assertIn("Actual:    " + expected, out)
 
@@ -1131,16 +1189,45 @@ class EndToEndTest(CliTest):
             self.assertIn(fragment, out)
         self.assertEqual(self.board.commands(), ["post", "status", "claim", "done", "status", "status"])
 
-    def test_run_writes_exactly_the_evidence_go_writes(self):
+    def test_run_writes_go_evidence_byte_for_byte_then_provenance(self):
         item_id = self.board.add(GO_JOB)
         self.ollama.outputs[("llama3.2:1b", "what is <b>1+1</b> & why")] = "The answer is 2."
         code, out, err = self.cli("run", item_id, "--json")
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out), {"id": item_id, "evidence": json.loads(GO_EVIDENCE)})
-        self.assertEqual(self.board.item(item_id)["completion"]["evidence"], GO_EVIDENCE)
-        self.assertEqual(self.ollama.generate_requests(), [
-            {"model": "llama3.2:1b", "prompt": "what is <b>1+1</b> & why", "stream": True,
-             "options": {"temperature": 0, "seed": 42}}])
+        written = self.board.item(item_id)["completion"]["evidence"]
+        # Go's four keys exactly as Go writes them; ours follow, and Go ignores them
+        self.assertTrue(written.startswith(GO_EVIDENCE[:-1] + ',"model_digest":"'), written)
+        go_view = wl_infer.decode_struct(written, wl_infer.GO_EVIDENCE_FIELDS, "evidence")
+        self.assertEqual(wl_infer.encode_evidence(go_view), GO_EVIDENCE)
+        doc = json.loads(written)
+        self.assertEqual(list(doc), ["output", "output_hash", "model", "seed", "model_digest", "ollama_version",
+                                     "options", "done_reason", "eval_count", "eval_ms", "tokens_per_s", "logprobs"])
+        self.assertEqual(json.loads(out), {"id": item_id, "evidence": doc})
+        request = self.ollama.generate_requests()
+        self.assertEqual(request, [{"model": "llama3.2:1b", "prompt": "what is <b>1+1</b> & why", "stream": True,
+                                    "options": {"temperature": 0, "seed": 42}, "logprobs": True, "top_logprobs": 2}])
+        self.assertEqual(doc["options"], request[0]["options"])  # exactly what was sent
+        self.assertEqual(doc["model_digest"], self.ollama.models["llama3.2:1b"])
+        self.assertEqual(doc["ollama_version"], "0.12.11")
+        # 16 characters in 3-character tokens; the fake takes 1 ms per token
+        self.assertEqual((doc["done_reason"], doc["eval_count"], doc["eval_ms"], doc["tokens_per_s"]),
+                         ("stop", 6, 6, 1000.0))
+        self.assertEqual(doc["logprobs"], [0, -0.05, -0.1, -0.15, -0.2, 0])
+
+    def test_thinking_is_hashed_not_submitted_and_old_servers_give_no_logprobs(self):
+        self.ollama.thinking[("llama3.2:1b", "what is 1+1")] = "Let me think: one plus one."
+        self.ollama.logprobs_supported = False
+        item_id = self.board.add(self.job())
+        code, out, err = self.cli("run", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        evidence = json.loads(out)["evidence"]
+        self.assertEqual(evidence["output"], default_output("llama3.2:1b", "what is 1+1"))
+        self.assertEqual(evidence["thinking_hash"], wl_infer.output_hash("Let me think: one plus one."))
+        self.assertNotIn("logprobs", evidence)
+        self.assertEqual(json.loads(self.board.item(item_id)["completion"]["evidence"]), evidence)
+        code, out, err = self.cli("verify", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["checks"][-1]["ok"], None)  # logprobs: not available
 
     def test_go_written_evidence_verifies(self):
         prompt = "what is <b>1+1</b> & why"
@@ -1158,9 +1245,10 @@ class EndToEndTest(CliTest):
         item_id = self.completed(output="a forged answer")
         code, out, err = self.cli("verify", item_id)
         self.assertEqual(code, 1, err)
-        self.assertTrue(out.startswith("✗ MISMATCH — hashes differ"), out)
+        self.assertTrue(out.startswith("✗ MISMATCH — the re-run diverges at character 0 (different-output)"), out)
         self.assertIn("Expected:  " + wl_infer.output_hash("a forged answer"), out)
-        self.assertIn("Claimed:   a forged answer", out)
+        self.assertIn("    claimed: ⟨here⟩a forged answer", out)
+        self.assertIn("    re-run:  ⟨here⟩Rép", out)
         code, out, err = self.cli("--json", "verify", item_id)
         self.assertEqual(code, 1)
         self.assertEqual(json.loads(out)["verdict"], "MISMATCH")
@@ -1172,10 +1260,11 @@ class EndToEndTest(CliTest):
 
     def test_max_tokens_is_sent_and_honoured(self):
         code, out, err = self.cli("post", "--prompt", "count", "--model", "llama3.2:1b", "--max-tokens", "4",
-                                  "--seed", "-7", "--json")
+                                  "--seed", "-7", "--json", "--no-pin")
         self.assertEqual(code, 0, err)
         doc = json.loads(out)
-        self.assertEqual(doc["job"], {"prompt": "count", "model": "llama3.2:1b", "seed": -7, "max_tokens": 4})
+        self.assertEqual(doc["job"], {"prompt": "count", "model": "llama3.2:1b", "seed": -7, "max_tokens": 4,
+                                      "model_digest": ""})
         self.assertEqual(self.board.item(doc["id"])["description"],
                          '{"prompt":"count","model":"llama3.2:1b","seed":-7,"max_tokens":4}')
         code, out, err = self.cli("run", doc["id"], "--json")
@@ -1334,7 +1423,8 @@ class RunFailureTest(CliTest):
 
     def test_evidence_over_the_field_limit_is_not_submitted(self):
         self.ollama.outputs[("llama3.2:1b", "what is 1+1")] = "é" * 40000
-        self.run_failing("the evidence is 80", "over wl's 65535-byte field limit", "smaller max_tokens")
+        self.run_failing("the evidence (output 80000 bytes) is 80133 bytes", "over wl's 65535-byte field limit",
+                         "smaller max_tokens")
 
     def test_ollama_down_refuses_before_claiming(self):
         item_id = self.board.add(self.job())
@@ -1516,6 +1606,8 @@ class StatusCommandTest(CliTest):
         self.assertEqual(doc["completion"]["completed_by"], "carol")
         self.assertEqual(doc["completion"]["evidence"]["output"], default_output("llama3.2:1b", "what is 1+1"))
         self.assertEqual(json.loads(doc["completion"]["raw"]), doc["completion"]["evidence"])
+        self.assertEqual([(c["name"], c["ok"]) for c in doc["completion"]["checks"]],
+                         [("decodes", True), ("self-consistent", True), ("binding", True)])
         self.assertEqual(self.ollama.requests, [])  # status never touches the model
 
     def test_status_of_an_open_item_and_an_undecodable_one(self):

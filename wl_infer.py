@@ -85,19 +85,27 @@ def preview(text, limit=80):
 # Job / evidence codec (no I/O here)
 # =============================================================================
 #
-# Wire format, identical to the Go `wl infer`:
+# Wire format, identical to the Go `wl infer` for its keys:
 #   job (item description): {"prompt":s,"model":s,"seed":i,"max_tokens":i}
 #       compact, max_tokens omitted when 0, seed always present.
 #   evidence (completion):   {"output":s,"output_hash":"sha256:<hex>","model":s,"seed":i}
+# Our additions come after Go's keys, and Go's decoder ignores them: a job may
+# pin "model_digest"; evidence carries provenance (PROVENANCE_FIELDS).
 # Decoding follows Go's encoding/json rules so both sides accept exactly the
 # same documents.
 
 DEFAULT_SEED = 42
 FIELD_LIMIT = 65535  # bytes: wl's description and evidence are TEXT columns
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+LOGPROB_TOKENS = 1024  # evidence keeps the logprobs of the first this many tokens
 
-JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int))
-EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
+JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str))
+GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
+PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict), ("done_reason", str),
+                     ("eval_count", int), ("eval_ms", int), ("tokens_per_s", float), ("logprobs", list),
+                     ("thinking_hash", str))
+EVIDENCE_FIELDS = GO_EVIDENCE_FIELDS + PROVENANCE_FIELDS
+_ZERO = {str: "", int: 0, float: None, dict: None, list: None}  # absent / null
 
 
 class _JsonFloat(str):
@@ -170,24 +178,53 @@ def decode_struct(text, fields, what):
         raise JobError("%s is not valid JSON (%s)" % (what, exc))
     if not isinstance(doc, _JsonObject):
         raise JobError("%s must be a JSON object, got %s" % (what, _describe_json(doc)))
-    result = {name: ("" if kind is str else 0) for name, kind in fields}
+    result = {name: _ZERO[kind] for name, kind in fields}
     names = [name for name, _ in fields]
     for key, value in doc:
         name = key if key in names else next((n for n in names if _folds_to(key, n)), None)
         if name is None or value is None:
             continue
-        kind = dict(fields)[name]
-        if kind is str:
-            if not isinstance(value, str) or isinstance(value, _JsonFloat):
-                raise JobError('%s field "%s" must be a string, got %s' % (what, name, _describe_json(value)))
-            result[name] = _go_string(value)
-        else:
-            if type(value) is not int:
-                raise JobError('%s field "%s" must be an integer, got %s' % (what, name, _describe_json(value)))
-            if not INT64_MIN <= value <= INT64_MAX:
-                raise JobError('%s field "%s" is out of the 64-bit integer range: %d' % (what, name, value))
-            result[name] = value
+        result[name] = _decode_value(value, dict(fields)[name], '%s field "%s"' % (what, name))
     return result
+
+
+def _decode_value(value, kind, what):
+    if kind is str:
+        if not isinstance(value, str) or isinstance(value, _JsonFloat):
+            raise JobError("%s must be a string, got %s" % (what, _describe_json(value)))
+        return _go_string(value)
+    if kind is int:
+        if type(value) is not int:
+            raise JobError("%s must be an integer, got %s" % (what, _describe_json(value)))
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise JobError("%s is out of the 64-bit integer range: %d" % (what, value))
+        return value
+    if kind is float:
+        if type(value) is not int and not isinstance(value, _JsonFloat):
+            raise JobError("%s must be a number, got %s" % (what, _describe_json(value)))
+        number = float(value)
+        if number in (float("inf"), float("-inf")):
+            raise JobError("%s is out of range: %s" % (what, value))
+        return number
+    if kind is dict:
+        if not isinstance(value, _JsonObject):
+            raise JobError("%s must be an object, got %s" % (what, _describe_json(value)))
+        return _plain(value)
+    # list: of numbers (logprobs)
+    if not isinstance(value, list) or isinstance(value, _JsonObject):
+        raise JobError("%s must be an array of numbers, got %s" % (what, _describe_json(value)))
+    return [_decode_value(v, float, what + " element") for v in value]
+
+
+def _plain(value):
+    """A decoded value as plain Python (dict, list, float) for display and --json."""
+    if isinstance(value, _JsonObject):
+        return dict((k, _plain(v)) for k, v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, _JsonFloat):
+        return float(value)
+    return _go_string(value) if isinstance(value, str) else value
 
 
 def decode_job(text):
@@ -223,14 +260,16 @@ def encode_go_json(obj):
     return text
 
 
-def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0):
-    return {"prompt": prompt, "model": model, "seed": seed, "max_tokens": max_tokens}
+def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest=""):
+    return {"prompt": prompt, "model": model, "seed": seed, "max_tokens": max_tokens, "model_digest": model_digest}
 
 
 def encode_job(job):
     doc = {"prompt": job["prompt"], "model": job["model"], "seed": job["seed"]}
     if job["max_tokens"]:
         doc["max_tokens"] = job["max_tokens"]
+    if job.get("model_digest"):
+        doc["model_digest"] = job["model_digest"]
     return encode_go_json(doc)
 
 
@@ -241,17 +280,62 @@ def output_hash(output):
     return "sha256:" + hashlib.sha256(output.encode("utf-8")).hexdigest()
 
 
-def make_evidence(job, output):
-    return {"output": output, "output_hash": output_hash(output),
-            "model": job["model"], "seed": job["seed"]}
+def make_evidence(job, output, provenance=None):
+    evidence = {"output": output, "output_hash": output_hash(output), "model": job["model"], "seed": job["seed"]}
+    evidence.update(provenance or {})
+    return evidence
+
+
+def provenance(gen, model_digest, ollama_version, options):
+    """The evidence keys we add after Go's: where and how the output was made."""
+    found = {"model_digest": model_digest or "", "ollama_version": ollama_version or "", "options": options,
+             "done_reason": gen.final.get("done_reason") if isinstance(gen.final.get("done_reason"), str) else "",
+             "eval_count": gen.eval_count}
+    ns = gen.final.get("eval_duration")
+    if type(ns) is int and ns > 0:
+        found["eval_ms"] = int(round(ns / 1e6))
+        found["tokens_per_s"] = round(gen.eval_count / (ns / 1e9), 2)
+    chosen = gen.chosen_logprobs(LOGPROB_TOKENS)
+    if chosen is not None:
+        found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
+    if gen.thinking:
+        found["thinking_hash"] = output_hash(gen.thinking)
+    return found
+
+
+def evidence_document(evidence):
+    """Go's four keys first, then ours that have a value (like Go's omitempty)."""
+    pairs = [(name, evidence[name]) for name, _ in GO_EVIDENCE_FIELDS]
+    pairs += [(name, evidence[name]) for name, _ in PROVENANCE_FIELDS if evidence.get(name)]
+    return dict(pairs)
 
 
 def encode_evidence(evidence):
-    return encode_go_json({name: evidence[name] for name, _ in EVIDENCE_FIELDS})
+    """Go's four keys byte for byte as Go writes them, then ours."""
+    return encode_go_json(evidence_document(evidence))
+
+
+def fit_evidence(evidence):
+    """The evidence as submitted, within wl's field limit: logprobs go first,
+    then the rest of our additions; when Go's four keys alone are too big the
+    run fails rather than submit something wl would truncate or refuse."""
+    encoded = encode_evidence(evidence)
+    for drop in (("logprobs",), [name for name, _ in PROVENANCE_FIELDS]):
+        if _size(encoded) <= FIELD_LIMIT:
+            break
+        evidence = dict((k, v) for k, v in evidence.items() if k not in drop)
+        encoded = encode_evidence(evidence)
+    check_field_size(encoded, "the evidence (output %d bytes)" % _size(evidence["output"]),
+                     "the job needs a smaller max_tokens")
+    return evidence, encoded
+
+
+def _size(text):
+    return len(text.encode("utf-8"))
 
 
 def check_field_size(text, what, advice):
-    size = len(text.encode("utf-8"))
+    size = _size(text)
     if size > FIELD_LIMIT:
         raise UserError("%s is %d bytes, over wl's %d-byte field limit; %s"
                         % (what, size, FIELD_LIMIT, advice))
@@ -266,8 +350,13 @@ def ollama_options(job):
 
 
 def generate_request(job):
+    """Go's request plus logprobs (which do not change the text; servers
+    that do not know the fields ignore them)."""
     return {"model": job["model"], "prompt": job["prompt"], "stream": True,
-            "options": ollama_options(job)}
+            "options": ollama_options(job), "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+
+
+TOP_LOGPROBS = 2  # the chosen token and its runner-up: enough to see a near-tie
 
 
 def full_model_name(name):
@@ -331,17 +420,73 @@ def _format_url(scheme, host, port, path):
 
 
 class Generation(object):
-    """What one generate call produced."""
+    """What one generate call produced. `text` is the answer; when the call
+    compared the stream with an expected text and it diverged, `diverged_at`
+    is the first differing character, `final` is None and the text stops
+    with the token that diverged."""
 
-    def __init__(self, text, tokens, final):
-        self.text = text
-        self.tokens = tokens  # stream pieces received (one per token)
-        self.final = final  # the closing `done: true` object
+    def __init__(self):
+        self.pieces = []
+        self.text = ""
+        self.chunks = 0  # stream objects received before the final one
+        self.token_ends = []  # character offset after each answer token
+        self.token_logprobs = []  # per answer token: (logprob, [(token, logprob), ...]) or None
+        self.thinking_pieces = []
+        self.thinking = ""
+        self.final = None
+        self.diverged_at = None
 
     @property
     def eval_count(self):
-        count = self.final.get("eval_count")
-        return count if type(count) is int else self.tokens
+        count = (self.final or {}).get("eval_count")
+        return count if type(count) is int else self.chunks
+
+    def add(self, piece, logprobs):
+        """One answer piece and the logprob entries that came with it (a
+        piece is normally one token; an entry's token text places it)."""
+        start = self.token_ends[-1] if self.token_ends else 0
+        entries = [_logprob_entry(e) for e in logprobs] if isinstance(logprobs, list) and logprobs else [None]
+        end = start
+        for i, entry in enumerate(entries):
+            if i == len(entries) - 1:
+                end = start + len(piece)
+            elif entry is not None:
+                end = min(end + len(entry[2]), start + len(piece))
+            self.token_ends.append(end)
+            self.token_logprobs.append(entry and entry[:2])
+        self.pieces.append(piece)
+
+    def token_at(self, offset):
+        """The index of the answer token holding character `offset` (None past the end)."""
+        import bisect
+
+        index = bisect.bisect_right(self.token_ends, offset)
+        return index if index < len(self.token_ends) else None
+
+    def token_start(self, index):
+        return self.token_ends[index - 1] if index else 0
+
+    def chosen_logprobs(self, limit=None):
+        """The chosen tokens' logprobs, or None when the server sent none."""
+        chosen = [e[0] if e else None for e in self.token_logprobs[:limit]]
+        if not chosen or None in chosen:
+            return None
+        return chosen
+
+
+def _logprob_entry(entry):
+    """(logprob, [(token, logprob), ...], token) from one server entry, or None when malformed."""
+    if not isinstance(entry, dict) or not _is_number(entry.get("logprob")):
+        return None
+    tops = entry.get("top_logprobs")
+    top = [(t["token"], float(t["logprob"])) for t in (tops if isinstance(tops, list) else [])
+           if isinstance(t, dict) and isinstance(t.get("token"), str) and _is_number(t.get("logprob"))]
+    token = entry.get("token")
+    return float(entry["logprob"]), top[:TOP_LOGPROBS], token if isinstance(token, str) else ""
+
+
+def _is_number(value):
+    return type(value) in (int, float) and value == value and abs(value) != float("inf")
 
 
 class Ollama(object):
@@ -407,6 +552,11 @@ class Ollama(object):
             raise OllamaError("Ollama at %s sent a response to %s that is not a JSON object" % (self.url, path))
         return doc
 
+    def version(self):
+        """The server's version string, or "" when it does not say."""
+        version = self._get_json("/api/version").get("version")
+        return version if isinstance(version, str) else ""
+
     def models(self):
         """Local models: {full name: digest}."""
         found = {}
@@ -427,50 +577,69 @@ class Ollama(object):
                 return digest
         return None
 
-    def generate(self, job, on_token=None):
+    def generate(self, job, on_token=None, expected=None):
         """Run the job, streaming; return a Generation. `on_token(n)` is
-        called after each streamed token."""
+        called after each streamed token. With `expected`, stop reading at
+        the first character that differs from it (closing the connection
+        cancels the generation on the server): a false claim is refuted in
+        the time of a few tokens."""
         import http.client
         import socket
 
         conn, resp = self._open("POST", "/api/generate", generate_request(job))
-        pieces, tokens, final = [], 0, None
+        gen = Generation()
+        matched = 0  # characters of `expected` confirmed so far
         try:
-            while final is None:
+            while gen.final is None:
                 line = resp.readline(MAX_LINE + 1)
                 if not line:
                     break
                 if len(line) > MAX_LINE:
                     raise OllamaError("Ollama at %s sent a stream line over %d bytes; "
                                       "this is not an Ollama server" % (self.url, MAX_LINE))
-                obj = self._stream_object(line, tokens)
+                obj = self._stream_object(line, gen.chunks)
                 if obj is None:
                     continue
                 piece = obj.get("response", "")
-                if not isinstance(piece, str):
-                    raise OllamaError("Ollama at %s sent a `response` that is not a string" % self.url)
-                pieces.append(piece)
+                thinking = obj.get("thinking", "")
+                if not isinstance(piece, str) or not isinstance(thinking, str):
+                    raise OllamaError("Ollama at %s sent a `response` or `thinking` that is not a string" % self.url)
+                if thinking:
+                    gen.thinking_pieces.append(thinking)
+                if piece:
+                    gen.add(piece, obj.get("logprobs"))
                 if obj.get("done") is True:
-                    final = obj
-                else:
-                    tokens += 1
-                    if on_token:
-                        on_token(tokens)
+                    gen.final = obj
+                    break
+                gen.chunks += 1
+                if on_token:
+                    on_token(gen.chunks)
+                if expected is not None and piece:
+                    if not expected.startswith(piece, matched):
+                        piece = _go_string(piece)  # a lone surrogate may still match
+                    if not expected.startswith(piece, matched):
+                        gen.diverged_at = matched + _common_prefix(piece, expected[matched:matched + len(piece)])
+                        break
+                    matched += len(piece)
         except socket.timeout:
             raise OllamaError("Ollama at %s sent nothing for %g s after %s (inactivity "
                               "timeout, --timeout); the server may be hung or overloaded"
-                              % (self.url, self.timeout, _tokens(tokens)))
+                              % (self.url, self.timeout, _tokens(gen.chunks)))
         except (OSError, http.client.HTTPException) as exc:
             raise OllamaError("connection to Ollama at %s lost after %s: %s"
-                              % (self.url, _tokens(tokens), _reason(exc)))
+                              % (self.url, _tokens(gen.chunks), _reason(exc)))
         finally:
             conn.close()  # mid-stream, this cancels the generation on the server
-        if final is None:
+        if gen.final is None and gen.diverged_at is None:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
-                              "`done` message; the generation did not finish" % (self.url, _tokens(tokens)))
+                              "`done` message; the generation did not finish" % (self.url, _tokens(gen.chunks)))
         # once over the whole text, not per token: a lone surrogate escape
         # becomes U+FFFD as Go decodes it (Python never merges adjacent ones)
-        return Generation(_go_string("".join(pieces)), tokens, final)
+        gen.text = _go_string("".join(gen.pieces))
+        gen.thinking = _go_string("".join(gen.thinking_pieces))
+        if expected is not None and gen.diverged_at is None and gen.text != expected:
+            gen.diverged_at = _common_prefix(gen.text, expected)  # the claim goes on past the end
+        return gen
 
     def _stream_object(self, line, tokens):
         line = line.strip()
@@ -488,6 +657,15 @@ class Ollama(object):
             raise OllamaError("Ollama at %s failed after %s: %s"
                               % (self.url, _tokens(tokens), obj["error"]))
         return obj
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _tokens(n):
@@ -771,20 +949,44 @@ def job_of(item):
         raise JobError("%s: %s" % (item["id"], exc))
 
 
-def generate(ctx, job):
+def generate(ctx, job, expected=None):
     """Run a job on the local Ollama with the progress line."""
     progress = ctx.progress("generating with %s" % printable(job["model"]))
     try:
-        return ctx.ollama.generate(job, progress)
+        return ctx.ollama.generate(job, progress, expected)
     finally:
         progress.clear()
 
 
 def require_local_model(ctx, model):
-    """Never claim work this box cannot do."""
-    if ctx.ollama.find_model(model) is None:
+    """The local model's digest. Never claim, or re-run, work this box cannot do."""
+    digest = ctx.ollama.find_model(model)
+    if digest is None:
         raise UserError("model %s is not in the local Ollama at %s; pull it with `ollama pull %s` "
                         "or leave the job to another worker" % (model, ctx.ollama.url, model))
+    return digest
+
+
+def local_version(ctx):
+    """The local Ollama's version, or "" (provenance is best effort)."""
+    try:
+        return ctx.ollama.version()
+    except OllamaError:
+        return ""
+
+
+def _digest_hex(digest):
+    digest = digest.strip().lower()
+    return digest[7:] if digest.startswith("sha256:") else digest
+
+
+def same_digest(a, b):
+    """/api/tags prints bare hex; accept a sha256: prefix and any case."""
+    return _digest_hex(a) == _digest_hex(b)
+
+
+def short_digest(digest):
+    return printable("sha256:" + _digest_hex(digest)[:12])
 
 
 def release_claim(ctx, item_id):
@@ -809,14 +1011,18 @@ def run_job(ctx, item_id, skip_claim=False):
             "with --skip-claim the item must already be claimed" if skip_claim
             else "only open jobs can be claimed (use --skip-claim if you claimed it yourself)"))
     job = job_of(item)
-    require_local_model(ctx, job["model"])
+    digest = require_local_model(ctx, job["model"])
+    if job["model_digest"] and not same_digest(job["model_digest"], digest):
+        raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
+                        "to another worker (a result from other weights could not be verified against the pin)"
+                        % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
+    version = local_version(ctx)
     if not skip_claim:
         ctx.wl.claim(item_id)
     try:
         gen = generate(ctx, job)
-        evidence = make_evidence(job, gen.text)
-        encoded = encode_evidence(evidence)
-        check_field_size(encoded, "the evidence", "the job needs a smaller max_tokens")
+        evidence = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+        evidence, encoded = fit_evidence(evidence)
         ctx.wl.done(item_id, encoded)
     except UserError as exc:
         if skip_claim:
@@ -828,9 +1034,132 @@ def run_job(ctx, item_id, skip_claim=False):
     return item, job, gen, evidence
 
 
-def verify_item(ctx, item):
-    """Re-run an item's job and compare with its completion evidence.
-    Returns a result dict; verdict is VERIFIED or MISMATCH."""
+# -- verification -------------------------------------------------------------
+# Checks run cheapest first; the first failing one decides the verdict. A
+# check is {"name", "ok", "message"} with ok None for "not available" (Go's
+# evidence has no digest or logprobs). A cause is {"kind", "message", ...}.
+
+LOGPROB_TOLERANCE = 0.1  # nats: more, on identical text, is different numerics
+NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausible
+EXCERPT = 24  # characters shown on each side of a divergence
+
+
+def _check(name, ok, message):
+    return {"name": name, "ok": ok, "message": message}
+
+
+def _cause(kind, message, **details):
+    return dict(details, kind=kind, message=message)
+
+
+def claim_checks(job, evidence):
+    """Checks 2 and 3: they need neither Ollama nor a re-run, so status shows
+    them too. Returns (checks, the cause of a failure or None)."""
+    if output_hash(evidence["output"]) != evidence["output_hash"]:
+        message = "evidence is inconsistent: output does not hash to output_hash"
+        return [_check("self-consistent", False, message)], _cause(
+            "inconsistent-evidence", message + " (no honest run writes that; the claim is refuted without a re-run)")
+    checks = [_check("self-consistent", True, "output hashes to output_hash")]
+    if job is None:
+        return checks + [_check("binding", None, "binding: not checked, the job does not decode")], None
+    differences = []
+    if full_model_name(evidence["model"]).lower() != full_model_name(job["model"]).lower():
+        differences.append(("model", "evidence model %s, job model %s" % (evidence["model"], job["model"])))
+    if evidence["seed"] != job["seed"]:
+        differences.append(("seed", "evidence seed %d, job seed %d" % (evidence["seed"], job["seed"])))
+    pin, claimed = job["model_digest"], evidence["model_digest"]
+    if pin and claimed and not same_digest(pin, claimed):
+        differences.append(("model_digest", "evidence model_digest %s, job pins %s"
+                            % (short_digest(claimed), short_digest(pin))))
+    if differences:
+        field, detail = differences[0]
+        message = "the evidence is not for this job: " + "; ".join(d for _, d in differences)
+        return checks + [_check("binding", False, message)], _cause("binding", message, field=field)
+    message = "model and seed match the job"
+    if pin:
+        message += (", and the pinned digest" if claimed else
+                    "; the pinned digest is not available (the evidence records no model_digest)")
+    return checks + [_check("binding", True, message)], None
+
+
+def local_model_check(job, evidence, digest):
+    """Check 4: a different local model does not stop the re-run, but it is
+    the likely cause if the texts then differ."""
+    claimed, pin = evidence["model_digest"], job["model_digest"]
+    if pin and not same_digest(pin, digest):
+        return _check("local-model", False, "local model %s is %s, the job pins %s"
+                      % (job["model"], short_digest(digest), short_digest(pin)))
+    if not claimed:
+        return _check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
+                      % short_digest(digest))
+    if not same_digest(claimed, digest):
+        return _check("local-model", False, "local model %s is %s, the worker's was %s"
+                      % (job["model"], short_digest(digest), short_digest(claimed)))
+    return _check("local-model", True, "local model %s is the worker's" % short_digest(digest))
+
+
+def divergence(gen, claimed):
+    """Where the re-run left the claimed text: character and token index,
+    with a short excerpt of both texts around it."""
+    at = gen.diverged_at
+    token = gen.token_at(at)
+    start = max(0, at - EXCERPT)
+    return {"char": at, "token": len(gen.token_ends) if token is None else token, "excerpt_start": start,
+            "claimed": claimed[start:at + EXCERPT], "rerun": gen.text[start:at + EXCERPT]}
+
+
+def diagnose(gen, job, evidence, digest, version):
+    """The likely cause of a divergence. It informs a person; the verdict stays MISMATCH."""
+    claimed_digest = evidence["model_digest"] or job["model_digest"]
+    claimed_version = evidence["ollama_version"]
+    if claimed_digest and digest and not same_digest(claimed_digest, digest):
+        return _cause("model-digest", "the worker's model is %s and this one is %s: different weights give "
+                      "different text; re-check with the worker's version of the model"
+                      % (short_digest(claimed_digest), short_digest(digest)), claimed=claimed_digest, local=digest)
+    if claimed_version and version and claimed_version != version:
+        return _cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
+                      "numerics; re-check with the worker's version" % (preview(claimed_version, 20), version),
+                      claimed=claimed_version, local=version)
+    token = gen.token_at(gen.diverged_at)
+    entry = gen.token_logprobs[token] if token is not None else None
+    start = gen.token_start(token) if token is not None else gen.diverged_at
+    chosen = gen.text[start:gen.token_ends[token]] if token is not None else ""
+    runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
+    if entry is None or runner_up is None:
+        where = ("the re-run ended where the claimed output goes on" if token is None
+                 else "this Ollama returned no logprobs at the divergence")
+        return _cause("unknown", where + ", so a near-tie cannot be told from a different output")
+    margin = entry[0] - runner_up[1]
+    took_runner_up = bool(runner_up[0]) and evidence["output"].startswith(runner_up[0], start)
+    details = {"token": token, "rerun_token": chosen, "runner_up": runner_up[0], "margin": round(margin, 4)}
+    if margin <= NEAR_TIE or took_runner_up:
+        return _cause("near-tie", "at token %d the re-run chose %s over %s by %.2f nats%s: consistent with "
+                      "benign floating-point differences across hardware or batching"
+                      % (token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
+                         ", and the claim took the runner-up" if took_runner_up else ""), **details)
+    return _cause("different-output", "at token %d the re-run chose %s over %s by %.2f nats and the claim "
+                  "has neither: the output was not produced by this model and seed"
+                  % (token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin), **details)
+
+
+def logprob_check(gen, evidence):
+    """Check 6, on identical text: the largest logprob difference, or None."""
+    ours, theirs = gen.chosen_logprobs(LOGPROB_TOKENS), evidence["logprobs"]
+    if ours is None or theirs is None:
+        return _check("logprobs", None, "logprobs: not compared, %s has none"
+                      % ("the evidence" if theirs is None else "this Ollama's re-run")), None
+    pairs = list(zip(ours, theirs))
+    diff = round(max([abs(round(a, 4) - b) for a, b in pairs] or [0.0]), 4)
+    if diff > LOGPROB_TOLERANCE:
+        return _check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
+                      "(different weights, quantisation or runtime)" % diff), diff
+    return _check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens" % (diff, len(pairs))), diff
+
+
+def verify_item(ctx, item, strict=False):
+    """Verify an item's completion evidence: the cheap checks, then a re-run
+    that stops at the first character that differs from the claim. Returns
+    a result dict; verdict is VERIFIED or MISMATCH."""
     job = job_of(item)
     completion = item["completion"]
     if completion is None or not completion["evidence_raw"]:
@@ -839,34 +1168,86 @@ def verify_item(ctx, item):
         evidence = decode_evidence(completion["evidence_raw"])
     except JobError as exc:
         raise JobError("%s: %s" % (item["id"], exc))
-    gen = generate(ctx, job)
-    actual = output_hash(gen.text)
-    return {"id": item["id"], "verdict": "VERIFIED" if actual == evidence["output_hash"] else "MISMATCH",
-            "expected_hash": evidence["output_hash"], "actual_hash": actual,
-            "job": job, "output": gen.text, "evidence": evidence, "completed_by": completion["completed_by"]}
+    result = {"id": item["id"], "verdict": "MISMATCH", "cause": None, "diverged_at": None, "tokens_generated": 0,
+              "logprob_max_diff": None, "expected_hash": evidence["output_hash"], "actual_hash": None,
+              "output": None, "job": job, "evidence": evidence, "completed_by": completion["completed_by"],
+              "local": {"model_digest": None, "ollama_version": None},
+              "checks": [_check("decodes", True, "evidence decodes")]}
+    checks, result["cause"] = claim_checks(job, evidence)
+    result["checks"] += checks
+    if result["cause"]:
+        return result
+    digest = result["local"]["model_digest"] = require_local_model(ctx, job["model"])
+    result["checks"].append(local_model_check(job, evidence, digest))
+    gen = generate(ctx, job, expected=evidence["output"])
+    result["tokens_generated"], result["output"] = gen.eval_count, gen.text
+    if gen.final is not None:
+        result["actual_hash"] = output_hash(gen.text)
+    if gen.diverged_at is not None:
+        result["diverged_at"] = where = divergence(gen, evidence["output"])
+        result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s" % (
+            where["char"], where["token"], " (stopped after %s)" % _tokens(gen.chunks) if gen.final is None else "")))
+        version = result["local"]["ollama_version"] = local_version(ctx) if evidence["ollama_version"] else None
+        result["cause"] = diagnose(gen, job, evidence, digest, version)
+        return result
+    result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s)"
+                                   % _tokens(gen.eval_count)))
+    check, result["logprob_max_diff"] = logprob_check(gen, evidence)
+    result["checks"].append(check)
+    if check["ok"] is False:
+        if strict:
+            result["cause"] = _cause("different-numerics", check["message"] + " (--strict)")
+            return result
+        ctx.warn(check["message"] + "; the text matches, so the verdict stands (--strict refuses this)")
+    result["verdict"] = "VERIFIED"
+    return result
 
 
 def _job_lines(job, indent="  "):
     return [
         indent + "Model:       " + printable(job["model"]),
+        indent + "Pinned:      " + (short_digest(job["model_digest"]) if job["model_digest"] else "no digest"),
         indent + "Seed:        %d" % job["seed"],
         indent + "Max tokens:  " + ("%d" % job["max_tokens"] if job["max_tokens"] > 0 else "model default"),
         indent + "Prompt:      " + preview(job["prompt"]),
     ]
 
 
+_MARKS = {True: "✓", False: "✗", None: "–"}
+
+
+def _check_lines(checks, indent):
+    return [indent + "%s %s" % (_MARKS[c["ok"]], printable(c["message"])) for c in checks]
+
+
+def _provenance_lines(evidence, indent):
+    if not evidence["model_digest"] and not evidence["ollama_version"] and not evidence["eval_count"]:
+        return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
+    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence["tokens_per_s"] is not None else ""
+    return [indent + "Model:       " + (short_digest(evidence["model_digest"]) if evidence["model_digest"]
+                                       else "no digest recorded"),
+            indent + "Ollama:      " + (preview(evidence["ollama_version"], 30) or "version not recorded"),
+            indent + "Tokens:      %d%s, done: %s" % (evidence["eval_count"], rate,
+                                                      preview(evidence["done_reason"] or "unknown", 20)),
+            indent + "Logprobs:    " + ("%d tokens" % len(evidence["logprobs"]) if evidence["logprobs"] is not None
+                                      else "not recorded")]
+
+
 def cmd_post(ctx, args):
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
-    description = encode_job(job)
-    check_field_size(description, "the job", "shorten the prompt")
     try:
-        if ctx.ollama.find_model(job["model"]) is None:
+        digest = ctx.ollama.find_model(job["model"])
+        if digest is None:
             ctx.warn("model %s is not in the local Ollama at %s; the job is posted anyway, but "
                      "you cannot verify results until you `ollama pull %s`"
                      % (job["model"], ctx.ollama.url, job["model"]))
+        elif not args.no_pin:
+            job["model_digest"] = digest
     except OllamaError as exc:
         ctx.warn("could not check the model locally: %s" % exc)
+    description = encode_job(job)
+    check_field_size(description, "the job", "shorten the prompt")
     title = post_title(prompt)
     item_id = ctx.wl.post(title, description)
     text = ["✓ Posted inference job: " + item_id] + _job_lines(job) + [
@@ -910,17 +1291,44 @@ def cmd_run(ctx, args):
 
 
 def cmd_verify(ctx, args):
-    result = verify_item(ctx, ctx.wl.status(args.id))
+    result = verify_item(ctx, ctx.wl.status(args.id), args.strict)
     ok = result["verdict"] == "VERIFIED"
-    text = ["✓ VERIFIED — hashes match" if ok else "✗ MISMATCH — hashes differ",
+    cause, where = result["cause"], result["diverged_at"]
+    if ok:
+        headline = "✓ VERIFIED — the re-run produced the claimed output, hashes match"
+    elif where is not None:
+        headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause["kind"])
+    else:
+        headline = "✗ MISMATCH — %s, without a re-run" % cause["kind"]
+    text = [headline,
             "  Item:      %s (completed by %s)" % (result["id"], printable(result["completed_by"] or "unknown")),
-            "  Expected:  " + printable(result["expected_hash"]),
-            "  Actual:    " + result["actual_hash"],
-            "  Output:    " + preview(result["output"])]
-    if not ok:
-        text.append("  Claimed:   " + preview(result["evidence"]["output"]))
-    doc = dict((k, result[k]) for k in ("id", "verdict", "expected_hash", "actual_hash", "job", "output", "evidence"))
+            "  Checks:"] + _check_lines(result["checks"], "    ")
+    if cause:
+        text.append("  Cause:     %s: %s" % (cause["kind"], printable(cause["message"])))
+    if where is not None:
+        text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
+                 "    claimed: " + _excerpt(where, "claimed"),
+                 "    re-run:  " + _excerpt(where, "rerun")]
+    if result["output"] is not None:
+        text.append("  Output:    " + preview(result["output"]))
+    text += ["  Expected:  " + printable(result["expected_hash"]),
+             "  Actual:    " + (result["actual_hash"] or "none (the re-run stopped at the divergence)"
+                                if result["tokens_generated"] else "none (no re-run)"),
+             "  Cost:      %s generated" % _tokens(result["tokens_generated"])]
+    if result["logprob_max_diff"] is not None:
+        text.append("  Logprobs:  largest difference %.4f nats" % result["logprob_max_diff"])
+    doc = dict((k, result[k]) for k in (
+        "id", "verdict", "checks", "cause", "diverged_at", "tokens_generated", "logprob_max_diff",
+        "expected_hash", "actual_hash", "job", "output", "local"))
+    doc["evidence"] = evidence_document(result["evidence"])
     return Report(EXIT_OK if ok else EXIT_MISMATCH, doc, text)
+
+
+def _excerpt(where, side):
+    """Text around the divergence, with ⟨here⟩ marking it."""
+    text, cut = where[side], where["char"] - where["excerpt_start"]
+    return "%s%s⟨here⟩%s%s" % ("…" if where["excerpt_start"] else "", printable(text[:cut]),
+                              printable(text[cut:]), "…" if len(text) - cut >= EXCERPT else "")
 
 
 def cmd_status(ctx, args):
@@ -930,12 +1338,13 @@ def cmd_status(ctx, args):
         job = job_of(item)
     except UserError as exc:
         job_error = str(exc)
-    completion, evidence, evidence_error = item["completion"], None, None
+    completion, evidence, checks = item["completion"], None, None
     if completion is not None:
         try:
             evidence = decode_evidence(completion["evidence_raw"] or "")
+            checks = [_check("decodes", True, "evidence decodes")] + claim_checks(job, evidence)[0]
         except JobError as exc:
-            evidence_error = str(exc)
+            checks = [_check("decodes", False, "evidence does not decode: %s" % exc)]
     text = ["%s: %s" % (item["id"], printable(item["title"])),
             "  Status:      " + printable(item["status"]),
             "  Type:        " + printable(item["type"] or "unknown"),
@@ -952,15 +1361,15 @@ def cmd_status(ctx, args):
                                               printable(completion["completed_by"] or "unknown"))]
         if evidence is not None:
             text += ["    Output hash: " + printable(evidence["output_hash"]),
-                     "    Output:      " + preview(evidence["output"])]
-        else:
-            text += ["    Evidence does not decode (%s)" % printable(evidence_error)]
+                     "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    ")
+        text += ["    Checks (without running the model):"] + _check_lines(checks, "      ")
     doc = {"id": item["id"], "title": item["title"], "status": item["status"], "type": item["type"],
            "posted_by": item["posted_by"], "claimed_by": item["claimed_by"], "job": job,
            "description": item["description"],
            "completion": None if completion is None else {
                "id": completion["id"], "completed_by": completion["completed_by"],
-               "evidence": evidence, "raw": completion["evidence_raw"]}}
+               "evidence": evidence and evidence_document(evidence), "raw": completion["evidence_raw"],
+               "checks": checks}}
     return Report(EXIT_OK, doc, text)
 
 
@@ -1045,6 +1454,8 @@ def build_parser():
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
     p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
                    help="token limit (default 0: the model's default)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the local model's digest in the job (pinned by default when present)")
     p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
 
     p = sub.add_parser("run", parents=[common], help="claim a job, run it on the local Ollama, submit the result")
@@ -1052,8 +1463,10 @@ def build_parser():
     p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
     p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
 
-    p = sub.add_parser("verify", parents=[common], help="re-run a completed job and compare hashes")
+    p = sub.add_parser("verify", parents=[common], help="check a completion and re-run its job")
     p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("--strict", action="store_true",
+                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
 
     p = sub.add_parser("status", parents=[common], help="show a job, its claim and its completion")
     p.add_argument("id", type=_item_id, metavar="ID")
