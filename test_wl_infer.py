@@ -773,13 +773,17 @@ class CliTest(unittest.TestCase):
     def job(self, prompt="what is 1+1", model="llama3.2:1b", seed=42, max_tokens=0):
         return wl_infer.encode_job(wl_infer.make_job(prompt, model, seed, max_tokens))
 
-    def completed(self, prompt="what is 1+1", output=None, model="llama3.2:1b", evidence=None):
-        """An in_review item completed by carol with the given output."""
-        item_id = self.board.add(self.job(prompt, model))
+    def completed(self, prompt="what is 1+1", output=None, model="llama3.2:1b", evidence=None, pin="",
+                  **provenance):
+        """An in_review item completed by carol: the job (pinned to `pin`
+        when given) and evidence claiming `output` with its hash recomputed,
+        plus any provenance keys; or exactly the `evidence` text given."""
+        job = wl_infer.make_job(prompt, model, model_digest=pin)
+        item_id = self.board.add(wl_infer.encode_job(job))
         if output is None:
             output = default_output(model, prompt)
         if evidence is None:
-            evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(prompt, model), output))
+            evidence = wl_infer.encode_evidence(wl_infer.make_evidence(job, output, provenance))
         self.assertEqual(self.board.wl("claim", item_id, rig="carol").returncode, 0)
         self.assertEqual(self.board.wl("done", item_id, "--evidence=" + evidence, rig="carol").returncode, 0)
         return item_id
@@ -877,6 +881,66 @@ class CodecTest(unittest.TestCase):
                 wl_infer.decode_evidence(json.dumps(doc))
             self.assertIn('evidence field "%s" is missing or empty' % field, str(ctx.exception))
         self.assertEqual(wl_infer.decode_evidence('{"output":"o","output_hash":"h","model":"m"}')["seed"], 0)
+
+    def test_provenance_keys_follow_gos_and_decode_by_type(self):
+        job = wl_infer.make_job("p", "m")
+        evidence = wl_infer.make_evidence(job, "out", {
+            "model_digest": "ab" * 32, "ollama_version": "0.12.11", "options": {"temperature": 0, "seed": 42},
+            "done_reason": "stop", "eval_count": 2, "eval_ms": 40, "tokens_per_s": 50.0,
+            "logprobs": [-0.0001, 0.0], "thinking_hash": wl_infer.output_hash("t")})
+        text = wl_infer.encode_evidence(evidence)
+        go_part = wl_infer.encode_evidence(wl_infer.make_evidence(job, "out"))
+        self.assertTrue(text.startswith(go_part[:-1] + ',"model_digest":'), text)
+        self.assertEqual(wl_infer.decode_evidence(text), evidence)
+        self.assertEqual(wl_infer.encode_evidence(wl_infer.decode_evidence(text)), text)
+        for key, value, fragment in (("model_digest", "5", "must be a string, got the number 5"),
+                                     ("options", "[1]", "must be an object, got an array"),
+                                     ("eval_count", "1.5", "must be an integer, got the number 1.5"),
+                                     ("tokens_per_s", '"fast"', 'must be a number, got the string "fast"'),
+                                     ("tokens_per_s", "1e999", "is out of range: 1e999"),
+                                     ("logprobs", "{}", "must be an array of numbers, got an object"),
+                                     ("logprobs", "[0, true]", 'field "logprobs" element must be a number')):
+            with self.subTest(key=key, value=value):
+                with self.assertRaises(wl_infer.JobError) as ctx:
+                    wl_infer.decode_evidence(go_part[:-1] + ',"%s":%s}' % (key, value))
+                self.assertIn('evidence field "%s' % key, str(ctx.exception))
+                self.assertIn(fragment, str(ctx.exception))
+        absent = wl_infer.decode_evidence(go_part)  # Go's evidence: nothing recorded
+        self.assertEqual((absent["model_digest"], absent["logprobs"], absent["tokens_per_s"]), ("", None, None))
+
+    def test_pinned_job_is_go_job_plus_one_key(self):
+        job = wl_infer.make_job("p", "m", 7, 0, "ab" * 32)
+        self.assertEqual(wl_infer.encode_job(job), '{"prompt":"p","model":"m","seed":7,"model_digest":"%s"}' % ("ab" * 32))
+        self.assertEqual(wl_infer.decode_job(wl_infer.encode_job(job)), job)
+        self.assertTrue(wl_infer.same_digest("sha256:" + "AB" * 32, "ab" * 32))
+        self.assertFalse(wl_infer.same_digest("ab" * 32, "ab" * 31 + "ac"))
+
+    def test_fitting_evidence_drops_logprobs_then_provenance_then_fails(self):
+        job = wl_infer.make_job("p", "m")
+        prov = {"model_digest": "ab" * 32, "eval_count": 1, "logprobs": [-1.5] * 8000}
+        for size, dropped in ((100, ()), (40000, ("logprobs",)), (65400, ("logprobs", "model_digest", "eval_count"))):
+            evidence, encoded = wl_infer.fit_evidence(wl_infer.make_evidence(job, "a" * size, prov))
+            self.assertLessEqual(len(encoded), 65535)
+            self.assertEqual([k for k in ("logprobs", "model_digest", "eval_count") if k not in evidence],
+                             list(dropped))
+            self.assertEqual(encoded, wl_infer.encode_evidence(evidence))
+        with self.assertRaises(wl_infer.UserError) as ctx:
+            wl_infer.fit_evidence(wl_infer.make_evidence(job, "\n" * 40000, prov))  # escapes double it
+        self.assertIn("the evidence (output 40000 bytes) is 80123 bytes, over wl's 65535-byte field limit",
+                      str(ctx.exception))
+
+    def test_tokens_are_placed_by_their_logprob_entries(self):
+        gen = wl_infer.Generation()
+        gen.add("ab", [{"token": "ab", "logprob": -0.1, "top_logprobs": [{"token": "ab", "logprob": -0.1}]}])
+        gen.add("cdef", [{"token": "cd", "logprob": -0.2}, {"token": "ef", "logprob": -0.3}])  # two tokens
+        gen.add("g", None)  # an older server: a piece is a token
+        self.assertEqual(gen.token_ends, [2, 4, 6, 7])
+        self.assertEqual([gen.token_at(i) for i in range(8)], [0, 0, 1, 1, 2, 2, 3, None])
+        self.assertEqual(gen.token_logprobs[0], (-0.1, [("ab", -0.1)]))
+        self.assertIsNone(gen.chosen_logprobs())  # one token has none: not comparable
+        self.assertEqual(gen.chosen_logprobs(3), [-0.1, -0.2, -0.3])
+        gen.add("h", [{"token": "h", "logprob": float("nan")}, "junk"])  # malformed entries are no data
+        self.assertEqual(gen.token_logprobs[-2:], [None, None])
 
     def test_not_json_or_not_an_object(self):
         for text, fragment in (("", "not valid JSON"), ("hello", "not valid JSON"), ("[1]", "got an array"),
@@ -1240,6 +1304,11 @@ class EndToEndTest(CliTest):
         self.assertEqual(doc["expected_hash"], doc["actual_hash"])
         self.assertEqual(doc["job"], wl_infer.decode_job(GO_JOB))
         self.assertEqual(doc["output"], "The answer is 2.")
+        # the checks that need our keys are "not available", not failures
+        self.assertEqual([(c["name"], c["ok"]) for c in doc["checks"]], [
+            ("decodes", True), ("self-consistent", True), ("binding", True), ("local-model", None),
+            ("rerun", True), ("logprobs", None)])
+        self.assertEqual(doc["evidence"], json.loads(GO_EVIDENCE))
 
     def test_mismatch_exits_1(self):
         item_id = self.completed(output="a forged answer")
@@ -1592,6 +1661,195 @@ class LocaleTest(CliTest):
         self.assertEqual(json.loads(out)["evidence"]["output"], default_output("llama3.2:1b", "été ✓"))
 
 
+class VerificationTest(CliTest):
+    """The checks of `verify`, cheapest first, and the diagnosis of a mismatch."""
+
+    PROMPT = "what is 1+1"
+    HONEST = default_output("llama3.2:1b", PROMPT)  # 3-character tokens: "Rép", "ons", "e d", "e l", ...
+
+    def verify(self, item_id, *extra, code=1):
+        result = self.cli("verify", item_id, "--json", *extra)
+        self.assertEqual(result[0], code, result)
+        return json.loads(result[1])
+
+    def test_inconsistent_evidence_is_refuted_without_touching_ollama(self):
+        evidence = wl_infer.make_evidence(wl_infer.make_job(self.PROMPT, "llama3.2:1b"), self.HONEST)
+        evidence["output_hash"] = wl_infer.output_hash("something else")
+        item_id = self.completed(evidence=wl_infer.encode_evidence(evidence))
+        doc = self.verify(item_id)
+        self.assertEqual(doc["verdict"], "MISMATCH")
+        self.assertEqual(doc["cause"]["kind"], "inconsistent-evidence")
+        self.assertEqual([(c["name"], c["ok"]) for c in doc["checks"]], [("decodes", True), ("self-consistent", False)])
+        self.assertEqual((doc["tokens_generated"], doc["actual_hash"], doc["diverged_at"]), (0, None, None))
+        self.assertEqual(self.ollama.requests, [])  # not even /api/tags
+        code, out, err = self.cli("verify", item_id)
+        self.assertTrue(out.startswith("✗ MISMATCH — inconsistent-evidence, without a re-run"), out)
+        self.assertIn("✗ evidence is inconsistent: output does not hash to output_hash", out)
+        self.assertIn("Cost:      0 tokens generated", out)
+
+    def test_evidence_for_another_model_seed_or_digest_is_refuted_without_a_rerun(self):
+        local = self.ollama.models["llama3.2:1b"]
+        for field, kwargs in (("model", {"evidence": wl_infer.encode_evidence(wl_infer.make_evidence(
+                                   wl_infer.make_job(self.PROMPT, "qwen2.5:0.5b"), self.HONEST))}),
+                              ("seed", {"evidence": wl_infer.encode_evidence(wl_infer.make_evidence(
+                                   wl_infer.make_job(self.PROMPT, "llama3.2:1b", seed=7), self.HONEST))}),
+                              ("model_digest", {"pin": local, "model_digest": "cd" * 32})):
+            with self.subTest(field=field):
+                del self.ollama.requests[:]
+                doc = self.verify(self.completed(**kwargs))
+                self.assertEqual((doc["cause"]["kind"], doc["cause"]["field"]), ("binding", field))
+                self.assertIn(field.replace("_", " ") if field != "model_digest" else "model_digest",
+                              doc["checks"][-1]["message"])
+                self.assertEqual(self.ollama.requests, [])
+        # Ollama's own normalisation is not a difference: llama3.2 is llama3.2:latest
+        self.ollama.models["llama3.2:latest"] = "e" * 64
+        self.ollama.outputs[("llama3.2", self.PROMPT)] = "ok"
+        evidence = wl_infer.make_evidence(wl_infer.make_job(self.PROMPT, "llama3.2:latest"), "ok")
+        self.verify(self.completed(model="llama3.2", evidence=wl_infer.encode_evidence(evidence)), code=0)
+
+    def test_run_refuses_a_job_pinned_to_other_weights_before_claiming(self):
+        item_id = self.board.add(wl_infer.encode_job(wl_infer.make_job(self.PROMPT, "llama3.2:1b",
+                                                                       model_digest="cd" * 32)))
+        self.assertError(self.cli("run", item_id), "model llama3.2:1b here is sha256:a80c4f17acd5, the job pins "
+                         "sha256:cdcdcdcdcdcd; pull the pinned version or leave the job to another worker")
+        self.assertEqual(self.board.commands(), ["post", "status"])  # no claim
+        self.assertEqual(self.ollama.generate_requests(), [])
+        self.assertEqual(self.board.item(item_id)["status"], "open")
+
+    def test_post_pins_the_local_digest_unless_told_not_to(self):
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "llama3.2:1b", "--json")
+        self.assertEqual(code, 0, err)
+        pinned = self.board.item(json.loads(out)["id"])["description"]
+        self.assertEqual(json.loads(pinned)["model_digest"], self.ollama.models["llama3.2:1b"])
+        self.assertEqual(self.cli("run", json.loads(out)["id"])[0], 0)  # the pin matches here
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "llama3.2:1b", "--json", "--no-pin")
+        self.assertEqual(self.board.item(json.loads(out)["id"])["description"],
+                         '{"prompt":"p","model":"llama3.2:1b","seed":42}')
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "mistral:7b", "--json")
+        self.assertEqual(json.loads(out)["job"]["model_digest"], "")  # not local: nothing to pin
+
+    def test_different_local_weights_are_reported_and_named_as_the_cause(self):
+        theirs = "ee" * 32
+        # same text from other weights: reported, but the verdict stands
+        doc = self.verify(self.completed(model_digest=theirs), code=0)
+        self.assertEqual(doc["checks"][3]["name"], "local-model")
+        self.assertFalse(doc["checks"][3]["ok"])
+        self.assertIn("sha256:eeeeeeeeeeee", doc["checks"][3]["message"])
+        # different text: the digests are the likely cause
+        doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=theirs))
+        self.assertEqual(doc["cause"]["kind"], "model-digest")
+        self.assertEqual((doc["cause"]["claimed"], doc["cause"]["local"]), (theirs, self.ollama.models["llama3.2:1b"]))
+
+    def test_other_ollama_version_is_named_as_the_cause(self):
+        local = self.ollama.models["llama3.2:1b"]
+        doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=local, ollama_version="0.9.0"))
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["claimed"], doc["cause"]["local"]),
+                         ("ollama-version", "0.9.0", "0.12.11"))
+        self.assertEqual(doc["local"], {"model_digest": local, "ollama_version": "0.12.11"})
+
+    def test_forged_claim_is_refuted_after_a_few_tokens(self):
+        text = "abc" * 400  # 400 tokens of 3 characters
+        self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = text
+        self.ollama.piece_delay = 0.005  # a full re-run takes 2 s
+        doc = self.verify(self.completed(output=text[:6] + "X" + text[7:]))  # wrong in the 3rd token
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (6, 2))
+        self.assertEqual((doc["diverged_at"]["claimed"], doc["diverged_at"]["rerun"]), (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
+        self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (3, None))
+        stream = self.ollama.streams[-1]
+        wait_for(stream["ended"].is_set, "the fake to notice the closed connection")
+        self.assertLess(stream["sent"], 20)  # of 400: the client hung up and the server stopped
+
+    def test_truncated_claim_and_claim_with_extra_text(self):
+        text = "abc" * 50
+        self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = text
+        # shorter claim: the re-run is longer, so stop as soon as it passes the claim's end
+        doc = self.verify(self.completed(output=text[:30]))
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"], doc["tokens_generated"]),
+                         (30, 10, 11))
+        self.assertEqual(doc["diverged_at"]["claimed"], text[6:30])
+        # longer claim: the re-run ends first; it ran in full, so its hash is known
+        doc = self.verify(self.completed(output=text + "and more"))
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (150, 50))
+        self.assertEqual(doc["actual_hash"], wl_infer.output_hash(text))
+        self.assertEqual(doc["cause"]["kind"], "unknown")
+        self.assertIn("the re-run ended where the claimed output goes on", doc["cause"]["message"])
+
+    def test_divergence_at_a_near_tie_and_at_a_clear_winner(self):
+        forged = self.HONEST[:9] + "XYZ" + self.HONEST[12:]  # token 3 is "e l"
+        item_id = self.completed(output=forged)
+        for near_tie, kind, margin in ((("XYZ", 2.0), "near-tie", 2.0),  # the claim took the runner-up
+                                       (("e!", 0.3), "near-tie", 0.3),  # a close call either way
+                                       (("e!", 0.6), "different-output", 0.6),
+                                       (None, "different-output", 3.0)):
+            with self.subTest(near_tie=near_tie):
+                self.ollama.near_ties = {3: near_tie} if near_tie else {}
+                doc = self.verify(item_id)
+                self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (9, 3))
+                self.assertEqual((doc["cause"]["kind"], doc["cause"]["margin"], doc["cause"]["rerun_token"]),
+                                 (kind, margin, "e l"))
+        code, out, err = self.cli("verify", item_id)
+        self.assertIn("Cause:     different-output: at token 3 the re-run chose \"e l\" over \"~\" by 3.00 nats "
+                      "where the claim has \"XYZ\"", out)
+        self.assertIn("    claimed: Réponse d⟨here⟩XYZ", out)
+        self.ollama.logprobs_supported = False  # without logprobs a near-tie cannot be told apart
+        self.assertEqual(self.verify(item_id)["cause"]["kind"], "unknown")
+
+    def test_same_text_with_different_logprobs(self):
+        item_id = self.board.add(self.job())
+        self.assertEqual(self.cli("run", item_id)[0], 0)  # evidence with logprobs
+        self.ollama.logprob_shift = 0.05  # within the tolerance
+        doc = self.verify(item_id, code=0)
+        self.assertEqual((doc["verdict"], doc["logprob_max_diff"], doc["checks"][-1]["ok"]), ("VERIFIED", 0.05, True))
+        self.ollama.logprob_shift = -0.3
+        code, out, err = self.cli("verify", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("✓ VERIFIED"), out)
+        self.assertIn("✗ same text, different numerics: logprobs differ by up to 0.3000 nats", out)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertTrue(err.startswith("wl_infer: warning: same text, different numerics"), err)
+        doc = self.verify(item_id, "--strict")
+        self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["logprob_max_diff"]),
+                         ("MISMATCH", "different-numerics", 0.3))
+
+    def test_verify_json_document(self):
+        item_id = self.board.add(self.job())
+        self.assertEqual(self.cli("run", item_id)[0], 0)
+        doc = self.verify(item_id, code=0)
+        self.assertEqual(set(doc), {"id", "verdict", "checks", "cause", "diverged_at", "tokens_generated",
+                                    "logprob_max_diff", "expected_hash", "actual_hash", "job", "output",
+                                    "evidence", "local"})
+        self.assertEqual([c["name"] for c in doc["checks"]],
+                         ["decodes", "self-consistent", "binding", "local-model", "rerun", "logprobs"])
+        self.assertTrue(all(c["ok"] is True and c["message"] for c in doc["checks"]), doc["checks"])
+        self.assertEqual((doc["cause"], doc["diverged_at"], doc["tokens_generated"], doc["logprob_max_diff"]),
+                         (None, None, 18, 0.0))
+        self.assertEqual(doc["evidence"], json.loads(self.board.item(item_id)["completion"]["evidence"]))
+
+    def test_evidence_too_large_drops_logprobs_then_provenance(self):
+        self.ollama.piece_chars = 10
+        for size, kept in ((60000, "model_digest"), (65400, None)):
+            with self.subTest(size=size):
+                self.ollama.outputs[("llama3.2:1b", "big %d" % size)] = "a" * size
+                item_id = self.board.add(self.job("big %d" % size))
+                code, out, err = self.cli("run", item_id, "--json")
+                self.assertEqual(code, 0, err)
+                written = self.board.item(item_id)["completion"]["evidence"]
+                self.assertLessEqual(len(written.encode()), 65535)
+                doc = json.loads(written)
+                self.assertNotIn("logprobs", doc)
+                self.assertEqual(kept in doc, kept is not None)
+                self.assertEqual(doc, json.loads(out)["evidence"])  # the report shows what was submitted
+                self.verify(item_id, code=0)
+
+    def test_malformed_provenance_is_an_error_naming_the_field(self):
+        evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(self.PROMPT, "llama3.2:1b"),
+                                                                   self.HONEST))
+        item_id = self.completed(evidence=evidence[:-1] + ',"logprobs":["x"]}')
+        self.assertError(self.cli("verify", item_id), 'evidence field "logprobs" element must be a number')
+        code, out, err = self.cli("status", item_id)
+        self.assertIn('✗ evidence does not decode: evidence field "logprobs" element must be a number', out)
+
+
 class StatusCommandTest(CliTest):
     def test_status_json_document(self):
         item_id = self.completed()
@@ -1609,6 +1867,27 @@ class StatusCommandTest(CliTest):
         self.assertEqual([(c["name"], c["ok"]) for c in doc["completion"]["checks"]],
                          [("decodes", True), ("self-consistent", True), ("binding", True)])
         self.assertEqual(self.ollama.requests, [])  # status never touches the model
+
+    def test_status_shows_provenance_and_the_cheap_checks(self):
+        item_id = self.board.add(self.job())
+        self.assertEqual(self.cli("run", item_id)[0], 0)
+        del self.ollama.requests[:]
+        code, out, err = self.cli("status", item_id)
+        self.assertEqual(code, 0, err)
+        for fragment in ("Model:       sha256:a80c4f17acd5", "Ollama:      0.12.11",
+                         "Tokens:      18 at 1000.00 tokens/s, done: stop", "Logprobs:    18 tokens",
+                         "Checks (without running the model):", "✓ output hashes to output_hash",
+                         "✓ model and seed match the job"):
+            self.assertIn(fragment, out)
+        evidence = wl_infer.make_evidence(wl_infer.make_job("what is 1+1", "llama3.2:1b", 7), "forged")
+        evidence["output_hash"] = wl_infer.output_hash("other")
+        code, out, err = self.cli("status", self.completed(evidence=wl_infer.encode_evidence(evidence)))
+        self.assertIn("Provenance:  none recorded (evidence in the Go wl infer format)", out)
+        self.assertIn("✗ evidence is inconsistent: output does not hash to output_hash", out)
+        code, out, err = self.cli("status", self.completed(evidence=wl_infer.encode_evidence(
+            wl_infer.make_evidence(wl_infer.make_job("what is 1+1", "llama3.2:1b", 7), "forged"))))
+        self.assertIn("✗ the evidence is not for this job: evidence seed 7, job seed 42", out)
+        self.assertEqual(self.ollama.requests, [])  # never the model
 
     def test_status_of_an_open_item_and_an_undecodable_one(self):
         item_id = self.board.add("not json at all")
@@ -1778,6 +2057,32 @@ class FakeOllamaContractTest(OllamaClientTest):
         doc = self.client._get_json("/api/generate", body)
         self.assertEqual((doc["done"], doc["done_reason"], doc["eval_count"]), (True, "length", 2))
         self.assertEqual(doc["response"], default_output("llama3.2:1b", "p")[:6])
+
+
+    def test_logprobs_thinking_and_older_servers(self):
+        self.ollama.thinking[("llama3.2:1b", "p")] = "hmm, let me see"
+        body = wl_infer.generate_request(wl_infer.make_job("p", "llama3.2:1b", 42, 3))
+        body["stream"] = False
+        doc = self.client._get_json("/api/generate", body)
+        self.assertEqual(doc["thinking"], "hmm, let me see")
+        self.assertEqual(len(doc["logprobs"]), 3)  # one per answer token
+        entry = doc["logprobs"][1]
+        self.assertEqual(set(entry), {"token", "logprob", "bytes", "top_logprobs"})
+        self.assertEqual(entry["bytes"], list(entry["token"].encode("utf-8")))
+        self.assertEqual([t["token"] for t in entry["top_logprobs"]], [entry["token"], "~"])
+        self.assertEqual(entry["top_logprobs"][0]["logprob"], entry["logprob"])
+        # streamed: thinking pieces first (empty response), then one entry per answer chunk
+        gen = self.client.generate(wl_infer.make_job("p", "llama3.2:1b", 42, 3))
+        self.assertEqual((gen.thinking, gen.text), ("hmm, let me see", doc["response"]))
+        self.assertEqual(gen.chosen_logprobs(), [e["logprob"] for e in doc["logprobs"]])
+        for top in (-1, 21, "2"):
+            body["top_logprobs"] = top
+            with self.assertRaises(wl_infer.OllamaError) as ctx:
+                self.client._get_json("/api/generate", body)
+            self.assertIn("top_logprobs must be between 0 and 20 (HTTP 400)", str(ctx.exception))
+        self.ollama.logprobs_supported = False  # older servers ignore the fields
+        self.assertNotIn("logprobs", self.client._get_json("/api/generate", body))
+        self.assertIsNone(self.client.generate(wl_infer.make_job("p", "llama3.2:1b")).chosen_logprobs())
 
 
 # =============================================================================

@@ -1130,16 +1130,20 @@ def diagnose(gen, job, evidence, digest, version):
                  else "this Ollama returned no logprobs at the divergence")
         return _cause("unknown", where + ", so a near-tie cannot be told from a different output")
     margin = entry[0] - runner_up[1]
-    took_runner_up = bool(runner_up[0]) and evidence["output"].startswith(runner_up[0], start)
+    claim = evidence["output"]
+    took_runner_up = bool(runner_up[0]) and claim.startswith(runner_up[0], start)
     details = {"token": token, "rerun_token": chosen, "runner_up": runner_up[0], "margin": round(margin, 4)}
+    where = "at token %d the re-run chose %s over %s by %.2f nats where the claim has %s" % (
+        token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
+        preview(_dumps(claim[start:start + max(len(chosen), len(runner_up[0]))]), 20) if start < len(claim)
+        else "nothing more")
     if margin <= NEAR_TIE or took_runner_up:
-        return _cause("near-tie", "at token %d the re-run chose %s over %s by %.2f nats%s: consistent with "
-                      "benign floating-point differences across hardware or batching"
-                      % (token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
-                         ", and the claim took the runner-up" if took_runner_up else ""), **details)
-    return _cause("different-output", "at token %d the re-run chose %s over %s by %.2f nats and the claim "
-                  "has neither: the output was not produced by this model and seed"
-                  % (token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin), **details)
+        return _cause("near-tie", where + ": %s consistent with benign floating-point differences across "
+                      "hardware or batching" % ("the runner-up," if took_runner_up else "a close call,"), **details)
+    caveat = "" if claimed_digest else (" (the evidence records no model digest, so other weights "
+                                        "are not ruled out)")
+    return _cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
+                  **details)
 
 
 def logprob_check(gen, evidence):
@@ -1227,8 +1231,8 @@ def _provenance_lines(evidence, indent):
     return [indent + "Model:       " + (short_digest(evidence["model_digest"]) if evidence["model_digest"]
                                        else "no digest recorded"),
             indent + "Ollama:      " + (preview(evidence["ollama_version"], 30) or "version not recorded"),
-            indent + "Tokens:      %d%s, done: %s" % (evidence["eval_count"], rate,
-                                                      preview(evidence["done_reason"] or "unknown", 20)),
+            indent + "Tokens:      " + ("%d%s, done: %s" % (evidence["eval_count"], rate, preview(
+                evidence["done_reason"] or "not recorded", 20)) if evidence["eval_count"] else "not recorded"),
             indent + "Logprobs:    " + ("%d tokens" % len(evidence["logprobs"]) if evidence["logprobs"] is not None
                                       else "not recorded")]
 
@@ -1309,7 +1313,7 @@ def cmd_verify(ctx, args):
         text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
                  "    claimed: " + _excerpt(where, "claimed"),
                  "    re-run:  " + _excerpt(where, "rerun")]
-    if result["output"] is not None:
+    if ok:
         text.append("  Output:    " + preview(result["output"]))
     text += ["  Expected:  " + printable(result["expected_hash"]),
              "  Actual:    " + (result["actual_hash"] or "none (the re-run stopped at the divergence)"
