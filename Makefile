@@ -1,7 +1,7 @@
 # wl_infer: everything here needs only Python 3.8+ (standard library).
 PYTHON ?= python3
 
-.PHONY: test demo compat lint
+.PHONY: test demo bench compat lint
 
 # The whole suite, against the built-in fake Ollama and fake wl.
 test:
@@ -10,6 +10,10 @@ test:
 # post -> run -> verify -> status, as a user sees it, against the fakes.
 demo:
 	$(PYTHON) test_wl_infer.py demo
+
+# Ratios against baselines measured in the same run (not part of test).
+bench:
+	$(PYTHON) bench_wl_infer.py
 
 # The suite on the oldest and newest supported Pythons, when installed.
 compat:
@@ -22,4 +26,4 @@ compat:
 
 # Optional, development only: needs ruff (pip install ruff).
 lint:
-	ruff check --isolated --line-length 120 --select E,F,W,B --ignore B904,B905 wl_infer.py test_wl_infer.py
+	ruff check --isolated --line-length 120 --select E,F,W,B --ignore B904,B905 wl_infer.py test_wl_infer.py bench_wl_infer.py

@@ -910,7 +910,8 @@ class CodecTest(unittest.TestCase):
 
     def test_pinned_job_is_go_job_plus_one_key(self):
         job = wl_infer.make_job("p", "m", 7, 0, "ab" * 32)
-        self.assertEqual(wl_infer.encode_job(job), '{"prompt":"p","model":"m","seed":7,"model_digest":"%s"}' % ("ab" * 32))
+        self.assertEqual(wl_infer.encode_job(job),
+                         '{"prompt":"p","model":"m","seed":7,"model_digest":"%s"}' % ("ab" * 32))
         self.assertEqual(wl_infer.decode_job(wl_infer.encode_job(job)), job)
         self.assertTrue(wl_infer.same_digest("sha256:" + "AB" * 32, "ab" * 32))
         self.assertFalse(wl_infer.same_digest("ab" * 32, "ab" * 31 + "ac"))
@@ -1753,7 +1754,8 @@ class VerificationTest(CliTest):
         self.ollama.piece_delay = 0.005  # a full re-run takes 2 s
         doc = self.verify(self.completed(output=text[:6] + "X" + text[7:]))  # wrong in the 3rd token
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (6, 2))
-        self.assertEqual((doc["diverged_at"]["claimed"], doc["diverged_at"]["rerun"]), (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
+        self.assertEqual((doc["diverged_at"]["claimed"], doc["diverged_at"]["rerun"]),
+                         (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
         self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (3, None))
         stream = self.ollama.streams[-1]
         wait_for(stream["ended"].is_set, "the fake to notice the closed connection")
@@ -1791,8 +1793,12 @@ class VerificationTest(CliTest):
         self.assertIn("Cause:     different-output: at token 3 the re-run chose \"e l\" over \"~\" by 3.00 nats "
                       "where the claim has \"XYZ\"", out)
         self.assertIn("    claimed: Réponse d⟨here⟩XYZ", out)
+        self.ollama.near_ties = {3: ("e l", 0.1)}  # the only candidate listed is the chosen token
+        self.assertIn("list no runner-up", self.verify(item_id)["cause"]["message"])
         self.ollama.logprobs_supported = False  # without logprobs a near-tie cannot be told apart
-        self.assertEqual(self.verify(item_id)["cause"]["kind"], "unknown")
+        doc = self.verify(item_id)
+        self.assertEqual(doc["cause"]["kind"], "unknown")
+        self.assertIn("this Ollama returned no logprobs at the divergence", doc["cause"]["message"])
 
     def test_same_text_with_different_logprobs(self):
         item_id = self.board.add(self.job())
@@ -2116,10 +2122,22 @@ def demo():
         step("bob", "a worker claims it, runs it on its Ollama and submits the evidence", "run", item_id)
         step("carol", "anyone re-runs it and compares the hashes", "verify", item_id)
         step("alice", "the poster looks at the item", "status", item_id)
-        board.update(lambda s: s["items"][item_id]["completion"].__setitem__(
-            "evidence", wl_infer.encode_evidence(wl_infer.make_evidence(
-                wl_infer.make_job("x", "llama3.2:1b"), "1 + 1 equals 3."))))
-        step("carol", "a forged completion (evidence edited on the board) is caught", "verify", item_id)
+        completion = board.item(item_id)["completion"]
+
+        def forge(**changes):
+            evidence = dict(wl_infer.decode_evidence(completion["evidence"]), **changes)
+            evidence["output_hash"] = changes.get("output_hash") or wl_infer.output_hash(evidence["output"])
+            board.update(lambda s: s["items"][item_id]["completion"].__setitem__(
+                "evidence", wl_infer.encode_evidence(evidence)))
+
+        forge(output="1 + 1 equals 3.")
+        step("carol", "a forged output with its hash recomputed: refuted after a few tokens", "verify", item_id)
+        forge(output="1 + 1 equals 3.", output_hash="sha256:" + "0" * 64)
+        step("carol", "an output that does not match its own hash: refuted without the model", "verify", item_id)
+        forge(output="1 + 1 equals 2.")
+        ollama.near_ties[4] = (" 2.", 0.2)  # the claim's token was the runner-up
+        ollama.outputs[("llama3.2:1b", "What is 1+1? Answer in one sentence.")] = "1 + 1 equals 3."
+        step("carol", "an honest worker whose hardware flipped a near-tie: a MISMATCH, diagnosed", "verify", item_id)
     ollama.stop()
 
 

@@ -1058,7 +1058,8 @@ def claim_checks(job, evidence):
     if output_hash(evidence["output"]) != evidence["output_hash"]:
         message = "evidence is inconsistent: output does not hash to output_hash"
         return [_check("self-consistent", False, message)], _cause(
-            "inconsistent-evidence", message + " (no honest run writes that; the claim is refuted without a re-run)")
+            "inconsistent-evidence", "the output does not hash to output_hash; no honest run writes that, "
+            "so the claim is refuted without a re-run")
     checks = [_check("self-consistent", True, "output hashes to output_hash")]
     if job is None:
         return checks + [_check("binding", None, "binding: not checked, the job does not decode")], None
@@ -1127,7 +1128,8 @@ def diagnose(gen, job, evidence, digest, version):
     runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
     if entry is None or runner_up is None:
         where = ("the re-run ended where the claimed output goes on" if token is None
-                 else "this Ollama returned no logprobs at the divergence")
+                 else "this Ollama returned no logprobs at the divergence" if entry is None
+                 else "the re-run's logprobs at the divergence list no runner-up")
         return _cause("unknown", where + ", so a near-tie cannot be told from a different output")
     margin = entry[0] - runner_up[1]
     claim = evidence["output"]
@@ -1157,7 +1159,8 @@ def logprob_check(gen, evidence):
     if diff > LOGPROB_TOLERANCE:
         return _check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
                       "(different weights, quantisation or runtime)" % diff), diff
-    return _check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens" % (diff, len(pairs))), diff
+    return _check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens"
+                  % (diff, len(pairs))), diff
 
 
 def verify_item(ctx, item, strict=False):
