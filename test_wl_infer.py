@@ -930,6 +930,20 @@ class CodecTest(unittest.TestCase):
         self.assertIn("the evidence (output 40000 bytes) is 80123 bytes, over wl's 65535-byte field limit",
                       str(ctx.exception))
 
+    def test_provenance_from_a_generation(self):
+        gen = wl_infer.Generation()
+        for i in range(1500):
+            gen.add("x", [{"token": "x", "logprob": -0.123456 if i % 2 else -0.00001}])
+        gen.thinking = "thought"
+        gen.final = {"done": True, "done_reason": "length", "eval_count": 1500, "eval_duration": 3 * 10 ** 9}
+        found = wl_infer.provenance(gen, "ab" * 32, "0.12.11", {"temperature": 0, "seed": 1})
+        self.assertEqual(len(found["logprobs"]), 1024)  # the first 1,024 tokens only
+        self.assertEqual(found["logprobs"][:2], [0, -0.1235])  # 4 decimals, and no "-0.0"
+        self.assertEqual(json.dumps(found["logprobs"][:1]), "[0.0]")
+        self.assertEqual((found["done_reason"], found["eval_count"], found["eval_ms"], found["tokens_per_s"]),
+                         ("length", 1500, 3000, 500.0))
+        self.assertEqual(found["thinking_hash"], wl_infer.output_hash("thought"))
+
     def test_tokens_are_placed_by_their_logprob_entries(self):
         gen = wl_infer.Generation()
         gen.add("ab", [{"token": "ab", "logprob": -0.1, "top_logprobs": [{"token": "ab", "logprob": -0.1}]}])
@@ -1741,6 +1755,16 @@ class VerificationTest(CliTest):
         self.assertEqual(doc["cause"]["kind"], "model-digest")
         self.assertEqual((doc["cause"]["claimed"], doc["cause"]["local"]), (theirs, self.ollama.models["llama3.2:1b"]))
 
+    def test_local_model_check_against_the_pin_when_the_evidence_has_no_digest(self):
+        local = self.ollama.models["llama3.2:1b"]
+        doc = self.verify(self.completed(pin=local), code=0)
+        self.assertEqual(doc["checks"][3], {"name": "local-model", "ok": True, "message":
+                                            "local model sha256:a80c4f17acd5 is the pinned one (the evidence "
+                                            "records no digest)"})
+        doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", pin="cd" * 32))
+        self.assertFalse(doc["checks"][3]["ok"])
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["claimed"]), ("model-digest", "cd" * 32))
+
     def test_other_ollama_version_is_named_as_the_cause(self):
         local = self.ollama.models["llama3.2:1b"]
         doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=local, ollama_version="0.9.0"))
@@ -1816,6 +1840,8 @@ class VerificationTest(CliTest):
         doc = self.verify(item_id, "--strict")
         self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["logprob_max_diff"]),
                          ("MISMATCH", "different-numerics", 0.3))
+        code, out, err = self.cli("verify", item_id, "--strict")
+        self.assertTrue(out.startswith("✗ MISMATCH — same text, different numerics (--strict)"), out)
 
     def test_verify_json_document(self):
         item_id = self.board.add(self.job())

@@ -98,6 +98,7 @@ DEFAULT_SEED = 42
 FIELD_LIMIT = 65535  # bytes: wl's description and evidence are TEXT columns
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 LOGPROB_TOKENS = 1024  # evidence keeps the logprobs of the first this many tokens
+TOP_LOGPROBS = 2  # asked of Ollama: the chosen token and its runner-up, enough to see a near-tie
 
 JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str))
 GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
@@ -354,9 +355,6 @@ def generate_request(job):
     that do not know the fields ignore them)."""
     return {"model": job["model"], "prompt": job["prompt"], "stream": True,
             "options": ollama_options(job), "logprobs": True, "top_logprobs": TOP_LOGPROBS}
-
-
-TOP_LOGPROBS = 2  # the chosen token and its runner-up: enough to see a near-tie
 
 
 def full_model_name(name):
@@ -1090,13 +1088,15 @@ def local_model_check(job, evidence, digest):
     if pin and not same_digest(pin, digest):
         return _check("local-model", False, "local model %s is %s, the job pins %s"
                       % (job["model"], short_digest(digest), short_digest(pin)))
-    if not claimed:
-        return _check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
-                      % short_digest(digest))
-    if not same_digest(claimed, digest):
+    if claimed and not same_digest(claimed, digest):
         return _check("local-model", False, "local model %s is %s, the worker's was %s"
                       % (job["model"], short_digest(digest), short_digest(claimed)))
-    return _check("local-model", True, "local model %s is the worker's" % short_digest(digest))
+    if not claimed and not pin:
+        return _check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
+                      % short_digest(digest))
+    whose = ("the pinned one and the worker's" if pin and claimed else "the worker's" if claimed
+             else "the pinned one (the evidence records no digest)")
+    return _check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
 
 
 def divergence(gen, claimed):
@@ -1114,9 +1114,10 @@ def diagnose(gen, job, evidence, digest, version):
     claimed_digest = evidence["model_digest"] or job["model_digest"]
     claimed_version = evidence["ollama_version"]
     if claimed_digest and digest and not same_digest(claimed_digest, digest):
-        return _cause("model-digest", "the worker's model is %s and this one is %s: different weights give "
-                      "different text; re-check with the worker's version of the model"
-                      % (short_digest(claimed_digest), short_digest(digest)), claimed=claimed_digest, local=digest)
+        return _cause("model-digest", "%s is %s and this one is %s: different weights give different text; "
+                      "re-check with that version of the model"
+                      % ("the worker's model" if evidence["model_digest"] else "the job's pinned model",
+                         short_digest(claimed_digest), short_digest(digest)), claimed=claimed_digest, local=digest)
     if claimed_version and version and claimed_version != version:
         return _cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
                       "numerics; re-check with the worker's version" % (preview(claimed_version, 20), version),
@@ -1243,6 +1244,7 @@ def _provenance_lines(evidence, indent):
 def cmd_post(ctx, args):
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
+    check_field_size(encode_job(job), "the job", "shorten the prompt")  # before contacting anything
     try:
         digest = ctx.ollama.find_model(job["model"])
         if digest is None:
@@ -1294,7 +1296,7 @@ def cmd_run(ctx, args):
         "  Output hash: " + evidence["output_hash"],
         "  Output:      " + preview(gen.text),
         "", "  Next: wl_infer.py verify " + item_id]
-    return Report(EXIT_OK, {"id": item_id, "evidence": evidence}, text)
+    return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence)}, text)
 
 
 def cmd_verify(ctx, args):
@@ -1305,6 +1307,8 @@ def cmd_verify(ctx, args):
         headline = "✓ VERIFIED — the re-run produced the claimed output, hashes match"
     elif where is not None:
         headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause["kind"])
+    elif result["tokens_generated"]:
+        headline = "✗ MISMATCH — same text, different numerics (--strict)"
     else:
         headline = "✗ MISMATCH — %s, without a re-run" % cause["kind"]
     text = [headline,
