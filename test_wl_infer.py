@@ -895,6 +895,9 @@ class CodecTest(unittest.TestCase):
         self.assertEqual(wl_infer.encode_evidence(wl_infer.decode_evidence(text)), text)
         for key, value, fragment in (("model_digest", "5", "must be a string, got the number 5"),
                                      ("options", "[1]", "must be an object, got an array"),
+                                     ("options", '{"a":%s}' % ("[" * 900 + "]" * 900),  # no recursion
+                                      'key "a" must be a number, string, boolean or array of those'),
+                                     ("options", '{"a":{"b":1}}', 'key "a" must be a number, string'),
                                      ("eval_count", "1.5", "must be an integer, got the number 1.5"),
                                      ("tokens_per_s", '"fast"', 'must be a number, got the string "fast"'),
                                      ("tokens_per_s", "1e999", "is out of range: 1e999"),
@@ -905,6 +908,9 @@ class CodecTest(unittest.TestCase):
                     wl_infer.decode_evidence(go_part[:-1] + ',"%s":%s}' % (key, value))
                 self.assertIn('evidence field "%s' % key, str(ctx.exception))
                 self.assertIn(fragment, str(ctx.exception))
+        options = '{"temperature":0,"stop":["\\n","x"],"top_p":0.5,"numa":true}'
+        self.assertEqual(wl_infer.decode_evidence(go_part[:-1] + ',"options":%s}' % options)["options"],
+                         {"temperature": 0, "stop": ["\n", "x"], "top_p": 0.5, "numa": True})
         absent = wl_infer.decode_evidence(go_part)  # Go's evidence: nothing recorded
         self.assertEqual((absent["model_digest"], absent["logprobs"], absent["tokens_per_s"]), ("", None, None))
 

@@ -207,25 +207,23 @@ def _decode_value(value, kind, what):
         if number in (float("inf"), float("-inf")):
             raise JobError("%s is out of range: %s" % (what, value))
         return number
-    if kind is dict:
+    if kind is dict:  # Ollama options: flat, values scalars or arrays of scalars (`stop`)
         if not isinstance(value, _JsonObject):
             raise JobError("%s must be an object, got %s" % (what, _describe_json(value)))
-        return _plain(value)
+        options = {}
+        for key, item in value:
+            items = item if isinstance(item, list) and not isinstance(item, _JsonObject) else [item]
+            if any(isinstance(x, list) for x in items):
+                raise JobError("%s key %s must be a number, string, boolean or array of those"
+                               % (what, preview(_dumps(key), 40)))
+            scalars = [float(x) if isinstance(x, _JsonFloat) else _go_string(x) if isinstance(x, str) else x
+                       for x in items]
+            options[_go_string(key)] = scalars if items is item else scalars[0]
+        return options
     # list: of numbers (logprobs)
     if not isinstance(value, list) or isinstance(value, _JsonObject):
         raise JobError("%s must be an array of numbers, got %s" % (what, _describe_json(value)))
     return [_decode_value(v, float, what + " element") for v in value]
-
-
-def _plain(value):
-    """A decoded value as plain Python (dict, list, float) for display and --json."""
-    if isinstance(value, _JsonObject):
-        return dict((k, _plain(v)) for k, v in value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, _JsonFloat):
-        return float(value)
-    return _go_string(value) if isinstance(value, str) else value
 
 
 def decode_job(text):
