@@ -59,6 +59,10 @@ class FakeOllama(object):
     outputs[(model, prompt)] = text   what the model generates
     models = {name: digest}           what /api/tags lists
     piece_chars                       characters per streamed token
+    byte_tokens = True                one token per UTF-8 byte outside ASCII (a real
+                                      tokenizer's byte fallback): the server holds
+                                      back a partial character and sends it whole,
+                                      one chunk with a logprob entry per token
     piece_delay                       seconds between tokens
     wire_chunk                        re-chunk the HTTP body into N-byte chunks
                                       (splits lines and UTF-8 sequences)
@@ -81,6 +85,7 @@ class FakeOllama(object):
         self.models = {"llama3.2:1b": "a80c4f17acd5" + "0" * 52, "qwen2.5:0.5b": "c5396e06af29" + "1" * 52}
         self.outputs = {}
         self.piece_chars = 3
+        self.byte_tokens = False
         self.piece_delay = 0.0
         self.wire_chunk = None
         self.fail = None
@@ -132,26 +137,40 @@ class FakeOllama(object):
         wanted = wl_infer.full_model_name(name).lower()
         return next((n for n in self.models if n.lower() == wanted), None)
 
-    def tokens_for(self, model, prompt, options):
+    def chunks_for(self, model, prompt, options):
+        """What the model generates as stream chunks: [(text, [token bytes, ...])],
+        and the done reason. num_predict counts tokens, not chunks."""
         text = self.outputs.get((model, prompt))
         if text is None:
             text = default_output(model, prompt)
-        n = self.piece_chars
-        tokens = [text[i:i + n] for i in range(0, len(text), n)]
+        if self.byte_tokens:
+            chunks = [(ch, [bytes([b]) for b in ch.encode("utf-8")] if ord(ch) > 127 else [ch.encode()])
+                      for ch in text]
+        else:
+            n = self.piece_chars
+            chunks = [(text[i:i + n], [text[i:i + n].encode("utf-8")]) for i in range(0, len(text), n)]
         limit = (options or {}).get("num_predict", -1)
-        if isinstance(limit, int) and limit >= 0 and len(tokens) > limit:
-            return tokens[:limit], "length"
-        return tokens, "stop"
+        if not isinstance(limit, int) or limit < 0:
+            return chunks, "stop"
+        kept, count = [], 0
+        for chunk in chunks:
+            count += len(chunk[1])
+            if count > limit:
+                return kept, "length"  # a partial character held back is never sent
+            kept.append(chunk)
+        return kept, "stop"
 
     def logprobs_for(self, index, token, top):
-        """Ollama's logprob entry for answer token `index`, with `top` candidates."""
+        """Ollama's logprob entry for answer token `index` (its bytes), with
+        `top` candidates. A token that is not whole UTF-8 shows as U+FFFD in
+        `token`, as Go's JSON encoder writes invalid bytes; `bytes` has them."""
         chosen = round(-0.05 * (index % 5) + self.logprob_shift, 6)
         runner_up, margin = self.near_ties.get(index, ("~", 3.0))
-        candidates = [(token, chosen), (runner_up, chosen - margin)]
-        candidates += [("#%d" % k, chosen - margin - k) for k in range(1, max(top - 1, 0))]
+        candidates = [(token, chosen), (runner_up.encode("utf-8"), chosen - margin)]
+        candidates += [(b"#%d" % k, chosen - margin - k) for k in range(1, max(top - 1, 0))]
 
-        def entry(text, logprob):
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        def entry(raw, logprob):
+            return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
         return dict(entry(token, chosen), top_logprobs=[entry(t, lp) for t, lp in candidates[:top]])
 
@@ -244,21 +263,24 @@ class _OllamaHandlerMixin(object):
         if self.fake.logprobs_supported and (type(top) is not int or not 0 <= top <= 20):
             return self._json(400, {"error": "top_logprobs must be between 0 and 20"})
         prompt = body.get("prompt", "")
-        tokens, reason = self.fake.tokens_for(body["model"], prompt, body.get("options"))
+        chunks, reason = self.fake.chunks_for(body["model"], prompt, body.get("options"))
         thinking = self.fake.thinking.get((body["model"], prompt), "")
         thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
-        logprobs = None
+        logprobs = None  # per chunk: the entries of its tokens
         if self.fake.logprobs_supported and body.get("logprobs") is True:
-            logprobs = [self.fake.logprobs_for(i, t, top) for i, t in enumerate(tokens)]
-        count = len(tokens) + len(thoughts)
+            index, logprobs = 0, []
+            for _, tokens in chunks:
+                logprobs.append([self.fake.logprobs_for(index + k, t, top) for k, t in enumerate(tokens)])
+                index += len(tokens)
+        count = sum(len(tokens) for _, tokens in chunks) + len(thoughts)
         if body.get("stream", True) is False:
-            final = self._final(name, "".join(tokens), reason, count)
+            final = self._final(name, "".join(text for text, _ in chunks), reason, count)
             if thinking:
                 final["thinking"] = thinking
             if logprobs is not None:
-                final["logprobs"] = logprobs
+                final["logprobs"] = [entry for entries in logprobs for entry in entries]
             return self._json(200, final)
-        self._stream(name, thoughts, tokens, logprobs, reason)
+        self._stream(name, thoughts, [text for text, _ in chunks], logprobs, reason, count)
 
     def _final(self, name, response, reason, count):
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
@@ -266,17 +288,17 @@ class _OllamaHandlerMixin(object):
                 "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
                 "eval_duration": 1000000 * max(count, 1)}
 
-    def _stream(self, name, thoughts, tokens, logprobs, reason):
+    def _stream(self, name, thoughts, tokens, logprobs, reason, count):
         fake = self.fake
         record = {"sent": 0, "ended": threading.Event()}
         with fake.lock:
             fake.streams.append(record)
         try:
-            self._stream_lines(name, thoughts, tokens, logprobs, reason, record)
+            self._stream_lines(name, thoughts, tokens, logprobs, reason, count, record)
         finally:
             record["ended"].set()
 
-    def _stream_lines(self, name, thoughts, tokens, logprobs, reason, record):
+    def _stream_lines(self, name, thoughts, tokens, logprobs, reason, count, record):
         fake = self.fake
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
@@ -313,11 +335,10 @@ class _OllamaHandlerMixin(object):
                     time.sleep(fake.piece_delay)
                 obj = {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": token, "done": False}
                 if logprobs is not None:
-                    obj["logprobs"] = [logprobs[i]]
+                    obj["logprobs"] = logprobs[i]
                 send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
                 record["sent"] += 1
-            send(json.dumps(self._final(name, "", reason, len(tokens) + len(thoughts))).encode() + b"\n",
-                 final=True)
+            send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away: Ollama cancels the generation
@@ -1830,6 +1851,24 @@ class VerificationTest(CliTest):
         self.assertEqual(doc["cause"]["kind"], "unknown")
         self.assertIn("this Ollama returned no logprobs at the divergence", doc["cause"]["message"])
 
+    def test_byte_tokens_sent_as_whole_characters(self):
+        # é and ü are two byte tokens each, sent as one chunk with two logprob entries
+        self.ollama.byte_tokens = True
+        self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = "é1é2é3"  # tokens: é é 1 é é 2 é é 3
+        item_id = self.board.add(self.job())
+        code, out, err = self.cli("run", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        evidence = json.loads(out)["evidence"]
+        self.assertEqual((evidence["eval_count"], len(evidence["logprobs"])), (9, 9))
+        self.assertEqual(self.verify(item_id, code=0)["logprob_max_diff"], 0.0)
+        for claim, char, token in (("é1é2éX", 5, 8), ("é1ü2é3", 2, 3)):
+            with self.subTest(claim=claim):
+                where = self.verify(self.completed(output=claim))["diverged_at"]
+                self.assertEqual((where["char"], where["token"]), (char, token))
+        self.ollama.near_ties = {3: ("ü", 0.1)}  # the first byte token of the second é
+        doc = self.verify(self.completed(output="é1ü2é3"))
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token"]), ("near-tie", 3))
+
     def test_same_text_with_different_logprobs(self):
         item_id = self.board.add(self.job())
         self.assertEqual(self.cli("run", item_id)[0], 0)  # evidence with logprobs
@@ -2096,6 +2135,21 @@ class FakeOllamaContractTest(OllamaClientTest):
         self.assertEqual((doc["done"], doc["done_reason"], doc["eval_count"]), (True, "length", 2))
         self.assertEqual(doc["response"], default_output("llama3.2:1b", "p")[:6])
 
+
+    def test_byte_tokens_are_held_back_until_the_character_is_whole(self):
+        self.ollama.byte_tokens = True
+        self.ollama.outputs[("llama3.2:1b", "b")] = "a答"
+        body = wl_infer.generate_request(wl_infer.make_job("b", "llama3.2:1b"))
+        body["stream"] = False
+        doc = self.client._get_json("/api/generate", body)
+        self.assertEqual((doc["response"], doc["eval_count"]), ("a答", 4))
+        self.assertEqual([(e["token"], e["bytes"]) for e in doc["logprobs"]],
+                         [("a", [97]), ("\ufffd", [0xe7]), ("\ufffd", [0xad]), ("\ufffd", [0x94])])
+        body["options"]["num_predict"] = 3  # the limit falls inside 答: nothing of it is sent
+        doc = self.client._get_json("/api/generate", body)
+        self.assertEqual((doc["response"], doc["done_reason"]), ("a", "length"))
+        gen = self.client.generate(wl_infer.make_job("b", "llama3.2:1b"))
+        self.assertEqual((gen.text, gen.chunks, gen.token_ends), ("a答", 2, [1, 2, 2, 2]))
 
     def test_logprobs_thinking_and_older_servers(self):
         self.ollama.thinking[("llama3.2:1b", "p")] = "hmm, let me see"
