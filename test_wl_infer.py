@@ -1276,7 +1276,10 @@ class EndToEndTest(CliTest):
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith("✓ Inference completed for " + item_id), out)
         expected = wl_infer.output_hash(default_output("llama3.2:1b", "what is 1+1"))
-        self.assertIn("Output hash: " + expected, out)
+        self.assertIn("    Output hash: " + expected, out)
+        for fragment in ("Model digest: sha256:a80c4f17acd5", "Ollama:       0.12.11",
+                         "Tokens:       18 at 1000.00 tokens/s, done: stop", "Logprobs:     18 tokens"):
+            self.assertIn("\n    " + fragment + "\n", out)  # what the evidence records
         self.assertIn("Next: wl_infer.py verify " + item_id, out)
         item = self.board.item(item_id)
         self.assertEqual(item["status"], "in_review")
@@ -1916,6 +1919,11 @@ class VerificationTest(CliTest):
                 self.assertNotIn("logprobs", doc)
                 self.assertEqual(kept in doc, kept is not None)
                 self.assertEqual(doc, json.loads(out)["evidence"])  # the report shows what was submitted
+                self.assertEqual(err, "wl_infer: warning: submitted without %s: the evidence would not fit "
+                                 "wl's 65535-byte field with %s (verifiers will see them as not available)\n"
+                                 % (("logprobs", "it") if kept else
+                                    ("model_digest, ollama_version, options, done_reason, eval_count, eval_ms, "
+                                     "tokens_per_s, logprobs", "them")))
                 self.verify(item_id, code=0)
 
     def test_malformed_provenance_is_an_error_naming_the_field(self):
@@ -1951,8 +1959,8 @@ class StatusCommandTest(CliTest):
         del self.ollama.requests[:]
         code, out, err = self.cli("status", item_id)
         self.assertEqual(code, 0, err)
-        for fragment in ("Model:       sha256:a80c4f17acd5", "Ollama:      0.12.11",
-                         "Tokens:      18 at 1000.00 tokens/s, done: stop", "Logprobs:    18 tokens",
+        for fragment in ("Model digest: sha256:a80c4f17acd5", "Ollama:       0.12.11",
+                         "Tokens:       18 at 1000.00 tokens/s, done: stop", "Logprobs:     18 tokens",
                          "Checks (without running the model):", "✓ output hashes to output_hash",
                          "✓ model and seed match the job"):
             self.assertIn(fragment, out)

@@ -1017,8 +1017,8 @@ def run_job(ctx, item_id, skip_claim=False):
         ctx.wl.claim(item_id)
     try:
         gen = generate(ctx, job)
-        evidence = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
-        evidence, encoded = fit_evidence(evidence)
+        full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+        evidence, encoded = fit_evidence(full)
         ctx.wl.done(item_id, encoded)
     except UserError as exc:
         if skip_claim:
@@ -1027,6 +1027,11 @@ def run_job(ctx, item_id, skip_claim=False):
     except KeyboardInterrupt:
         raise Interrupted(release_claim(ctx, item_id) if not skip_claim
                           else "the claim on %s was left to its owner (--skip-claim)" % item_id)
+    dropped = [name for name, _ in PROVENANCE_FIELDS if full.get(name) and name not in evidence]
+    if dropped:
+        ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
+                 "will see them as not available)" % (", ".join(dropped), FIELD_LIMIT,
+                                                      "it" if len(dropped) == 1 else "them"))
     return item, job, gen, evidence
 
 
@@ -1230,12 +1235,12 @@ def _provenance_lines(evidence, indent):
     if not evidence["model_digest"] and not evidence["ollama_version"] and not evidence["eval_count"]:
         return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
     rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence["tokens_per_s"] is not None else ""
-    return [indent + "Model:       " + (short_digest(evidence["model_digest"]) if evidence["model_digest"]
-                                       else "no digest recorded"),
-            indent + "Ollama:      " + (preview(evidence["ollama_version"], 30) or "version not recorded"),
-            indent + "Tokens:      " + ("%d%s, done: %s" % (evidence["eval_count"], rate, preview(
+    return [indent + "Model digest: " + (short_digest(evidence["model_digest"]) if evidence["model_digest"]
+                                        else "not recorded"),
+            indent + "Ollama:       " + (preview(evidence["ollama_version"], 30) or "version not recorded"),
+            indent + "Tokens:       " + ("%d%s, done: %s" % (evidence["eval_count"], rate, preview(
                 evidence["done_reason"] or "not recorded", 20)) if evidence["eval_count"] else "not recorded"),
-            indent + "Logprobs:    " + ("%d tokens" % len(evidence["logprobs"]) if evidence["logprobs"] is not None
+            indent + "Logprobs:     " + ("%d tokens" % len(evidence["logprobs"]) if evidence["logprobs"] is not None
                                       else "not recorded")]
 
 
@@ -1289,11 +1294,13 @@ def read_prompt(args):
 def cmd_run(ctx, args):
     item, job, gen, evidence = run_job(ctx, args.id, args.skip_claim)
     item_id = item["id"]
-    text = ["✓ Inference completed for " + item_id] + _job_lines(job) + [
-        "  Tokens:      %d" % gen.eval_count,
-        "  Output hash: " + evidence["output_hash"],
-        "  Output:      " + preview(gen.text),
-        "", "  Next: wl_infer.py verify " + item_id]
+    recorded = dict((name, _ZERO[kind]) for name, kind in EVIDENCE_FIELDS)
+    recorded.update(evidence)  # what was submitted, with absent keys as decoding shows them
+    text = (["✓ Inference completed for " + item_id] + _job_lines(job) + [
+        "  Evidence:",
+        "    Output hash: " + evidence["output_hash"],
+        "    Output:      " + preview(gen.text)] + _provenance_lines(recorded, "    ") + [
+        "", "  Next: wl_infer.py verify " + item_id])
     return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence)}, text)
 
 
