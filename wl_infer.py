@@ -1053,9 +1053,19 @@ def _cause(kind, message, **details):
     return dict(details, kind=kind, message=message)
 
 
-def claim_checks(job, evidence):
-    """Checks 2 and 3: they need neither Ollama nor a re-run, so status shows
-    them too. Returns (checks, the cause of a failure or None)."""
+def cheap_checks(job, raw):
+    """Checks 1-3: they need neither Ollama nor a re-run, so status shows
+    them and verify starts with them. `job` is None when it does not decode.
+    Returns (evidence or None when it does not decode, checks, cause or None)."""
+    try:
+        evidence = decode_evidence(raw)
+    except JobError as exc:
+        return None, [_check("decodes", False, "evidence does not decode: %s" % exc)], None
+    checks, cause = _claim_checks(job, evidence)
+    return evidence, [_check("decodes", True, "evidence decodes")] + checks, cause
+
+
+def _claim_checks(job, evidence):
     if output_hash(evidence["output"]) != evidence["output_hash"]:
         message = "evidence is inconsistent: output does not hash to output_hash"
         return [_check("self-consistent", False, message)], _cause(
@@ -1175,18 +1185,14 @@ def verify_item(ctx, item, strict=False):
     completion = item["completion"]
     if completion is None or not completion["evidence_raw"]:
         raise UserError("%s has no completion evidence to verify (status %s)" % (item["id"], item["status"]))
-    try:
-        evidence = decode_evidence(completion["evidence_raw"])
-    except JobError as exc:
-        raise JobError("%s: %s" % (item["id"], exc))
-    result = {"id": item["id"], "verdict": "MISMATCH", "cause": None, "diverged_at": None, "tokens_generated": 0,
+    evidence, checks, cause = cheap_checks(job, completion["evidence_raw"])
+    if evidence is None:
+        raise JobError("%s: %s" % (item["id"], checks[0]["message"]))
+    result = {"id": item["id"], "verdict": "MISMATCH", "diverged_at": None, "tokens_generated": 0,
               "logprob_max_diff": None, "expected_hash": evidence["output_hash"], "actual_hash": None,
               "output": None, "job": job, "evidence": evidence, "completed_by": completion["completed_by"],
-              "local": {"model_digest": None, "ollama_version": None},
-              "checks": [_check("decodes", True, "evidence decodes")]}
-    checks, result["cause"] = claim_checks(job, evidence)
-    result["checks"] += checks
-    if result["cause"]:
+              "local": {"model_digest": None, "ollama_version": None}, "checks": checks, "cause": cause}
+    if cause:
         return result
     digest = result["local"]["model_digest"] = require_local_model(ctx, job["model"])
     result["checks"].append(local_model_check(job, evidence, digest))
@@ -1356,11 +1362,7 @@ def cmd_status(ctx, args):
         job_error = str(exc)
     completion, evidence, checks = item["completion"], None, None
     if completion is not None:
-        try:
-            evidence = decode_evidence(completion["evidence_raw"] or "")
-            checks = [_check("decodes", True, "evidence decodes")] + claim_checks(job, evidence)[0]
-        except JobError as exc:
-            checks = [_check("decodes", False, "evidence does not decode: %s" % exc)]
+        evidence, checks, _ = cheap_checks(job, completion["evidence_raw"] or "")
     text = ["%s: %s" % (item["id"], printable(item["title"])),
             "  Status:      " + printable(item["status"]),
             "  Type:        " + printable(item["type"] or "unknown"),
