@@ -1238,16 +1238,17 @@ def _check_lines(checks, indent):
 
 
 def _provenance_lines(evidence, indent):
-    if not evidence["model_digest"] and not evidence["ollama_version"] and not evidence["eval_count"]:
+    """Our keys of an evidence, decoded or as submitted (absent keys allowed)."""
+    digest, version, count = (evidence.get(k) for k in ("model_digest", "ollama_version", "eval_count"))
+    if not digest and not version and not count:
         return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
-    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence["tokens_per_s"] is not None else ""
-    return [indent + "Model digest: " + (short_digest(evidence["model_digest"]) if evidence["model_digest"]
-                                        else "not recorded"),
-            indent + "Ollama:       " + (preview(evidence["ollama_version"], 30) or "version not recorded"),
-            indent + "Tokens:       " + ("%d%s, done: %s" % (evidence["eval_count"], rate, preview(
-                evidence["done_reason"] or "not recorded", 20)) if evidence["eval_count"] else "not recorded"),
-            indent + "Logprobs:     " + ("%d tokens" % len(evidence["logprobs"]) if evidence["logprobs"] is not None
-                                      else "not recorded")]
+    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence.get("tokens_per_s") is not None else ""
+    logprobs = evidence.get("logprobs")
+    return [indent + "Model digest: " + (short_digest(digest) if digest else "not recorded"),
+            indent + "Ollama:       " + (preview(version, 30) if version else "version not recorded"),
+            indent + "Tokens:       " + ("%d%s, done: %s" % (count, rate, preview(
+                evidence.get("done_reason") or "not recorded", 20)) if count else "not recorded"),
+            indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None else "not recorded")]
 
 
 def cmd_post(ctx, args):
@@ -1300,12 +1301,10 @@ def read_prompt(args):
 def cmd_run(ctx, args):
     item, job, gen, evidence = run_job(ctx, args.id, args.skip_claim)
     item_id = item["id"]
-    recorded = dict((name, _ZERO[kind]) for name, kind in EVIDENCE_FIELDS)
-    recorded.update(evidence)  # what was submitted, with absent keys as decoding shows them
     text = (["✓ Inference completed for " + item_id] + _job_lines(job) + [
         "  Evidence:",
         "    Output hash: " + evidence["output_hash"],
-        "    Output:      " + preview(gen.text)] + _provenance_lines(recorded, "    ") + [
+        "    Output:      " + preview(gen.text)] + _provenance_lines(evidence, "    ") + [
         "", "  Next: wl_infer.py verify " + item_id])
     return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence)}, text)
 
@@ -1334,8 +1333,8 @@ def cmd_verify(ctx, args):
     if ok:
         text.append("  Output:    " + preview(result["output"]))
     text += ["  Expected:  " + printable(result["expected_hash"]),
-             "  Actual:    " + (result["actual_hash"] or "none (the re-run stopped at the divergence)"
-                                if result["tokens_generated"] else "none (no re-run)"),
+             "  Actual:    " + (result["actual_hash"] or ("none (the re-run stopped at the divergence)"
+                                                          if result["tokens_generated"] else "none (no re-run)")),
              "  Cost:      %s generated" % _tokens(result["tokens_generated"])]
     if result["logprob_max_diff"] is not None:
         text.append("  Logprobs:  largest difference %.4f nats" % result["logprob_max_diff"])
