@@ -631,6 +631,17 @@ class FakeWl(object):
         self.say(json.dumps(docs or None, indent=2, ensure_ascii=False))
 
 
+def _load_state(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save_state(path, state):
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(path + ".tmp", path)
+
+
 def fake_wl_main(argv, state_path):
     """The fake wl's entry point: one invocation against the board file."""
     started = time.time()
@@ -638,10 +649,11 @@ def fake_wl_main(argv, state_path):
     argv = [os.fsencode(arg).decode("utf-8", "replace") for arg in argv]
     rig = os.environ.get("FAKE_WL_RIG", "")
     code = 0
+    with open(state_path + ".started", "a") as log:  # tests wait on this to signal a call in flight
+        log.write(json.dumps({"argv": argv, "pid": os.getpid()}) + "\n")
     with open(state_path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with open(state_path) as f:
-            state = json.load(f)
+        state = _load_state(state_path)
         rig = rig or state.get("rig", "alice")
         wl = FakeWl(state, rig)
         try:
@@ -650,22 +662,31 @@ def fake_wl_main(argv, state_path):
             if fail and fail.get("times", 1) != 0:
                 if "times" in fail:
                     fail["times"] -= 1
-                if fail.get("hang"):
+                if fail.get("hang") or fail.get("delay"):  # a slow network; nothing is written meanwhile
+                    _save_state(state_path, state)
                     fcntl.flock(lock, fcntl.LOCK_UN)
-                    time.sleep(3600)
+                    time.sleep(3600 if fail.get("hang") else fail["delay"])
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    state = _load_state(state_path)
+                    wl = FakeWl(state, rig)
+                if fail.get("after"):  # the change is made, then wl fails (a push or a timeout after the write)
+                    getattr(wl, "cmd_" + command)(flags, args)
                 if "stdout" in fail:
                     wl.say(fail["stdout"])
-                else:
+                elif "stderr" in fail:  # a crash: raw text, no `wl:` line
+                    sys.stderr.buffer.write(fail["stderr"].encode("utf-8"))
+                    wl.out, code = [], fail.get("exit", 2)
+                elif "message" in fail or not fail.get("delay"):
                     raise _WlFail(fail.get("message", "injected failure"), fail.get("hint"))
+                else:
+                    getattr(wl, "cmd_" + command)(flags, args)
             else:
                 getattr(wl, "cmd_" + command)(flags, args)
         except _WlFail as exc:
             message = "wl: %s\n" % exc + ("\n  Hint: %s\n" % exc.hint if exc.hint else "")
             sys.stderr.buffer.write(message.encode("utf-8"))
             wl.out, code = [], 1
-        with open(state_path + ".tmp", "w") as f:
-            json.dump(state, f)
-        os.replace(state_path + ".tmp", state_path)
+        _save_state(state_path, state)
     sys.stdout.buffer.write("".join(line + "\n" for line in wl.out).encode("utf-8"))
     with open(state_path + ".log", "a") as log:
         log.write(json.dumps({"argv": argv, "rig": rig, "start": started, "end": time.time(), "exit": code}) + "\n")
@@ -719,7 +740,11 @@ class FakeBoard(object):
         self.update(change)
 
     def fail(self, command, **spec):
-        """Make `wl COMMAND` fail: message, hint, times, hang, stdout."""
+        """Make `wl COMMAND` misbehave (`times` times, default always):
+        fail with `message` (and `hint`); print `stdout` and exit 0; crash
+        with raw `stderr` and `exit` status; `hang`;
+        `delay` seconds, then run normally (or fail, given a `message`);
+        with `after`, make the change and then fail."""
         self.update(lambda s: s["fail"].__setitem__(command, spec))
 
     def wl(self, *argv, rig=None):
@@ -743,6 +768,14 @@ class FakeBoard(object):
         with open(path) as f:
             return [json.loads(line) for line in f]
 
+    def started(self):
+        """The commands of every call started so far, finished or not."""
+        path = self.state_path + ".started"
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line)["argv"][0] for line in f if line.endswith("\n")]
+
     def commands(self, rig=None):
         """The commands of every call (or only those made as `rig`)."""
         return [c["argv"][0] for c in self.calls() if rig is None or c["rig"] == rig]
@@ -756,6 +789,94 @@ GO_JOB = '{"prompt":"what is \\u003cb\\u003e1+1\\u003c/b\\u003e \\u0026 why","mo
 GO_EVIDENCE = ('{"output":"The answer is 2.","output_hash":"sha256:9f257ef08ce4a87bfbe460ce5a51e7d17ec4856ad13ebf5e'
                '44979318db98a8fe","model":"llama3.2:1b","seed":42}')
 
+# Job descriptions a stranger could post, each of which must be refused
+# before any claim: (description, a fragment of the error).
+_SEED = '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":%s}'
+_PROMPT = '{"prompt":%s,"model":"llama3.2:1b","seed":42}'
+_MODEL = '{"prompt":"what is 1+1","model":%s,"seed":42}'
+_EXTRA = '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42,%s}'
+MALFORMED_JOBS = [
+    ("", "has no description"),
+    ("what is 1+1", "not valid JSON"),
+    ("[1,2]", "must be a JSON object, got an array"),
+    ('"what is 1+1"', 'must be a JSON object, got the string "what is 1+1"'),
+    ("42", "must be a JSON object, got the number 42"),
+    ("null", "must be a JSON object, got null"),
+    ("true", "must be a JSON object, got true"),
+    (_SEED % "42} trailing", "not valid JSON"),
+    (_SEED % "42,", "not valid JSON"),
+    ("{'prompt':'what is 1+1','model':'llama3.2:1b','seed':42}", "not valid JSON"),
+    ("\ufeff" + _SEED % "42", "not valid JSON"),
+    ('{"prompt":"red \x1b[31m text","model":"llama3.2:1b","seed":42}', "not valid JSON"),
+    (_SEED % "NaN", "not valid JSON"),
+    (_SEED % "-Infinity", "not valid JSON"),
+    (_SEED % "0x2a", "not valid JSON"),
+    (_SEED % '"42"', 'job field "seed" must be an integer, got the string "42"'),
+    (_SEED % "42.5", 'job field "seed" must be an integer, got the number 42.5'),
+    (_SEED % "42.0", 'job field "seed" must be an integer, got the number 42.0'),
+    (_SEED % "4.2e1", 'job field "seed" must be an integer, got the number 4.2e1'),
+    (_SEED % "true", 'job field "seed" must be an integer, got true'),
+    (_SEED % "null", 'job field "seed" must be an integer, got null'),
+    (_SEED % "[42]", 'job field "seed" must be an integer, got an array'),
+    (_SEED % '{"v":42}', 'job field "seed" must be an integer, got an object'),
+    (_SEED % "9223372036854775808", 'job field "seed" is out of the 64-bit integer range'),
+    (_SEED % "-9223372036854775809", 'job field "seed" is out of the 64-bit integer range'),
+    ('{"prompt":"what is 1+1","model":"llama3.2:1b"}', 'job field "seed" is missing'),
+    (_SEED % '1,"Seed":"1"', 'job field "seed" must be an integer, got the string "1"'),
+    (_EXTRA % '"max_tokens":-1', 'job field "max_tokens" must not be negative, got -1'),
+    (_EXTRA % '"max_tokens":1.5', 'job field "max_tokens" must be an integer, got the number 1.5'),
+    (_EXTRA % '"max_tokens":"100"', 'job field "max_tokens" must be an integer, got the string "100"'),
+    (_EXTRA % '"max_tokens":null', 'job field "max_tokens" must be an integer, got null'),
+    (_EXTRA % '"max_tokens":1e2', 'job field "max_tokens" must be an integer, got the number 1e2'),
+    (_EXTRA % '"max_tokens":99999999999999999999', 'job field "max_tokens" is out of the 64-bit integer range'),
+    (_PROMPT % '""', 'job field "prompt" is missing or empty'),
+    ('{"model":"llama3.2:1b","seed":42}', 'job field "prompt" is missing or empty'),
+    (_PROMPT % "42", 'job field "prompt" must be a string, got the number 42'),
+    (_PROMPT % "null", 'job field "prompt" must be a string, got null'),
+    (_PROMPT % '["what"]', 'job field "prompt" must be a string, got an array'),
+    (_PROMPT % '"a\\u0000b"', 'job field "prompt" contains a NUL character'),
+    (_MODEL % '""', 'job field "model" is missing or empty'),
+    ('{"prompt":"what is 1+1","seed":42}', 'job field "model" is missing or empty'),
+    (_MODEL % "3.2", 'job field "model" must be a string, got the number 3.2'),
+    (_MODEL % '"llama 3"', 'job field "model" "llama 3" is not an Ollama model name'),
+    (_MODEL % '"-rf"', 'job field "model" "-rf" is not an Ollama model name'),
+    (_MODEL % '"../../etc/passwd"', "is not an Ollama model name"),
+    (_MODEL % '"llama3.2:1b;rm -rf ~"', "is not an Ollama model name"),
+    (_MODEL % '"\\u001b[31mllama"', '"\\u001b[31mllama" is not an Ollama model name'),
+    (_MODEL % '"llama3.2:1b\\n"', "is not an Ollama model name"),
+    (_MODEL % '"llama\\u0000"', 'job field "model" contains a NUL character'),
+    (_MODEL % '"ll\u00e4ma"', "is not an Ollama model name"),
+    (_MODEL % json.dumps("m" * 201), 'job field "model" is 201 characters long; Ollama model names have at most 200'),
+    (_EXTRA % '"model_digest":"latest"', 'job field "model_digest" must be 64 hex digits'),
+    (_EXTRA % '"model_digest":"sha256:%s"' % ("g" * 64), 'job field "model_digest" must be 64 hex digits'),
+    (_EXTRA % '"model_digest":5', 'job field "model_digest" must be a string, got the number 5'),
+    (_EXTRA % ('"x":' + "[" * 33 + "]" * 33), "job nests arrays or objects more than 32 deep"),
+    (_EXTRA % ('"x":' + "[" * 30000 + "]" * 30000), "job nests arrays or objects more than 32 deep"),
+    (_PROMPT % json.dumps("x" * 70000), "job is 70045 bytes, over wl's 65535-byte field limit"),
+]
+
+
+class FaultTally(object):
+    """What the fault matrix and the malformed-input corpus tried; printed
+    at the end of `make test` and by `make faults`."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def count(self, what, n=1):
+        self.rows[what] = self.rows.get(what, 0) + n
+
+    def report(self):
+        width = max(len(k) for k in self.rows)
+        return "\n".join("  %s %d" % ((what + ":").ljust(width + 1), n) for what, n in self.rows.items())
+
+
+FAULTS = FaultTally()
+
+# Command-line IDs that must never reach wl.
+MALFORMED_IDS = ["--help-me", "-x", "--wasteland=evil/db", "abc", "w-", "W-ABC", "w-1 2", "w-1;rm", "w-../x",
+                 "w-" + "a" * 70, "w-ab\x1b[2J"]
+
 
 class CliTest(unittest.TestCase):
     """Runs wl_infer.py as a child process against both fakes."""
@@ -766,11 +887,13 @@ class CliTest(unittest.TestCase):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
         self.board = FakeBoard(self.tmp.name, rig=self.rig)
+        self.state_home = os.path.join(self.tmp.name, "state")  # the spool, never the user's own
         self.ollama = FakeOllama().start()
         self.addCleanup(self.ollama.stop)
 
     def env(self, **extra):
-        env = dict(os.environ, WL_BIN=self.board.exe, OLLAMA_HOST=self.ollama.address, FAKE_WL_RIG="")
+        env = dict(os.environ, WL_BIN=self.board.exe, OLLAMA_HOST=self.ollama.address, FAKE_WL_RIG="",
+                   XDG_STATE_HOME=self.state_home)
         env.pop("NO_COLOR", None)
         env.update(extra)
         return env
@@ -848,7 +971,7 @@ class CodecTest(unittest.TestCase):
         self.assertNotEqual(wl_infer.output_hash("a\n"), wl_infer.output_hash("a"))
 
     def test_unknown_keys_ignored_and_missing_ints_are_zero(self):
-        job = wl_infer.decode_job('{"prompt":"p","model":"m","extra":{"deep":[1,2]},"worker":"x"}')
+        job = wl_infer.decode_job('{"prompt":"p","model":"m","seed":0,"extra":{"deep":[1,2]},"worker":"x"}')
         self.assertEqual(job, {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0, "model_digest": ""})
 
     def test_keys_match_case_insensitively_exact_match_preferred_last_wins(self):
@@ -856,12 +979,18 @@ class CodecTest(unittest.TestCase):
                          {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9, "model_digest": ""})
         # Go's simple folding: U+017F (long s) folds to s, U+212A (Kelvin) to k
         self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}')["seed"], 3)
-        self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m"}')["prompt"], "b")
-        self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m"}')["prompt"], "c")
-        self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m"}')["prompt"], "p")
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m","seed":1}')["prompt"], "b")
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m","seed":1}')["prompt"], "c")
+        self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m","seed":1}')["prompt"], "p")
 
-    def test_null_leaves_zero_value_like_go(self):
-        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":null,"max_tokens":null}')["seed"], 0)
+    def test_null_leaves_zero_value_in_evidence_like_go_but_a_job_refuses_it(self):
+        self.assertEqual(wl_infer.decode_evidence('{"output":"o","output_hash":"h","model":"m","seed":null}')["seed"],
+                         0)
+        for field in ("seed", "max_tokens", "model_digest"):
+            with self.assertRaises(wl_infer.JobError) as ctx:
+                wl_infer.decode_job('{"prompt":"p","model":"m","seed":1,"%s":null}' % field)
+            self.assertIn('job field "%s" must be' % field, str(ctx.exception))
+            self.assertIn("got null", str(ctx.exception))
 
     def test_integer_fields_reject_non_integers_naming_the_field(self):
         cases = [('42.0', "the number 42.0"), ('"42"', 'the string "42"'), ("true", "true"),
@@ -886,12 +1015,12 @@ class CodecTest(unittest.TestCase):
     def test_string_fields_reject_other_types(self):
         for value in ("1", "true", "[]", "{}"):
             with self.assertRaises(wl_infer.JobError) as ctx:
-                wl_infer.decode_job('{"prompt":%s,"model":"m"}' % value)
+                wl_infer.decode_job('{"prompt":%s,"model":"m","seed":1}' % value)
             self.assertIn('field "prompt" must be a string', str(ctx.exception))
 
     def test_required_fields(self):
-        for doc, field in (('{"model":"m"}', "prompt"), ('{"prompt":"","model":"m"}', "prompt"),
-                           ('{"prompt":"p"}', "model"), ('{"prompt":"p","model":null}', "model")):
+        for doc, field in (('{"model":"m","seed":1}', "prompt"), ('{"prompt":"","model":"m","seed":1}', "prompt"),
+                           ('{"prompt":"p","seed":1}', "model"), ('{"prompt":"p","model":"","seed":1}', "model")):
             with self.assertRaises(wl_infer.JobError) as ctx:
                 wl_infer.decode_job(doc)
             self.assertIn('job field "%s" is missing or empty' % field, str(ctx.exception))
@@ -916,7 +1045,7 @@ class CodecTest(unittest.TestCase):
         self.assertEqual(wl_infer.encode_evidence(wl_infer.decode_evidence(text)), text)
         for key, value, fragment in (("model_digest", "5", "must be a string, got the number 5"),
                                      ("options", "[1]", "must be an object, got an array"),
-                                     ("options", '{"a":%s}' % ("[" * 900 + "]" * 900),  # no recursion
+                                     ("options", '{"a":%s}' % ("[" * 20 + "]" * 20),  # no recursion
                                       'key "a" must be a number, string, boolean or array of those'),
                                      ("options", '{"a":{"b":1}}', 'key "a" must be a number, string'),
                                      ("eval_count", "1.5", "must be an integer, got the number 1.5"),
@@ -987,14 +1116,33 @@ class CodecTest(unittest.TestCase):
     def test_not_json_or_not_an_object(self):
         for text, fragment in (("", "not valid JSON"), ("hello", "not valid JSON"), ("[1]", "got an array"),
                                ('"s"', "got the string"), ("null", "got null"), ('{"prompt":"p"} x', "not valid JSON"),
-                               ('{"prompt":NaN}', "not valid JSON"), ("[" * 100000, "not valid JSON")):
+                               ('{"prompt":NaN}', "not valid JSON"), ("[" * 60000, "nests arrays or objects more "
+                                                                       "than 32 deep"),
+                               ("[" * 70000, "70000 bytes, over wl's 65535-byte field limit")):
             with self.subTest(text=text[:20]):
                 with self.assertRaises(wl_infer.JobError) as ctx:
                     wl_infer.decode_job(text)
                 self.assertIn(fragment, str(ctx.exception))
 
+    def test_malformed_job_corpus_is_refused_naming_the_problem(self):
+        for description, fragment in MALFORMED_JOBS:
+            with self.subTest(description=description[:60]):
+                with self.assertRaises(wl_infer.JobError) as ctx:
+                    wl_infer.job_of({"id": "w-1", "type": "inference", "description": description or None})
+                self.assertIn(fragment, str(ctx.exception))
+        self.assertGreaterEqual(len(MALFORMED_JOBS), 40)
+
+    def test_honest_jobs_pass_the_stricter_checks(self):
+        for model in ("llama3.2:1b", "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", "m" * 200,
+                      "registry.ollama.ai/library/qwen2.5:0.5b", "Phi3"):
+            job = wl_infer.make_job("a [[[ { prompt", model, -5, 7, "sha256:" + "Ab" * 32)
+            self.assertEqual(wl_infer.decode_job(wl_infer.encode_job(job)), job)
+        nested_text = '{"prompt":"%s","model":"m","seed":1}' % ("[{" * 40)  # brackets inside a string
+        self.assertEqual(wl_infer.decode_job(nested_text)["prompt"], "[{" * 40)
+        self.assertEqual(wl_infer.decode_job(GO_JOB)["seed"], 42)
+
     def test_unpaired_surrogate_becomes_replacement_character_like_go(self):
-        job = wl_infer.decode_job('{"prompt":"a\\ud800b \\ud83d\\ude00","model":"m"}')
+        job = wl_infer.decode_job('{"prompt":"a\\ud800b \\ud83d\\ude00","model":"m","seed":1}')
         self.assertEqual(job["prompt"], "a\ufffdb \U0001F600")
         wl_infer.output_hash(job["prompt"])  # encodable
 
@@ -1306,12 +1454,12 @@ class EndToEndTest(CliTest):
         written = self.board.item(item_id)["completion"]["evidence"]
         # Go's four keys exactly as Go writes them; ours follow, and Go ignores them
         self.assertTrue(written.startswith(GO_EVIDENCE[:-1] + ',"model_digest":"'), written)
-        go_view = wl_infer.decode_struct(written, wl_infer.GO_EVIDENCE_FIELDS, "evidence")
+        go_view, _ = wl_infer.decode_struct(written, wl_infer.GO_EVIDENCE_FIELDS, "evidence")
         self.assertEqual(wl_infer.encode_evidence(go_view), GO_EVIDENCE)
         doc = json.loads(written)
         self.assertEqual(list(doc), ["output", "output_hash", "model", "seed", "model_digest", "ollama_version",
                                      "options", "done_reason", "eval_count", "eval_ms", "tokens_per_s", "logprobs"])
-        self.assertEqual(json.loads(out), {"id": item_id, "evidence": doc})
+        self.assertEqual(json.loads(out), {"id": item_id, "evidence": doc, "resubmitted": False})
         request = self.ollama.generate_requests()
         self.assertEqual(request, [{"model": "llama3.2:1b", "prompt": "what is <b>1+1</b> & why", "stream": True,
                                     "options": {"temperature": 0, "seed": 42}, "logprobs": True, "top_logprobs": 2}])
@@ -1493,52 +1641,8 @@ class PostTest(CliTest):
                          "wl post failed: no wasteland joined (hint: run wl join ORG/DB)")
 
 
-class RunFailureTest(CliTest):
-    """Every failure after the claim releases it; before the claim, none is made."""
-
-    def run_failing(self, *fragments, timeout="5"):
-        item_id = self.board.add(self.job())
-        err = self.assertError(self.cli("run", item_id, "--timeout", timeout), *fragments)
-        self.assertIn("the claim on %s was released and the job is open again" % item_id, err)
-        item = self.board.item(item_id)
-        self.assertEqual((item["status"], item["claimed_by"], item["completion"]), ("open", "", None))
-        commands = self.board.commands()
-        self.assertEqual(commands[1:3], ["status", "claim"])
-        self.assertEqual(commands[-1], "unclaim")
-        return err
-
-    def test_ollama_404_during_generation(self):
-        self.ollama.fail = (404, "model 'llama3.2:1b' not found")
-        self.run_failing("model 'llama3.2:1b' not found (HTTP 404)", "ollama pull llama3.2:1b")
-
-    def test_ollama_500(self):
-        self.ollama.fail = (500, "llama runner process has terminated: exit status 2")
-        self.run_failing("llama runner process has terminated: exit status 2 (HTTP 500)")
-
-    def test_mid_stream_error(self):
-        self.ollama.error_after = (3, "CUDA error: out of memory")
-        self.run_failing("failed after 3 tokens: CUDA error: out of memory")
-
-    def test_stall(self):
-        self.ollama.stall_after = 2
-        self.run_failing("sent nothing for 0.5 s after 2 tokens", timeout="0.5")
-
-    def test_stream_cut_without_done(self):
-        self.ollama.end_after = 2
-        self.run_failing("ended the stream after 2 tokens")
-
-    def test_ollama_gone_after_the_model_check(self):
-        self.ollama.drop = True
-        self.run_failing("cannot reach Ollama at http://" + self.ollama.address)
-
-    def test_wl_done_failure_releases_and_says_so(self):
-        self.board.fail("done", message="push rejected: remote changed")
-        self.run_failing("wl done failed: push rejected: remote changed")
-
-    def test_evidence_over_the_field_limit_is_not_submitted(self):
-        self.ollama.outputs[("llama3.2:1b", "what is 1+1")] = "é" * 40000
-        self.run_failing("the evidence (output 80000 bytes) is 80133 bytes", "over wl's 65535-byte field limit",
-                         "smaller max_tokens")
+class RunRefusalTest(CliTest):
+    """What run refuses before it claims anything."""
 
     def test_ollama_down_refuses_before_claiming(self):
         item_id = self.board.add(self.job())
@@ -1553,12 +1657,6 @@ class RunFailureTest(CliTest):
         self.assertError(self.cli("run", item_id), "model llama3.2:90b is not in the local Ollama",
                          "ollama pull llama3.2:90b")
         self.assertEqual(self.board.commands(), ["post", "status"])
-        self.assertEqual(self.ollama.generate_requests(), [])
-
-    def test_claim_lost_to_another_worker(self):
-        item_id = self.board.add(self.job())
-        self.board.fail("claim", message='wanted item "%s" is not open or does not exist' % item_id)
-        self.assertError(self.cli("run", item_id), "wl claim failed: wanted item", "is not open")
         self.assertEqual(self.ollama.generate_requests(), [])
 
     def test_wrong_status_type_or_job(self):
@@ -1576,32 +1674,267 @@ class RunFailureTest(CliTest):
         self.board.wl("claim", item_id, rig="bob")
         self.ollama.fail = (500, "boom")
         err = self.assertError(self.cli("run", item_id, "--skip-claim"), "boom (HTTP 500)")
-        self.assertNotIn("released", err)
+        self.assertIn("left to its owner (--skip-claim)", err)
         self.assertEqual(self.board.item(item_id)["status"], "claimed")
         self.assertNotIn("unclaim", self.board.commands())
 
-    def test_release_failure_is_reported_with_the_command(self):
-        self.ollama.fail = (500, "boom")
-        self.board.fail("unclaim", message="network is unreachable")
-        item_id = self.board.add(self.job())
-        self.assertError(self.cli("run", item_id), "boom (HTTP 500)", "releasing the claim also failed",
-                         "network is unreachable", "run `wl unclaim %s`" % item_id)
 
-    def test_sigint_and_sigterm_release_the_claim_and_exit_130(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with self.subTest(sig=sig):
-                item_id = self.board.add(self.job(prompt="p%d" % sig))
-                self.ollama.generating.clear()
-                self.ollama.stall_after = 1
-                proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                wait_for(self.ollama.generating.is_set, "the generate request")
+# -- the fault matrix ----------------------------------------------------------
+# One row per way `run` can be hurt after it started: a fault in wl or Ollama,
+# or a signal at a chosen moment. Each row states the exit code, what the
+# user is told, where the item ends on the board, and where the computed
+# result is ("none": nothing finished, "board", or "spool": kept on disk).
+
+
+class Fault(object):
+    def __init__(self, name, setup=None, args=(), env=None, signals=(), code=2, says=(), board="open",
+                 result="none", resubmit=False, check=None):
+        self.name, self.setup, self.args, self.env, self.signals = name, setup, args, env or {}, signals
+        self.code, self.says, self.board, self.result = code, says, board, result
+        self.resubmit, self.check = resubmit, check
+
+
+def _wl_fails(command, **spec):
+    return lambda t, item_id: t.board.fail(command, **dict(
+        (k, v.format(id=item_id) if isinstance(v, str) else v) for k, v in spec.items()))
+
+
+def _ollama(**attrs):
+    def setup(t, item_id):
+        for name, value in attrs.items():
+            if name == "output":
+                t.ollama.outputs[("llama3.2:1b", "what is 1+1")] = value
+            else:
+                setattr(t.ollama, name, value)
+    return setup
+
+
+def _both(*setups):
+    def setup(t, item_id):
+        for one in setups:
+            one(t, item_id)
+    return setup
+
+
+def _generating(t):
+    return t.ollama.generating.is_set()
+
+
+def _started(command):
+    return lambda t: command in t.board.started()
+
+
+def _calls(command, n):
+    def check(t, item_id, err):
+        t.assertEqual(t.board.commands(rig="bob").count(command), n)
+    return check
+
+
+_RELEASED = "the claim on {id} was released and the job is open again"
+_KEPT = "the result is kept in {spool}: submit it with `wl_infer.py run {id}`"
+_STALL = _ollama(stall_after=1)
+FAULT_MATRIX = [
+    Fault("wl status fails", _wl_fails("status", message="dial tcp: lookup www.dolthub.com: no such host",
+                                       hint="check your network connection"),
+          says=["wl status failed: dial tcp: lookup www.dolthub.com: no such host "
+                "(hint: check your network connection)"]),
+    Fault("wl status prints garbage", _wl_fails("status", stdout="<html><body>502 Bad Gateway</body></html>"),
+          says=["wl status printed no item header; got <html>"]),
+    Fault("wl status output truncated", _wl_fails("status", stdout="{id}: infer: what is 1+1\n\n  Type:"),
+          says=["wl status output for {id} has no Status line"]),
+    Fault("wl status hangs", _wl_fails("status", hang=True), args=["--wl-timeout", "1"],
+          says=["wl status did not finish within 1 s and was stopped", "--wl-timeout"]),
+    Fault("wl crashes without a wl: line", _wl_fails("status", stderr="panic: runtime error: index out of range"
+                                                     "\n\ngoroutine 1 [running]:\nmain.main()\n", exit=2),
+          says=["wl status failed: panic: runtime error: index out of range"]),
+    Fault("wl is missing", env={"WL_BIN": "/nonexistent/wl"},
+          says=["wl executable /nonexistent/wl not found or not executable"]),
+    Fault("item withdrawn", lambda t, item_id: t.board.update(
+        lambda s: s["items"][item_id].__setitem__("status", "withdrawn")),
+          board="withdrawn", says=["{id} is withdrawn, not open"]),
+    Fault("wl claim refused: taken", _wl_fails("claim", message='wanted item "{id}" is not open or does not exist'),
+          says=["wl claim failed: wanted item", "nothing was claimed"], check=_calls("unclaim", 0)),
+    Fault("wl claim written, then wl fails", _wl_fails("claim", after=True, message="push failed: connection reset"),
+          says=["wl claim failed: push failed: connection reset", _RELEASED]),
+    Fault("wl claim hangs", _wl_fails("claim", hang=True), args=["--wl-timeout", "1"],
+          says=["wl claim did not finish within 1 s", "no claim of ours is held on {id}"]),
+    Fault("Ollama drops the connection", _ollama(drop=True),
+          says=["cannot reach Ollama at http://", _RELEASED]),
+    Fault("Ollama HTTP 500", _ollama(fail=(500, "llama runner process has terminated: exit status 2")),
+          says=["llama runner process has terminated: exit status 2 (HTTP 500)", _RELEASED]),
+    Fault("Ollama HTTP 404", _ollama(fail=(404, "model 'llama3.2:1b' not found")),
+          says=["model 'llama3.2:1b' not found (HTTP 404)", "ollama pull llama3.2:1b", _RELEASED]),
+    Fault("Ollama error mid-stream", _ollama(error_after=(3, "CUDA error: out of memory")),
+          says=["failed after 3 tokens: CUDA error: out of memory", _RELEASED]),
+    Fault("Ollama stalls", _ollama(stall_after=2), args=["--timeout", "0.5"],
+          says=["sent nothing for 0.5 s after 2 tokens", _RELEASED]),
+    Fault("Ollama stream cut without done", _ollama(end_after=2),
+          says=["ended the stream after 2 tokens without its final `done`", _RELEASED]),
+    Fault("Ollama sends a non-JSON line", _ollama(inject=(2, b"<html>proxy error</html>")),
+          says=["sent a stream line that is not a JSON object after 2 tokens: <html>proxy error</html>", _RELEASED]),
+    Fault("Ollama sends invalid UTF-8", _ollama(inject=(2, b'{"response":"\xff\xfe","done":false}')),
+          says=["sent invalid UTF-8 after 2 tokens", _RELEASED]),
+    Fault("Ollama sends a non-string response", _ollama(inject=(2, b'{"response":42,"done":false}')),
+          says=["sent a `response` or `thinking` that is not a string", _RELEASED]),
+    Fault("Ollama sends a giant line", _ollama(inject=(2, b'{"response":"' + b"x" * (1 << 20) + b'"}')),
+          says=["sent a stream line over 1048576 bytes", _RELEASED]),
+    Fault("Ollama never stops", _ollama(output="never ending " * 100000, piece_chars=64),  # 20,313 pieces
+          says=["the output passed 65535 bytes after", "generation stopped; the job needs a smaller max_tokens",
+                _RELEASED],
+          check=lambda t, item_id, err: t.assertLess(t.ollama.streams[0]["sent"], 2000)),
+    Fault("evidence over the field limit", _ollama(output="<" * 20000),
+          says=["the evidence (output 20000 bytes) is 120133 bytes, over wl's 65535-byte field limit",
+                _RELEASED, _KEPT], result="spool"),
+    Fault("wl done fails once", _wl_fails("done", message="push rejected: upstream changed", times=1),
+          code=0, says=["wl_infer: warning: wl done failed: push rejected: upstream changed; trying again in 1 s "
+                        "(attempt 2 of 3)"], board="in_review", result="board", check=_calls("done", 2)),
+    Fault("wl done always fails", _wl_fails("done", message="push rejected: upstream changed"),
+          says=["wl done failed: push rejected: upstream changed", _RELEASED, _KEPT], result="spool",
+          resubmit=True, check=_calls("done", 3)),
+    Fault("wl done refused: claim lost", _wl_fails("done", message='wanted item "{id}" is not claimed by "bob" '
+                                                                 "or does not exist"),
+          says=["wl done failed: wanted item", _RELEASED, _KEPT], result="spool", resubmit=True,
+          check=_calls("done", 1)),
+    Fault("wl done written, then wl fails", _wl_fails("done", after=True, message="push failed: connection reset",
+                                                     times=1),
+          code=0, says=["wl done failed: push failed: connection reset; trying again",
+                        "but the completion is on the board: it was submitted"], board="in_review", result="board"),
+    Fault("wl done hangs once", _wl_fails("done", hang=True, times=1), args=["--wl-timeout", "1"], code=0,
+          says=["wl done did not finish within 1 s"], board="in_review", result="board"),
+    Fault("wl unclaim fails too", _both(_ollama(fail=(500, "boom")),
+                                        _wl_fails("unclaim", message="network is unreachable")),
+          says=["boom (HTTP 500)", "releasing the claim also failed (wl unclaim failed: network is unreachable)",
+                "run `wl unclaim {id}`"], board="claimed"),
+    Fault("SIGINT while generating", _STALL, signals=[(signal.SIGINT, _generating)], code=130,
+          says=["wl_infer: interrupted; " + _RELEASED]),
+    Fault("SIGTERM while generating", _STALL, signals=[(signal.SIGTERM, _generating)], code=130,
+          says=["wl_infer: interrupted; " + _RELEASED]),
+    Fault("SIGHUP while generating", _STALL, signals=[(signal.SIGHUP, _generating)], code=130,
+          says=["wl_infer: interrupted; " + _RELEASED]),
+    Fault("SIGINT during wl claim", _wl_fails("claim", delay=1.0, times=1),
+          signals=[(signal.SIGINT, _started("claim"))], code=130, says=["wl_infer: interrupted; " + _RELEASED],
+          check=lambda t, item_id, err: t.assertEqual(t.ollama.generate_requests(), [])),
+    Fault("SIGINT during wl done", _wl_fails("done", delay=1.0, times=1),
+          signals=[(signal.SIGINT, _started("done"))], code=130,
+          says=["the result was submitted before stopping: {id} is in review"], board="in_review", result="board"),
+    Fault("second signal during the release", _both(_STALL, _wl_fails("unclaim", delay=60, times=1)),
+          signals=[(signal.SIGINT, _generating), (signal.SIGTERM, _started("unclaim"))], code=130,
+          says=["releasing the claim was interrupted, so {id} may still be claimed by you",
+                "release it with `wl unclaim {id}`"], board="claimed"),
+    Fault("second signal during wl done", _wl_fails("done", delay=60, times=1),
+          signals=[(signal.SIGINT, _started("done")), (signal.SIGTERM, _started("done"))], code=130,
+          says=["stopped during `wl done`, so the result may or may not be on the board",
+                "the result is kept in {spool}: submit it with `wl_infer.py run {id} --skip-claim`"],
+          board="claimed", result="spool", resubmit=True),
+]
+
+
+class FaultMatrixTest(CliTest):
+    """Each row: the exit code, the message, the board state and where the
+    result is. Never a claim of ours left unreported, never a result lost."""
+
+    def run_fault(self, fault):
+        item_id = self.board.add(self.job())
+        if fault.setup:
+            fault.setup(self, item_id)
+        output = self.ollama.outputs.get(("llama3.2:1b", "what is 1+1")) or default_output("llama3.2:1b",
+                                                                                             "what is 1+1")
+        spool = os.path.join(self.state_home, "wl-infer", "results", item_id + ".json")
+        proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id] + list(fault.args),
+                                env=self.env(**fault.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for sig, moment in fault.signals:
+                wait_for(lambda moment=moment: moment(self), "the moment to send signal %d" % sig)
                 proc.send_signal(sig)
-                out, err = proc.communicate(timeout=60)
-                self.assertEqual(proc.returncode, 130, err)
-                self.assertIn(b"interrupted; the claim on %s was released" % item_id.encode(), err)
-                self.assertNotIn(b"Traceback", err)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = err.decode("utf-8")
+        lines = err.strip("\n").split("\n")
+        item = self.board.item(item_id)
+        on_board = item["completion"] is not None and wl_infer.decode_evidence(
+            item["completion"]["evidence"])["output"] == output
+        kept = os.path.exists(spool) and wl_infer.spool_read(spool)["evidence"]["output"] == output
+        held = item["status"] == "claimed" and item["claimed_by"] == self.rig
+        reported = any(command in err for command in ("wl unclaim " + item_id, "run %s --skip-claim" % item_id))
+        FAULTS.count("faults injected into run")
+        FAULTS.count("claims left held without saying how to release them", held and not reported)
+        FAULTS.count("claims left held, with the command to release them", held and reported)
+        FAULTS.count("results lost", fault.result != "none" and not (on_board or kept))
+
+        self.assertEqual(proc.returncode, fault.code, err)
+        self.assertNotIn("Traceback", err)
+        final = {0: "wl_infer: warning: ", 2: "wl_infer: error: ", 130: "wl_infer: interrupted; "}[fault.code]
+        self.assertTrue(all(line.startswith("wl_infer: warning: ") for line in lines[:-1]), err)
+        self.assertTrue(lines[-1].startswith(final) or fault.code == 0 and err == "", err)
+        for fragment in fault.says:
+            self.assertIn(fragment.format(id=item_id, spool=spool), err)
+        self.assertEqual(item["status"], fault.board, err)
+        self.assertFalse(held and not reported, err)
+        self.assertEqual((on_board, kept), (fault.result == "board", fault.result == "spool"), err)
+        if fault.code == 0:
+            self.assertIn("✓ Inference completed for " + item_id, out.decode("utf-8"))
+        if fault.check:
+            fault.check(self, item_id, err)
+        if fault.resubmit:
+            self.resubmit(item_id, spool, output)
+
+    def resubmit(self, item_id, spool, output):
+        """A kept result goes to the board without generating again."""
+        self.board.update(lambda state: state["fail"].clear())
+        generated = len(self.ollama.generate_requests())
+        args = ["--skip-claim"] if self.board.item(item_id)["status"] == "claimed" else []
+        code, out, err = self.cli("run", item_id, *args)
+        self.assertEqual(code, 0, err)
+        self.assertIn("the result kept on", out)
+        self.assertIn("submitted without generating again", out)
+        item = self.board.item(item_id)
+        self.assertEqual(item["status"], "in_review")
+        self.assertEqual(wl_infer.decode_evidence(item["completion"]["evidence"])["output"], output)
+        self.assertEqual(len(self.ollama.generate_requests()), generated)
+        self.assertFalse(os.path.exists(spool))
+
+
+def _fault_test(fault):
+    return lambda self: self.run_fault(fault)
+
+
+for _fault in FAULT_MATRIX:
+    setattr(FaultMatrixTest, "test_" + "_".join(_fault.name.lower().replace(":", "").replace("-", " ").split()),
+            _fault_test(_fault))
+
+
+class MalformedInputTest(CliTest):
+    """Every malformed job and command-line ID is refused with its reason,
+    before any claim and before Ollama is asked to generate anything."""
+
+    def test_every_malformed_job_is_refused_before_claiming(self):
+        ids = [self.board.add(self.job(prompt="placeholder %d" % i)) for i in range(len(MALFORMED_JOBS))]
+
+        def plant(state):  # straight into the board: wl itself would refuse the oversized ones
+            for item_id, (description, _) in zip(ids, MALFORMED_JOBS):
+                state["items"][item_id]["description"] = description
+        self.board.update(plant)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda item_id: self.cli("run", item_id), ids))
+        for item_id, (description, fragment), result in zip(ids, MALFORMED_JOBS, results):
+            with self.subTest(description=description[:60]):
+                self.assertError(result, item_id, fragment)
                 self.assertEqual(self.board.item(item_id)["status"], "open")
+        self.assertEqual(self.board.commands(rig="bob"), ["status"] * len(ids))
+        self.assertEqual(self.ollama.generate_requests(), [])
+        FAULTS.count("malformed jobs refused before a claim", len(ids))
+
+    def test_malformed_ids_never_reach_wl(self):
+        for bad in MALFORMED_IDS:
+            for command in ("run", "verify", "status"):
+                with self.subTest(bad=bad, command=command):
+                    self.assertError(self.cli(command, "--", bad), "is not a wl item ID: IDs look like w-3f9a0c12be")
+        self.assertEqual(self.board.calls(), [])
+        FAULTS.count("malformed IDs refused before wl", len(MALFORMED_IDS))
 
 
 class ErrorTest(CliTest):
@@ -1638,13 +1971,6 @@ class ErrorTest(CliTest):
         self.board.fail("status", hang=True)
         self.assertError(self.cli("status", "w-1", "--wl-timeout", "0.5"),
                          "wl status did not finish within 0.5 s")
-
-    def test_ids_that_are_not_ids_never_reach_wl(self):
-        for bad in ("--help-me", "-x", "abc", "w-", "W-ABC", "w-1 2", "w-1;rm"):
-            with self.subTest(bad=bad):
-                self.assertError(self.cli("status", "--", bad) if bad.startswith("-") else self.cli("status", bad),
-                                 "is not a wl item ID: IDs look like w-3f9a0c12be")
-        self.assertEqual(self.board.calls(), [])
 
     def test_verify_with_a_failing_ollama_is_an_error_not_a_mismatch(self):
         item_id = self.completed()
@@ -2118,6 +2444,18 @@ class FakeWlContractTest(unittest.TestCase):
         self.assertEqual((proc.returncode, proc.stderr), (1, "wl: push failed\n\n  Hint: check your network\n"))
         self.assertEqual(self.board.wl("unclaim", item_id).returncode, 0)
         self.assertEqual([c["exit"] for c in self.board.calls()][-2:], [1, 0])
+
+    def test_slow_and_after_the_write_failures(self):
+        item_id = self.board.add("{}", rig="alice")
+        self.board.fail("claim", delay=0.2, times=1)
+        self.assertEqual(self.board.wl("claim", item_id).returncode, 0)  # slow, then done
+        self.assertEqual(self.board.item(item_id)["status"], "claimed")
+        self.board.fail("done", after=True, message="push failed: connection reset", times=1)
+        proc = self.board.wl("done", item_id, "--evidence=e")
+        self.assertEqual((proc.returncode, proc.stdout), (1, ""))
+        self.assertEqual(self.board.item(item_id)["status"], "in_review")  # written all the same
+        self.assertIn("is not claimed by", self.board.wl("done", item_id, "--evidence=e").stderr)
+        self.assertEqual(self.board.started(), ["post", "claim", "done", "done"])
 
 
 class FakeOllamaContractTest(OllamaClientTest):

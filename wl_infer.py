@@ -7,8 +7,9 @@ the output with its SHA-256, and anyone can re-run a job and compare hashes.
 Jobs and evidence are byte-compatible with the Go `wl infer`.
 
 One file, Python 3.8+ standard library only: copy it anywhere and run it.
-Sections, in order: errors and exit codes; text safety; job/evidence codec;
-Ollama client; wl driver; commands; command line.
+Sections, in order: errors, exit codes and signals; text safety;
+job/evidence codec; Ollama client; wl driver; result spool; commands;
+command line.
 """
 
 import os
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 # user feels in a shell loop over the board.
 
 # =============================================================================
-# Errors and exit codes
+# Errors, exit codes and signals
 # =============================================================================
 
 EXIT_OK = 0  # success; for verify: VERIFIED
@@ -39,7 +40,12 @@ class JobError(UserError):
 
 
 class WlError(UserError):
-    """wl failed; the message carries wl's own error text."""
+    """wl failed; the message carries wl's own error text. `conflict`: the
+    board refused the request as made (trying again cannot help)."""
+
+    def __init__(self, message, conflict=False):
+        UserError.__init__(self, message)
+        self.conflict = conflict
 
 
 class OllamaError(UserError):
@@ -48,6 +54,53 @@ class OllamaError(UserError):
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the message says what was cleaned up."""
+
+
+class Signals(object):
+    """SIGINT, SIGTERM and SIGHUP. A signal normally raises KeyboardInterrupt
+    at once: a generation is aborted and the claim released. Inside
+    `protected()` (a wl call that changes the board) the first signal is
+    held until the call has finished, so we know whether the claim or the
+    submission happened; callers act on it with `check()`. A second signal
+    is never held: the user wants out, and we report what is left undone."""
+
+    def __init__(self):
+        self.received = 0
+        self.holding = 0
+
+    def install(self):
+        import signal
+
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        self.received += 1
+        if not (self.holding and self.received == 1):
+            raise KeyboardInterrupt
+
+    def protected(self, enabled=True):
+        return _Holding(self, 1 if enabled else 0)
+
+    def check(self):
+        """Act on a held signal, now that it is safe to."""
+        if self.received:
+            raise KeyboardInterrupt
+
+
+class _Holding(object):
+    def __init__(self, signals, depth):
+        self.signals, self.depth = signals, depth
+
+    def __enter__(self):
+        self.signals.holding += self.depth
+
+    def __exit__(self, *exc):
+        self.signals.holding -= self.depth
+
+
+SIGNALS = Signals()  # installed by main(); inert when the module is imported
 
 
 # =============================================================================
@@ -97,6 +150,8 @@ def preview(text, limit=80):
 DEFAULT_SEED = 42
 FIELD_LIMIT = 65535  # bytes: wl's description and evidence are TEXT columns
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_NESTING = 32  # JSON depth refused beyond this: no honest job or evidence needs more than 2
+MODEL_NAME_MAX = 200  # characters; Ollama names are far shorter
 LOGPROB_TOKENS = 1024  # evidence keeps the logprobs of the first this many tokens
 TOP_LOGPROBS = 2  # asked of Ollama: the chosen token and its runner-up, enough to see a near-tie
 
@@ -166,27 +221,63 @@ def _describe_json(value):
     return "null"
 
 
-def decode_struct(text, fields, what):
+def decode_struct(text, fields, what, null_allowed=True, limit=FIELD_LIMIT):
     """Decode `text` into the given (name, type) fields exactly as Go's
     json.Unmarshal into a struct: unknown keys ignored, case-insensitive key
     match when there is no exact one, last duplicate wins, null leaves the
-    zero value, integers must be integer literals within int64."""
+    zero value, integers must be integer literals within int64. Text is
+    untrusted: over the field limit or nested deeper than MAX_NESTING, it is
+    refused before parsing (`limit` None: text we wrote ourselves). With
+    null_allowed False, null is an error.
+    Returns (the fields, the set of names the document gives)."""
+    size = _size(text) if limit else 0
+    if limit and size > limit:
+        raise JobError("%s is %d bytes, over wl's %d-byte field limit" % (what, size, limit))
+    if _nesting(text) > MAX_NESTING:
+        raise JobError("%s nests arrays or objects more than %d deep" % (what, MAX_NESTING))
     try:
         doc = _loads(text)
-    except RecursionError:
-        raise JobError("%s is not valid JSON: nested too deeply" % what)
     except ValueError as exc:
         raise JobError("%s is not valid JSON (%s)" % (what, exc))
     if not isinstance(doc, _JsonObject):
         raise JobError("%s must be a JSON object, got %s" % (what, _describe_json(doc)))
     result = {name: _ZERO[kind] for name, kind in fields}
     names = [name for name, _ in fields]
+    given = set()
     for key, value in doc:
         name = key if key in names else next((n for n in names if _folds_to(key, n)), None)
-        if name is None or value is None:
+        if name is None:
+            continue
+        given.add(name)
+        if value is None and null_allowed:  # like Go: null leaves the field as it is
             continue
         result[name] = _decode_value(value, dict(fields)[name], '%s field "%s"' % (what, name))
-    return result
+    return result, given
+
+
+def _nesting(text):
+    """How deep arrays and objects nest, counting only brackets outside
+    strings (a prompt may well contain "[[[")."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return 0  # the usual case, without scanning
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _decode_value(value, kind, what):
@@ -227,15 +318,51 @@ def _decode_value(value, kind, what):
 
 
 def decode_job(text):
-    job = decode_struct(text, JOB_FIELDS, "job")
+    """A job as Go decodes it, then held to what an honest job looks like
+    (jobs are written by strangers; every rule here is one Go's `wl infer
+    post` always satisfies): a seed given, max_tokens not negative, a
+    plausible Ollama model name, no NUL, no null, a well-formed pin."""
+    job, given = decode_struct(text, JOB_FIELDS, "job", null_allowed=False)
     for name in ("prompt", "model"):
         if not job[name]:
             raise JobError('job field "%s" is missing or empty' % name)
+        if "\0" in job[name]:
+            raise JobError('job field "%s" contains a NUL character' % name)
+    if "seed" not in given:
+        raise JobError('job field "seed" is missing; a job must fix its seed (Go\'s wl infer always writes one)')
+    if job["max_tokens"] < 0:
+        raise JobError('job field "max_tokens" must not be negative, got %d' % job["max_tokens"])
+    check_model_name(job["model"], 'job field "model"')
+    pin = job["model_digest"]
+    if pin and not _is_digest(pin):
+        raise JobError('job field "model_digest" must be 64 hex digits (optionally after "sha256:"), got %s'
+                       % preview(_dumps(pin), 40))
     return job
 
 
-def decode_evidence(text):
-    evidence = decode_struct(text, EVIDENCE_FIELDS, "evidence")
+_MODEL_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_MODEL_CHARS = _MODEL_FIRST | frozenset("._/:-")
+
+
+def check_model_name(name, what):
+    """Ollama names: [a-zA-Z0-9][a-zA-Z0-9._/:-]*, at most MODEL_NAME_MAX
+    characters. Anything else is not a model, and must never reach a
+    command line or a report raw."""
+    if len(name) > MODEL_NAME_MAX:
+        raise JobError("%s is %d characters long; Ollama model names have at most %d"
+                       % (what, len(name), MODEL_NAME_MAX))
+    if name[:1] not in _MODEL_FIRST or not set(name) <= _MODEL_CHARS:
+        raise JobError("%s %s is not an Ollama model name (letters, digits and . _ / : -, "
+                       "starting with a letter or digit)" % (what, preview(_dumps(name), 60)))
+
+
+def _is_digest(text):
+    hex_part = text[7:] if text.startswith("sha256:") else text
+    return len(hex_part) == 64 and all(c in "0123456789abcdefABCDEF" for c in hex_part)
+
+
+def decode_evidence(text, limit=FIELD_LIMIT):
+    evidence, _ = decode_struct(text, EVIDENCE_FIELDS, "evidence", limit=limit)
     for name in ("output", "output_hash", "model"):
         if not evidence[name]:
             raise JobError('evidence field "%s" is missing or empty' % name)
@@ -419,7 +546,7 @@ class Generation(object):
     """What one generate call produced. `text` is the answer; when the call
     compared the stream with an expected text and it diverged, `diverged_at`
     is the first differing character, `final` is None and the text stops
-    with the token that diverged."""
+    with the token that diverged. `too_long`: stopped at a byte limit."""
 
     def __init__(self):
         self.pieces = []
@@ -431,6 +558,7 @@ class Generation(object):
         self.thinking = ""
         self.final = None
         self.diverged_at = None
+        self.too_long = False
 
     @property
     def eval_count(self):
@@ -573,18 +701,21 @@ class Ollama(object):
                 return digest
         return None
 
-    def generate(self, job, on_token=None, expected=None):
+    def generate(self, job, on_token=None, expected=None, max_bytes=None):
         """Run the job, streaming; return a Generation. `on_token(n)` is
         called after each streamed token. With `expected`, stop reading at
         the first character that differs from it (closing the connection
         cancels the generation on the server): a false claim is refuted in
-        the time of a few tokens."""
+        the time of a few tokens. With `max_bytes`, stop reading once the
+        output is longer (gen.too_long): a server that never stops costs
+        at most that much."""
         import http.client
         import socket
 
         conn, resp = self._open("POST", "/api/generate", generate_request(job))
         gen = Generation()
         matched = 0  # characters of `expected` confirmed so far
+        size = 0  # bytes of output so far
         try:
             while gen.final is None:
                 line = resp.readline(MAX_LINE + 1)
@@ -604,6 +735,10 @@ class Ollama(object):
                     gen.thinking_pieces.append(thinking)
                 if piece:
                     gen.add(piece, obj.get("logprobs"))
+                    size += len(piece.encode("utf-8", "surrogatepass"))
+                    if max_bytes is not None and size > max_bytes:
+                        gen.too_long = True
+                        break
                 if obj.get("done") is True:
                     gen.final = obj
                     break
@@ -626,7 +761,7 @@ class Ollama(object):
                               % (self.url, _tokens(gen.chunks), _reason(exc)))
         finally:
             conn.close()  # mid-stream, this cancels the generation on the server
-        if gen.final is None and gen.diverged_at is None:
+        if gen.final is None and gen.diverged_at is None and not gen.too_long:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
                               "`done` message; the generation did not finish" % (self.url, _tokens(gen.chunks)))
         # once over the whole text, not per token: a lone surrogate escape
@@ -744,17 +879,23 @@ def find_executable(name):
 
 
 def wl_error_text(stderr, stdout=""):
-    """wl's own failure message: the `wl: ...` line plus its `Hint:`."""
+    """wl's own failure message: the `wl: ...` line plus its `Hint:`; else
+    the line of a Go panic or a fatal error; else the last line."""
     lines = [ln.strip() for ln in strip_ansi(stderr).splitlines() if ln.strip()]
     message = next((ln[3:].strip() for ln in lines if ln.startswith("wl:")), None)
     if message is None:
         others = lines or [ln.strip() for ln in strip_ansi(stdout).splitlines() if ln.strip()]
-        message = others[-1] if others else None
+        message = next((ln for ln in others if ln.startswith(("panic:", "fatal error:", "Error:"))),
+                       others[-1] if others else None)
     hint = next((ln[5:].strip() for ln in lines if ln.startswith("Hint:")), None)
     if message and hint:
         message += " (hint: %s)" % hint
     return message
 
+
+# wl's messages for a request the board refuses as made: trying again cannot help.
+_WL_CONFLICTS = ("is not claimed", "is not open", "is not in review", "does not exist", "no wanted item matching",
+                 "ambiguous prefix", "Data too long", "required flag", "unknown flag", "unknown command")
 
 # Sections of `wl status` that may follow the description, in wl's order.
 _STATUS_SECTIONS = ("  Claimed by:", "  Branch:", "  Completion:", "  Stamp:")
@@ -764,11 +905,17 @@ def parse_status(text):
     """Parse `wl status ID`. Returns a dict with id, title, status, type,
     posted_by, claimed_by, description (None when absent) and completion
     (None, or {id, completed_by, evidence_raw})."""
-    lines = strip_ansi(text).replace("\r\n", "\n").split("\n")
+    # Structure is read from lines without colour codes; the description and
+    # evidence are taken from the raw lines, byte for byte (a raw ESC inside
+    # a JSON string makes it invalid JSON, as Go sees it; stripping it would
+    # turn it into a different, valid job).
+    raw = text.split("\n")
+    lines = [strip_ansi(line).rstrip("\r") for line in raw]
     # The header `<id>: <title>` is the first line that starts with an ID
     # (a notice printed before it, e.g. about syncing, is skipped).
     while lines and not is_item_id(lines[0].partition(": ")[0]):
         lines.pop(0)
+        raw.pop(0)
     if not lines:
         raise WlError("wl status printed no item header; got %s" % preview(text, 60))
     item_id, _, title = lines[0].partition(": ")
@@ -778,7 +925,7 @@ def parse_status(text):
     while i < len(lines):
         line = lines[i]
         if line == "  Description:":
-            i, item["description"] = _status_description(lines, i + 1)
+            i, item["description"] = _status_description(lines, raw, i + 1)
             continue
         value = line.partition(":")[2].strip()
         if line.startswith("  Status:"):
@@ -795,7 +942,8 @@ def parse_status(text):
                               "imitates wl's own output, refusing to guess" % item["id"])
             item["completion"] = {"id": value, "completed_by": None, "evidence_raw": None}
         elif line.startswith("    Evidence:") and item["completion"] is not None:
-            item["completion"]["evidence_raw"] = line[len("    Evidence:"):].lstrip(" ")
+            exact = raw[i] if raw[i].startswith("    Evidence:") else line
+            item["completion"]["evidence_raw"] = exact[len("    Evidence:"):].lstrip(" ")
         elif line.startswith("    Completed by:") and item["completion"] is not None:
             item["completion"]["completed_by"] = value
         i += 1
@@ -804,7 +952,7 @@ def parse_status(text):
     return item
 
 
-def _status_description(lines, start):
+def _status_description(lines, raw, start):
     """The description runs from after `  Description:` to the blank line
     before the next known section (or the end). Its first line carries four
     spaces of indent; continuation lines are printed raw."""
@@ -813,7 +961,7 @@ def _status_description(lines, start):
         if lines[j] == "" and lines[j + 1].startswith(_STATUS_SECTIONS):
             end = j
             break
-    body = lines[start:end]
+    body = raw[start:end]
     if end == len(lines):  # at the end of the output: drop the final newline(s)
         while body and body[-1] == "":
             body.pop()
@@ -856,8 +1004,12 @@ class Wl(object):
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env, timeout=self.timeout)
+            # Its own session: a Ctrl-C at the terminal reaches us, not wl, so
+            # a claim or a submission is never cut half-way by the terminal.
+            with SIGNALS.protected(enabled=mutating):
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env, timeout=self.timeout,
+                                      start_new_session=True)
         except subprocess.TimeoutExpired:
             raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
                           "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
@@ -866,7 +1018,8 @@ class Wl(object):
         out = proc.stdout.decode("utf-8", "replace")
         if proc.returncode != 0:
             err = wl_error_text(proc.stderr.decode("utf-8", "replace"), out)
-            raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode))
+            raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode),
+                          conflict=any(c in (err or "") for c in _WL_CONFLICTS))
         return out
 
     def post(self, title, description):
@@ -885,6 +1038,113 @@ class Wl(object):
 
     def done(self, item_id, evidence):
         self.call("done", item_id, "--evidence=" + evidence, mutating=True)
+
+
+# =============================================================================
+# Result spool: a finished result is on disk before wl is asked to take it
+# =============================================================================
+#
+# $XDG_STATE_HOME/wl-infer/results/<id>.json (default ~/.local/state/...),
+# folders 0700, files 0600, written atomically (temp file, fsync, rename).
+# An entry is removed once wl has the result. `run` submits a kept result
+# instead of generating again when the job description (byte for byte) and
+# the local model digest are the ones it was made with.
+
+SPOOL_VERSION = 1
+
+
+def spool_dir():
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: relative paths are ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "wl-infer", "results")
+
+
+def spool_path(item_id):
+    return os.path.join(spool_dir(), item_id + ".json")  # item IDs are [w-0-9a-z] only
+
+
+def spool_write(item, model_digest, evidence):
+    """Keep a finished result; returns its path."""
+    import json
+    import tempfile
+    import time
+
+    folder = spool_dir()
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in (folder, os.path.dirname(folder)):  # makedirs' mode is masked by umask
+        os.chmod(path, 0o700)
+    doc = {"version": SPOOL_VERSION, "id": item["id"], "description": item["description"],
+           "model_digest": model_digest, "spooled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "evidence": encode_evidence(evidence)}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        path = spool_path(item["id"])
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    try:  # the rename itself survives a crash only once the folder is synced
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def spool_read(path):
+    """A kept result: the spool document with its evidence decoded. Raises
+    UserError when the file is not one we wrote."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if doc.get("version") != SPOOL_VERSION:
+            raise ValueError("unknown version %r" % doc.get("version"))
+        for key in ("id", "description", "model_digest", "spooled_at", "evidence"):
+            if not isinstance(doc.get(key), str):
+                raise ValueError("no %s" % key)
+        if not is_item_id(doc["id"]):
+            raise ValueError("bad item ID")
+        doc["evidence"] = decode_evidence(doc["evidence"], limit=None)  # may be too big to submit
+    except (OSError, ValueError, AttributeError, JobError) as exc:
+        raise UserError("kept result %s is unreadable (%s)" % (path, _reason(exc)))
+    return doc
+
+
+def spool_list():
+    """(path, document or the UserError) of every kept result, oldest first."""
+    folder = spool_dir()
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UserError("cannot list kept results in %s: %s" % (folder, _reason(exc)))
+    found = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            found.append((path, spool_read(path)))
+        except UserError as exc:
+            found.append((path, exc))
+    found.sort(key=lambda entry: entry[1]["spooled_at"] if isinstance(entry[1], dict) else "")
+    return found
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # =============================================================================
@@ -945,11 +1205,11 @@ def job_of(item):
         raise JobError("%s: %s" % (item["id"], exc))
 
 
-def generate(ctx, job, expected=None):
+def generate(ctx, job, expected=None, max_bytes=None):
     """Run a job on the local Ollama with the progress line."""
     progress = ctx.progress("generating with %s" % printable(job["model"]))
     try:
-        return ctx.ollama.generate(job, progress, expected)
+        return ctx.ollama.generate(job, progress, expected, max_bytes)
     finally:
         progress.clear()
 
@@ -991,12 +1251,86 @@ def release_claim(ctx, item_id):
         ctx.wl.unclaim(item_id)
         return "the claim on %s was released and the job is open again" % item_id
     except UserError as exc:
+        if getattr(exc, "conflict", False):  # unclaimed by someone else, or (after a failed claim) never ours
+            return "no claim of ours is held on %s (%s)" % (item_id, exc)
         return "releasing the claim also failed (%s); run `wl unclaim %s`" % (exc, item_id)
+    except KeyboardInterrupt:  # a second signal: wl was stopped mid-call
+        return ("releasing the claim was interrupted, so %s may still be claimed by you: check with "
+                "`wl status %s` and release it with `wl unclaim %s`" % (item_id, item_id, item_id))
+
+
+DONE_TRIES = 3  # `wl done` attempts before the result is left in the spool
+DONE_BACKOFF = 1.0  # seconds before the second attempt, doubling after
+
+
+def submit(ctx, item_id, encoded):
+    """`wl done`, tried again with backoff unless the board refused the
+    request as made, or a signal arrived. Returns the item as read back
+    when wl reported a failure but the completion is on the board anyway
+    (a call that timed out after it was written), else None."""
+    import time
+
+    for attempt in range(1, DONE_TRIES + 1):
+        try:
+            ctx.wl.done(item_id, encoded)
+            return None
+        except WlError as exc:
+            if exc.conflict or attempt == DONE_TRIES or SIGNALS.received:
+                failure = exc
+                break
+            delay = DONE_BACKOFF * 2 ** (attempt - 1)
+            ctx.warn("%s; trying again in %g s (attempt %d of %d)" % (exc, delay, attempt + 1, DONE_TRIES))
+            try:
+                time.sleep(delay)
+            except KeyboardInterrupt:  # stop trying; the claim is released as after any failure
+                failure = exc
+                break
+    try:
+        item = ctx.wl.status(item_id)
+    except UserError:
+        raise failure
+    if item["completion"] is not None and item["completion"]["evidence_raw"] == encoded:
+        ctx.warn("%s, but the completion is on the board: it was submitted" % failure)
+        return item
+    failure.item_status = item["status"]
+    raise failure
+
+
+def kept_result(ctx, item, digest):
+    """A spooled result for exactly this job and this model, or None."""
+    path = spool_path(item["id"])
+    if not os.path.exists(path):
+        return None
+    try:
+        doc = spool_read(path)
+    except UserError as exc:
+        ctx.warn("%s; generating again" % exc)
+        return None
+    if doc["description"] != item["description"] or not same_digest(doc["model_digest"], digest):
+        ctx.warn("the result kept in %s was made for %s; generating again (it will be replaced)"
+                 % (path, "another job description" if doc["description"] != item["description"]
+                    else "model %s, this one is %s" % (short_digest(doc["model_digest"]), short_digest(digest))))
+        return None
+    doc["path"] = path
+    return doc
+
+
+def resubmit_command(ctx, item_id, skip_claim=False):
+    import shlex
+
+    a = ctx.args
+    words = ["wl_infer.py", "run", item_id] + (["--skip-claim"] if skip_claim else [])
+    words += ["--wasteland=" + a.wasteland] if a.wasteland else []
+    words += ["--local-db"] if a.local_db else []
+    words += ["--no-push"] if getattr(a, "no_push", False) else []
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def run_job(ctx, item_id, skip_claim=False):
-    """Read, check, claim, generate, submit. Returns (item, job, generation,
-    evidence). Every way out after the claim either submits or releases."""
+    """Read, check, claim, generate, keep, submit. Returns a dict: item, job,
+    evidence (as submitted), kept (the spool entry submitted instead of
+    generating, or None). Every way out after the claim either submits or
+    releases, and a finished result is kept on disk until wl has it."""
     item = ctx.wl.status(item_id)
     item_id = item["id"] or item_id
     allowed = ("open", "claimed") if skip_claim else ("open",)
@@ -1012,27 +1346,86 @@ def run_job(ctx, item_id, skip_claim=False):
         raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
                         "to another worker (a result from other weights could not be verified against the pin)"
                         % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
-    version = local_version(ctx)
-    if not skip_claim:
-        ctx.wl.claim(item_id)
+    kept = kept_result(ctx, item, digest)
+    version = local_version(ctx) if kept is None else ""
+    phase, spooled, full = "claiming", kept and kept["path"], kept and kept["evidence"]
     try:
-        gen = generate(ctx, job)
-        full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+        if not skip_claim:
+            ctx.wl.claim(item_id)
+        phase = "claimed"
+        SIGNALS.check()  # a signal held during the claim: release it now
+        if full is None:
+            gen = generate(ctx, job, max_bytes=FIELD_LIMIT)
+            if gen.too_long:
+                raise JobError("the output passed %d bytes after %s, so its evidence could never fit wl's "
+                               "%d-byte field; generation stopped; the job needs a smaller max_tokens"
+                               % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
+            full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+            spooled = _keep(ctx, item, digest, full)
         evidence, encoded = fit_evidence(full)
-        ctx.wl.done(item_id, encoded)
+        phase = "submitting"
+        submit(ctx, item_id, encoded)
+        phase = "submitted"
+        if spooled:
+            _remove(spooled)
+        SIGNALS.check()
     except UserError as exc:
-        if skip_claim:
-            raise
-        raise UserError("%s; %s" % (exc, release_claim(ctx, item_id)))
+        message = "%s; %s" % (exc, _after_failure(ctx, item_id, skip_claim, phase, exc) + _kept_note(
+            ctx, item_id, spooled, skip_claim))
+        raise (Interrupted if SIGNALS.received else UserError)(message)
     except KeyboardInterrupt:
-        raise Interrupted(release_claim(ctx, item_id) if not skip_claim
-                          else "the claim on %s was left to its owner (--skip-claim)" % item_id)
+        # stopped during `wl done`, the claim is most likely still ours
+        raise Interrupted(_after_interrupt(ctx, item_id, skip_claim, phase) + _kept_note(
+            ctx, item_id, spooled if phase != "submitted" else None, skip_claim or phase == "submitting"))
     dropped = [name for name, _ in PROVENANCE_FIELDS if full.get(name) and name not in evidence]
     if dropped:
         ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
                  "will see them as not available)" % (", ".join(dropped), FIELD_LIMIT,
                                                       "it" if len(dropped) == 1 else "them"))
-    return item, job, gen, evidence
+    return {"item": item, "job": job, "evidence": evidence, "kept": kept}
+
+
+def _keep(ctx, item, digest, evidence):
+    """Spool a finished result; a full disk must not cost the result itself."""
+    try:
+        return spool_write(item, digest, evidence)
+    except OSError as exc:
+        ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
+        return None
+
+
+def _after_failure(ctx, item_id, skip_claim, phase, exc):
+    """What a failure at `phase` left on the board, releasing what is ours."""
+    if skip_claim:
+        return "the claim on %s was left to its owner (--skip-claim)" % item_id
+    if phase == "claiming" and getattr(exc, "conflict", True):
+        return "nothing was claimed"
+    # a claim that timed out or failed for another reason may still have been written
+    status = getattr(exc, "item_status", "claimed")
+    if status != "claimed":
+        return "%s is now %s, so there is no claim to release" % (item_id, status)
+    return release_claim(ctx, item_id)
+
+
+def _after_interrupt(ctx, item_id, skip_claim, phase):
+    if phase == "submitted":
+        return "the result was submitted before stopping: %s is in review" % item_id
+    if phase == "claiming":
+        return ("stopped during `wl claim`, so %s may be claimed by you: check with `wl status %s` and release "
+                "it with `wl unclaim %s`" % (item_id, item_id, item_id))
+    if phase == "submitting":
+        return ("stopped during `wl done`, so the result may or may not be on the board: check with "
+                "`wl status %s`" % item_id)
+    if skip_claim:
+        return "the claim on %s was left to its owner (--skip-claim)" % item_id
+    return release_claim(ctx, item_id)
+
+
+def _kept_note(ctx, item_id, spooled, skip_claim):
+    if not spooled or not os.path.exists(spooled):
+        return ""
+    return "; the result is kept in %s: submit it with `%s`" % (
+        spooled, resubmit_command(ctx, item_id, skip_claim))
 
 
 # -- verification -------------------------------------------------------------
@@ -1252,6 +1645,7 @@ def _provenance_lines(evidence, indent):
 
 
 def cmd_post(ctx, args):
+    check_model_name(args.model, "--model")
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
     check_field_size(encode_job(job), "the job", "shorten the prompt")  # before contacting anything
@@ -1269,6 +1663,8 @@ def cmd_post(ctx, args):
     check_field_size(description, "the job", "shorten the prompt")
     title = post_title(prompt)
     item_id = ctx.wl.post(title, description)
+    if SIGNALS.received:  # held while wl wrote the job
+        raise Interrupted("the job was posted before stopping: %s" % item_id)
     text = ["✓ Posted inference job: " + item_id] + _job_lines(job) + [
         "", "  Next: wl_infer.py run " + item_id]
     return Report(EXIT_OK, {"id": item_id, "title": title, "job": job}, text)
@@ -1299,14 +1695,16 @@ def read_prompt(args):
 
 
 def cmd_run(ctx, args):
-    item, job, gen, evidence = run_job(ctx, args.id, args.skip_claim)
-    item_id = item["id"]
-    text = (["✓ Inference completed for " + item_id] + _job_lines(job) + [
-        "  Evidence:",
+    done = run_job(ctx, args.id, args.skip_claim)
+    item_id, evidence, kept = done["item"]["id"], done["evidence"], done["kept"]
+    text = (["✓ Inference completed for " + item_id] + _job_lines(done["job"]) + [
+        "  Evidence:" + (" the result kept on %s, submitted without generating again" % kept["spooled_at"]
+                         if kept else ""),
         "    Output hash: " + evidence["output_hash"],
-        "    Output:      " + preview(gen.text)] + _provenance_lines(evidence, "    ") + [
+        "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    ") + [
         "", "  Next: wl_infer.py verify " + item_id])
-    return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence)}, text)
+    return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence),
+                            "resubmitted": kept is not None}, text)
 
 
 def cmd_verify(ctx, args):
@@ -1390,7 +1788,35 @@ def cmd_status(ctx, args):
     return Report(EXIT_OK, doc, text)
 
 
-COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cmd_status}
+def cmd_spool(ctx, args):
+    folder = spool_dir()
+    if args.drop:
+        path = spool_path(args.drop)
+        if not os.path.exists(path):
+            raise UserError("no kept result for %s in %s (IDs here are full IDs)" % (args.drop, folder))
+        _remove(path)
+        return Report(EXIT_OK, {"dropped": args.drop, "path": path}, ["✓ Dropped the kept result for " + args.drop])
+    docs, lines = [], []
+    for path, doc in spool_list():
+        if isinstance(doc, UserError):
+            docs.append({"path": path, "error": str(doc)})
+            lines.append("  ✗ " + printable(str(doc)))
+            continue
+        evidence = doc["evidence"]
+        docs.append({"id": doc["id"], "spooled_at": doc["spooled_at"], "model": evidence["model"],
+                     "output_bytes": _size(evidence["output"]), "output_hash": evidence["output_hash"],
+                     "path": path})
+        lines += ["  %s  %s  %s  %d bytes  %s" % (doc["id"], printable(doc["spooled_at"]), printable(
+                      evidence["model"]), _size(evidence["output"]), preview(evidence["output"], 40)),
+                  "    submit it with: wl_infer.py run %s   (or drop it: wl_infer.py spool --drop %s)"
+                  % (doc["id"], doc["id"])]
+    head = ("%d kept result%s in %s (finished, not yet taken by wl):" % (len(docs), "" if len(docs) == 1 else "s",
+                                                                          printable(folder))
+            if docs else "No kept results in %s: every finished result is on the board." % printable(folder))
+    return Report(EXIT_OK, {"folder": folder, "results": docs}, [head] + lines)
+
+
+COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cmd_status, "spool": cmd_spool}
 
 
 # =============================================================================
@@ -1487,6 +1913,10 @@ def build_parser():
 
     p = sub.add_parser("status", parents=[common], help="show a job, its claim and its completion")
     p.add_argument("id", type=_item_id, metavar="ID")
+
+    p = sub.add_parser("spool", parents=[common],
+                       help="list finished results kept on disk because wl did not take them")
+    p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
     return parser
 
 
@@ -1523,10 +1953,6 @@ def _json_text(doc):
     return json.dumps(doc, ensure_ascii=not utf8, indent=2) + "\n"
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # one path for both signals: clean up, exit 130
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     for stream in (sys.stdout, sys.stderr):
@@ -1534,9 +1960,7 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     want_json = "--json" in argv
     try:
-        import signal
-
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        SIGNALS.install()
         args = parse_args(argv)
         report = COMMANDS[args.command](Context(args), args)
     except UserError as exc:
