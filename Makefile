@@ -1,11 +1,16 @@
 # wl_infer: everything here needs only Python 3.8+ (standard library).
 PYTHON ?= python3
 
-.PHONY: test demo bench compat lint
+.PHONY: test faults demo bench compat lint
 
 # The whole suite, against the built-in fake Ollama and fake wl.
 test:
 	$(PYTHON) test_wl_infer.py
+
+# Only the fault matrix and the hostile-input tests, with their tally:
+# faults tried, claims leaked, results lost, malformed inputs refused.
+faults:
+	$(PYTHON) test_wl_infer.py faults
 
 # post -> run -> verify -> status, as a user sees it, against the fakes.
 demo:

@@ -10,7 +10,9 @@
 
 `python3 test_wl_infer.py` runs the suite (what `make test` does);
 `python3 test_wl_infer.py demo` walks post -> run -> verify -> status against
-the fakes; `python3 test_wl_infer.py fake-wl STATE ARGS...` is the fake wl.
+the fakes; `python3 test_wl_infer.py faults` runs the fault matrix and the
+hostile-input tests and prints their tally (`make faults`);
+`python3 test_wl_infer.py fake-wl STATE ARGS...` is the fake wl.
 """
 
 import hashlib
@@ -864,7 +866,8 @@ class FaultTally(object):
         self.rows = {}
 
     def count(self, what, n=1):
-        self.rows[what] = self.rows.get(what, 0) + n
+        with _Result.lock:  # tests run on several threads
+            self.rows[what] = self.rows.get(what, 0) + n
 
     def report(self):
         width = max(len(k) for k in self.rows)
@@ -1159,7 +1162,9 @@ class CodecTest(unittest.TestCase):
 
     def test_printable_and_preview_neutralise_control_characters(self):
         self.assertEqual(wl_infer.printable("a\x1b[2Jb\x07\x9b\n"), "a\\x1b[2Jb\\x07\\x9b\\n")
-        self.assertEqual(wl_infer.printable("a\nb\tc\x1b", keep_newlines=True), "a\nb\tc\\x1b")
+        self.assertEqual(wl_infer.printable("\u202egnp.exe\u2066x\u2069 \u200d\u05d0"),
+                         "\\u202egnp.exe\\u2066x\\u2069 \u200d\u05d0")  # bidi controls; joiners and Hebrew stay
+        self.assertEqual(wl_infer.preview("é" * 5 + "\x1b", 5), "ééééé…")
         self.assertEqual(wl_infer.preview("🙂" * 5, 3), "🙂🙂🙂…")
         self.assertEqual(wl_infer.preview("abc", 3), "abc")
 
@@ -1896,6 +1901,19 @@ class FaultMatrixTest(CliTest):
         self.assertFalse(os.path.exists(spool))
 
 
+class PostSignalTest(CliTest):
+    def test_a_signal_during_wl_post_is_held_until_the_job_is_posted(self):
+        self.board.fail("post", delay=1.0, times=1)
+        proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--prompt", "p", "--model", "llama3.2:1b"],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: "post" in self.board.started(), "wl post")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        [item_id] = self.board.load()["items"]
+        self.assertIn(b"wl_infer: interrupted; the job was posted before stopping: " + item_id.encode(), err)
+
+
 def _fault_test(fault):
     return lambda self: self.run_fault(fault)
 
@@ -1903,6 +1921,94 @@ def _fault_test(fault):
 for _fault in FAULT_MATRIX:
     setattr(FaultMatrixTest, "test_" + "_".join(_fault.name.lower().replace(":", "").replace("-", " ").split()),
             _fault_test(_fault))
+
+
+class SpoolTest(CliTest):
+    """A finished result that wl did not take is kept on disk, privately,
+    listed by `spool`, and submitted by the next `run` of the same job."""
+
+    def kept_after_failed_done(self, *args, env=None, item_id=None):
+        item_id = item_id or self.board.add(self.job())
+        # a refusal: not tried again, so no backoff to wait for
+        self.board.fail("done", message='wanted item "%s" is not claimed by "bob"' % item_id, times=1)
+        code, _, err = self.cli("run", item_id, *args, env=env)
+        self.assertEqual(code, 2, err)
+        self.assertIn("the result is kept in ", err)
+        return item_id, err
+
+    def test_spool_is_private_atomic_and_listed(self):
+        item_id, err = self.kept_after_failed_done("--wasteland=org/db")
+        self.assertIn("submit it with `wl_infer.py run %s --wasteland=org/db`" % item_id, err)
+        results = os.path.join(self.state_home, "wl-infer", "results")
+        for folder in (results, os.path.dirname(results)):
+            self.assertEqual(os.stat(folder).st_mode & 0o777, 0o700, folder)
+        self.assertEqual(os.listdir(results), [item_id + ".json"])  # no temp file left behind
+        path = os.path.join(results, item_id + ".json")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        code, out, _ = self.cli("spool")
+        self.assertEqual(code, 0)
+        self.assertIn("1 kept result in %s" % self.state_home, out)
+        self.assertIn("%s  " % item_id, out)
+        self.assertIn("llama3.2:1b  %d bytes  Réponse" % len(default_output("llama3.2:1b", "what is 1+1").encode()),
+                      out)
+        self.assertIn("submit it with: wl_infer.py run " + item_id, out)
+        doc = json.loads(self.cli("spool", "--json")[1])
+        self.assertEqual([(r["id"], r["model"], r["path"]) for r in doc["results"]], [(item_id, "llama3.2:1b", path)])
+        self.assertEqual(self.cli("run", item_id, "--wasteland=org/db")[0], 0)
+        self.assertIn("No kept results in ", self.cli("spool")[1])
+
+    def test_a_result_kept_for_another_job_or_model_is_not_used(self):
+        item_id, _ = self.kept_after_failed_done()
+        self.board.update(lambda s: s["items"][item_id].__setitem__("description", self.job(seed=7)))
+        _, err = self.kept_after_failed_done(item_id=item_id)
+        self.assertIn("was made for another job description; generating again (it will be replaced)", err)
+        self.assertEqual(len(self.ollama.generate_requests()), 2)
+        path = os.path.join(self.state_home, "wl-infer", "results", item_id + ".json")
+        self.assertEqual(wl_infer.spool_read(path)["evidence"]["seed"], 7)
+        self.ollama.models["llama3.2:1b"] = "f" * 64
+        code, out, err = self.cli("run", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("was made for model sha256:a80c4f17acd5, this one is sha256:ffffffffffff; generating again", err)
+        self.assertEqual(len(self.ollama.generate_requests()), 3)
+        self.assertEqual(self.cli("spool", "--json")[1].count('"id"'), 0)
+
+    def test_unreadable_entries_are_listed_and_skipped(self):
+        item_id = self.board.add(self.job())
+        results = os.path.join(self.state_home, "wl-infer", "results")
+        os.makedirs(results)
+        for name, content in ((item_id + ".json", "{not json"), ("w-2.json", '{"version": 99}')):
+            with open(os.path.join(results, name), "w") as f:
+                f.write(content)
+        code, out, _ = self.cli("spool")
+        self.assertEqual(code, 0)
+        self.assertIn("✗ kept result %s is unreadable (" % os.path.join(results, item_id + ".json"), out)
+        self.assertIn("unknown version 99", out)
+        code, _, err = self.cli("run", item_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("is unreadable", err)
+        self.assertIn("generating again", err)
+        self.assertFalse(os.path.exists(os.path.join(results, item_id + ".json")))  # replaced, then submitted
+
+    def test_default_location_and_a_spool_that_cannot_be_written(self):
+        home = os.path.join(self.tmp.name, "home")
+        env = self.env(HOME=home, XDG_STATE_HOME="relative/ignored")
+        item_id, err = self.kept_after_failed_done(env=env)
+        self.assertIn(os.path.join(home, ".local", "state", "wl-infer", "results", item_id + ".json"), err)
+        blocked = os.path.join(self.tmp.name, "a-file")
+        open(blocked, "w").close()
+        other = self.board.add(self.job(prompt="other"))
+        code, out, err = self.cli("run", other, env=self.env(XDG_STATE_HOME=blocked))
+        self.assertEqual(code, 0, err)  # the result still goes to the board
+        self.assertIn("wl_infer: warning: could not keep the result in %s/wl-infer/results" % blocked, err)
+        self.assertIn("submitting it anyway", err)
+        self.assertEqual(self.board.item(other)["status"], "in_review")
+
+    def test_drop(self):
+        item_id, _ = self.kept_after_failed_done()
+        self.assertError(self.cli("spool", "--drop", "w-0"), "no kept result for w-0")
+        code, out, _ = self.cli("spool", "--drop", item_id)
+        self.assertEqual((code, out), (0, "✓ Dropped the kept result for %s\n" % item_id))
+        self.assertIn("No kept results", self.cli("spool")[1])
 
 
 class MalformedInputTest(CliTest):
@@ -2310,18 +2416,52 @@ class StatusCommandTest(CliTest):
         doc = json.loads(out)
         self.assertEqual((doc["job"], doc["completion"], doc["description"]), (None, None, "not json at all"))
 
-    def test_untrusted_text_cannot_reach_the_terminal_raw(self):
-        evil = "\x1b]0;pwned\x07\x1b[2J"
-        prompt = "p" + evil
-        self.ollama.outputs[("llama3.2:1b", prompt)] = "out" + evil
-        item_id = self.board.add(self.job(prompt=prompt), title="infer: " + evil)
+
+class TerminalSafetyTest(CliTest):
+    """Prompts, outputs, titles and error texts come from strangers: no
+    report may carry a control character (ESC, C1, CR, BEL, DEL, ...) or a
+    bidi override to the terminal, while --json keeps the exact text."""
+
+    EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x08\r\x7f\u202egnp.exe"
+
+    def assertSafe(self, text):
+        self.assertEqual([ch for ch in text if ch != "\n" and wl_infer._is_control(ch)], [], text)
+
+    def cli_safe(self, *args, code=0):
+        result = self.cli(*args)
+        self.assertEqual(result[0], code, result)
+        self.assertSafe(result[1] + result[2])
+        FAULTS.count("reports with hostile text, free of control characters")
+        return result
+
+    def test_prompt_output_and_title_in_every_report(self):
+        prompt, output = "p" + self.EVIL, "out" + self.EVIL
+        self.ollama.outputs[("llama3.2:1b", prompt)] = output
+        _, out, _ = self.cli_safe("post", "--prompt", prompt, "--model", "llama3.2:1b")
+        self.assertIn("\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x08\\r\\x7f\\u202egnp.exe", out)
+        item_id = out.split("\n")[0].split()[-1]
+        self.board.update(lambda s: s["items"][item_id].__setitem__("title", "infer: " + self.EVIL))
         for args in (("run", item_id), ("verify", item_id), ("status", item_id)):
-            code, out, err = self.cli(*args)
-            self.assertEqual(code, 0, err)
-            self.assertNotIn("\x1b", out + err)
-            self.assertIn("\\x1b]0;pwned\\x07", out)
-        code, out, err = self.cli("status", item_id, "--json")
-        self.assertEqual(json.loads(out)["job"]["prompt"], prompt)  # JSON keeps the exact text
+            with self.subTest(args=args):
+                self.assertIn("\\x1b]0;pwned", self.cli_safe(*args)[1])
+        status = json.loads(self.cli("status", item_id, "--json")[1])
+        self.assertEqual((status["job"]["prompt"], status["title"]), (prompt, "infer: " + self.EVIL))
+        self.ollama.outputs[("llama3.2:1b", prompt)] = "out" + self.EVIL[::-1]  # a mismatch shows excerpts
+        self.assertIn("claimed: ", self.cli_safe("verify", item_id, code=1)[1])
+
+    def test_error_texts_from_wl_and_ollama(self):
+        item_id = self.board.add(self.job())
+        self.board.fail("status", message="boom" + self.EVIL, hint=self.EVIL, times=1)
+        self.assertIn("boom\\x1b]0;pwned", self.cli_safe("status", item_id, code=2)[2])
+        self.ollama.fail = (500, "llama runner " + self.EVIL)
+        self.assertIn("llama runner \\x1b]0;pwned", self.cli_safe("run", item_id, code=2)[2])
+        self.ollama.fail = None
+        self.ollama.outputs[("llama3.2:1b", "what is 1+1")] = "kept" + self.EVIL
+        self.board.fail("done", message="push " + self.EVIL)
+        self.cli_safe("run", item_id, code=2)
+        self.assertIn("kept\\x1b]0;pwned", self.cli_safe("spool")[1])
+        bad = self.board.add(_MODEL % json.dumps("llama" + self.EVIL))
+        self.assertIn("is not an Ollama model name", self.cli_safe("run", bad, code=2)[2])
 
 
 class ProgressTest(CliTest):
@@ -2535,15 +2675,16 @@ def demo():
     ollama.start()
     with tempfile.TemporaryDirectory() as folder:
         board = FakeBoard(folder, rig="alice", mode="wild-west")
-        base_env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address)
+        base_env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address,
+                        XDG_STATE_HOME=os.path.join(folder, "state"))  # the spool, in the temp folder
 
         def step(rig, comment, *args):
             print("\n# %s (as %s)" % (comment, rig))
             print("$ wl_infer.py " + " ".join(_shell_quote(a) for a in args))
             sys.stdout.flush()
             proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(base_env, FAKE_WL_RIG=rig),
-                                  stdout=subprocess.PIPE, universal_newlines=True)
-            sys.stdout.write(proc.stdout)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            sys.stdout.write(proc.stdout + proc.stderr)
             print("[exit %d]" % proc.returncode)
             return proc.stdout
 
@@ -2570,6 +2711,15 @@ def demo():
         ollama.near_ties[4] = (" 2.", 0.2)  # the claim's token was the runner-up
         ollama.outputs[("llama3.2:1b", "What is 1+1? Answer in one sentence.")] = "1 + 1 equals 3."
         step("carol", "an honest worker whose hardware flipped a near-tie: a MISMATCH, diagnosed", "verify", item_id)
+
+        out = step("alice", "another job", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b")
+        item_id = out.split("\n")[0].split()[-1]
+        board.fail("done", message="push rejected: upstream changed (non-fast-forward)", times=3)
+        step("bob", "the board refuses the submission three times: the claim is released, the result kept",
+             "run", item_id)
+        step("bob", "what is kept on this box", "spool")
+        step("bob", "the next run claims again and submits the kept result, without generating again",
+             "run", item_id)
     ollama.stop()
 
 
@@ -2584,19 +2734,99 @@ def _shell_quote(arg):
 # =============================================================================
 
 
-def run_suite():
-    """Run every test; end with a plain `N passed, N failed` line."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=1).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    print("tests: %d passed, %d failed, %d skipped"
-          % (result.testsRun - failed - len(result.skipped), failed, len(result.skipped)))
-    return 0 if failed == 0 and result.testsRun > 0 else 1
+FAULT_TESTS = (FaultMatrixTest, PostSignalTest, MalformedInputTest, SpoolTest, TerminalSafetyTest)
+
+
+class _Result(unittest.TestResult):
+    """One worker's results; progress marks go to stderr as tests end."""
+
+    lock = threading.Lock()
+
+    def _mark(self, char):
+        with self.lock:
+            sys.stderr.write(char)
+            sys.stderr.flush()
+
+    def addSuccess(self, test):
+        unittest.TestResult.addSuccess(self, test)
+        self._mark(".")
+
+    def addFailure(self, test, err):
+        unittest.TestResult.addFailure(self, test, err)
+        self._mark("F")
+
+    def addError(self, test, err):
+        unittest.TestResult.addError(self, test, err)
+        self._mark("E")
+
+    def addSkip(self, test, reason):
+        unittest.TestResult.addSkip(self, test, reason)
+        self._mark("s")
+
+    def addSubTest(self, test, subtest, err):
+        unittest.TestResult.addSubTest(self, test, subtest, err)
+        if err is not None:
+            self._mark("F")
+
+
+def _tests(suite):
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _tests(test)
+        else:
+            yield test
+
+
+def run_suite(classes=None):
+    """Run every test (or those classes) on a few threads: the tests spend
+    most of their time waiting on child processes, and each has its own
+    board and Ollama. End with the fault tally and `N passed, N failed`.
+    TEST_JOBS=1 runs them one at a time."""
+    import queue
+
+    loader = unittest.defaultTestLoader
+    suite = (unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes) if classes
+             else loader.loadTestsFromModule(sys.modules[__name__]))
+    pending = queue.Queue()
+    for test in _tests(suite):
+        pending.put(test)
+    jobs = int(os.environ.get("TEST_JOBS") or min(6, 3 * (os.cpu_count() or 1)))
+    results = [_Result() for _ in range(jobs)]
+
+    def worker(result):
+        while True:
+            try:
+                test = pending.get_nowait()
+            except queue.Empty:
+                return
+            test(result)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(r,)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sys.stderr.write("\n")
+    problems = [(kind, test, text) for r in results
+                for kind, found in (("FAIL", r.failures), ("ERROR", r.errors)) for test, text in found]
+    for kind, test, text in problems:
+        sys.stderr.write("=" * 70 + "\n%s: %s\n" % (kind, test) + "-" * 70 + "\n" + text + "\n")
+    ran = sum(r.testsRun for r in results)
+    skipped = sum(len(r.skipped) for r in results)
+    failed = len(set(test.id() for _, test, _ in problems))
+    print("Ran %d tests in %.1fs on %d threads" % (ran, time.monotonic() - started, jobs))
+    if FAULTS.rows:
+        print("faults and hostile input (%s):\n%s" % ("all passed" if not failed else "SOME FAILED", FAULTS.report()))
+    print("tests: %d passed, %d failed, %d skipped" % (ran - failed - skipped, failed, skipped))
+    return 0 if failed == 0 and ran > 0 else 1
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["demo"]:
         demo()
+    elif sys.argv[1:2] == ["faults"]:
+        sys.exit(run_suite(FAULT_TESTS))
     elif sys.argv[1:2] == ["fake-wl"]:
         sys.exit(fake_wl_main(sys.argv[3:], sys.argv[2]))
     else:

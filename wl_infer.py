@@ -111,19 +111,22 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _is_control(ch):
+    """C0, DEL and C1 (ESC and the one-byte CSI among them) drive a terminal;
+    the bidi overrides and isolates reorder what is shown around them."""
     o = ord(ch)
-    return o < 0x20 or 0x7F <= o <= 0x9F
+    return o < 0x20 or 0x7F <= o <= 0x9F or 0x202A <= o <= 0x202E or 0x2066 <= o <= 0x2069
 
 
-def printable(text, keep_newlines=False):
-    """Replace control characters (C0, DEL, C1, so ESC too) with visible
-    escapes, so untrusted text cannot drive the operator's terminal."""
+def printable(text):
+    """Replace control characters with visible escapes (\\x1b, \\u202e), so
+    untrusted text can neither drive the operator's terminal nor disguise
+    what it shows."""
     out = []
     for ch in text:
-        if not _is_control(ch) or (keep_newlines and ch in "\n\t"):
+        if not _is_control(ch):
             out.append(ch)
         else:
-            out.append(_ESCAPES.get(ch) or "\\x%02x" % ord(ch))
+            out.append(_ESCAPES.get(ch) or ("\\x%02x" if ord(ch) < 0x100 else "\\u%04x") % ord(ch))
     return "".join(out)
 
 
@@ -919,6 +922,8 @@ def parse_status(text):
     if not lines:
         raise WlError("wl status printed no item header; got %s" % preview(text, 60))
     item_id, _, title = lines[0].partition(": ")
+    if raw[0].startswith(item_id + ": "):  # the title exactly as posted
+        title = raw[0][len(item_id) + 2:].rstrip("\r")
     item = {"id": item_id.strip(), "title": title, "status": None, "type": None,
             "posted_by": None, "claimed_by": None, "description": None, "completion": None}
     i = 1
