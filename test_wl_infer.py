@@ -74,6 +74,7 @@ class FakeOllama(object):
     end_after = n                     send n tokens, then close without `done`
     inject = (n, raw_bytes)           send n tokens, then this raw line, then go on
     drop = True                       close /api/generate connections unanswered
+    endless = text                    a model that never stops: streams this token forever
     thinking[(model, prompt)] = text  a thinking model: streamed as `thinking` first
     logprobs_supported = False        an older server: ignores logprobs/top_logprobs
     logprob_shift = x                 add x to every logprob (other weights, same text)
@@ -96,6 +97,7 @@ class FakeOllama(object):
         self.end_after = None
         self.inject = None
         self.drop = False
+        self.endless = None
         self.thinking = {}
         self.logprobs_supported = True
         self.logprob_shift = 0.0
@@ -269,7 +271,15 @@ class _OllamaHandlerMixin(object):
         thinking = self.fake.thinking.get((body["model"], prompt), "")
         thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
         logprobs = None  # per chunk: the entries of its tokens
-        if self.fake.logprobs_supported and body.get("logprobs") is True:
+        want_logprobs = self.fake.logprobs_supported and body.get("logprobs") is True
+        if self.fake.endless and body.get("stream", True) is not False:  # generated as it is sent
+            import itertools
+
+            piece = self.fake.endless.encode("utf-8")
+            return self._stream(name, [], (self.fake.endless for _ in itertools.count()),
+                                ([self.fake.logprobs_for(i, piece, top)] for i in itertools.count())
+                                if want_logprobs else None, "stop", 0)
+        if want_logprobs:
             index, logprobs = 0, []
             for _, tokens in chunks:
                 logprobs.append([self.fake.logprobs_for(index + k, t, top) for k, t in enumerate(tokens)])
@@ -320,6 +330,7 @@ class _OllamaHandlerMixin(object):
             for thought in thoughts:
                 send(json.dumps({"model": name, "created_at": "2026-11-26T10:00:00Z", "response": "",
                                  "thinking": thought, "done": False}, ensure_ascii=False).encode("utf-8") + b"\n")
+            entries = iter(logprobs) if logprobs is not None else None
             for i, token in enumerate(tokens):
                 if fake.error_after and i == fake.error_after[0]:
                     send(json.dumps({"error": fake.error_after[1]}).encode() + b"\n", final=True)
@@ -337,7 +348,7 @@ class _OllamaHandlerMixin(object):
                     time.sleep(fake.piece_delay)
                 obj = {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": token, "done": False}
                 if logprobs is not None:
-                    obj["logprobs"] = logprobs[i]
+                    obj["logprobs"] = next(entries)
                 send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
                 record["sent"] += 1
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
@@ -1783,10 +1794,10 @@ FAULT_MATRIX = [
           says=["sent a `response` or `thinking` that is not a string", _RELEASED]),
     Fault("Ollama sends a giant line", _ollama(inject=(2, b'{"response":"' + b"x" * (1 << 20) + b'"}')),
           says=["sent a stream line over 1048576 bytes", _RELEASED]),
-    Fault("Ollama never stops", _ollama(output="never ending " * 100000, piece_chars=64),  # 20,313 pieces
-          says=["the output passed 65535 bytes after", "generation stopped; the job needs a smaller max_tokens",
-                _RELEASED],
-          check=lambda t, item_id, err: t.assertLess(t.ollama.streams[0]["sent"], 2000)),
+    Fault("Ollama never stops", _ollama(endless="never ending "),
+          says=["the output passed 65535 bytes after 5042 tokens", "generation stopped; the job needs a smaller "
+                "max_tokens", _RELEASED], check=lambda t, item_id, err: wait_for(
+              t.ollama.streams[0]["ended"].is_set, "the fake to notice the client left")),
     Fault("evidence over the field limit", _ollama(output="<" * 20000),
           says=["the evidence (output 20000 bytes) is 120133 bytes, over wl's 65535-byte field limit",
                 _RELEASED, _KEPT], result="spool"),
@@ -1846,11 +1857,16 @@ class FaultMatrixTest(CliTest):
                                                                                              "what is 1+1")
         spool = os.path.join(self.state_home, "wl-infer", "results", item_id + ".json")
         proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id] + list(fault.args),
-                                env=self.env(**fault.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=self.env(**fault.env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
         try:
             for sig, moment in fault.signals:
                 wait_for(lambda moment=moment: moment(self), "the moment to send signal %d" % sig)
-                proc.send_signal(sig)
+                # Ctrl-C and a hangup reach the terminal's whole process group; `kill` one process
+                if sig == signal.SIGTERM:
+                    proc.send_signal(sig)
+                else:
+                    os.killpg(proc.pid, sig)
             out, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
@@ -1901,7 +1917,20 @@ class FaultMatrixTest(CliTest):
         self.assertFalse(os.path.exists(spool))
 
 
-class PostSignalTest(CliTest):
+class SignalTest(CliTest):
+    def test_a_signal_ignored_at_start_stays_ignored(self):
+        item_id = self.board.add(self.job())
+        self.ollama.piece_delay = 0.05  # long enough to be hung up on while generating
+        nohup = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                 "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+        proc = subprocess.Popen([sys.executable, "-c", nohup, WL_INFER, "run", item_id], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(self.ollama.generating.is_set, "the generate request")
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(self.board.item(item_id)["status"], "in_review")
+
     def test_a_signal_during_wl_post_is_held_until_the_job_is_posted(self):
         self.board.fail("post", delay=1.0, times=1)
         proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--prompt", "p", "--model", "llama3.2:1b"],
@@ -2734,7 +2763,7 @@ def _shell_quote(arg):
 # =============================================================================
 
 
-FAULT_TESTS = (FaultMatrixTest, PostSignalTest, MalformedInputTest, SpoolTest, TerminalSafetyTest)
+FAULT_TESTS = (FaultMatrixTest, SignalTest, MalformedInputTest, SpoolTest, TerminalSafetyTest)
 
 
 class _Result(unittest.TestResult):

@@ -41,11 +41,13 @@ class JobError(UserError):
 
 class WlError(UserError):
     """wl failed; the message carries wl's own error text. `conflict`: the
-    board refused the request as made (trying again cannot help)."""
+    board refused the request as made (trying again cannot help).
+    `item_status`: the item's status read back after the failure, if known."""
 
     def __init__(self, message, conflict=False):
         UserError.__init__(self, message)
         self.conflict = conflict
+        self.item_status = None
 
 
 class OllamaError(UserError):
@@ -72,8 +74,10 @@ class Signals(object):
         import signal
 
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self._handle)
+            number = getattr(signal, name, None)
+            # one that is ignored stays ignored (nohup, `cmd &` in a script)
+            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+                signal.signal(number, self._handle)
 
     def _handle(self, signum, frame):
         self.received += 1
@@ -233,9 +237,8 @@ def decode_struct(text, fields, what, null_allowed=True, limit=FIELD_LIMIT):
     refused before parsing (`limit` None: text we wrote ourselves). With
     null_allowed False, null is an error.
     Returns (the fields, the set of names the document gives)."""
-    size = _size(text) if limit else 0
-    if limit and size > limit:
-        raise JobError("%s is %d bytes, over wl's %d-byte field limit" % (what, size, limit))
+    if limit is not None and _size(text) > limit:
+        raise JobError("%s is %d bytes, over wl's %d-byte field limit" % (what, _size(text), limit))
     if _nesting(text) > MAX_NESTING:
         raise JobError("%s nests arrays or objects more than %d deep" % (what, MAX_NESTING))
     try:
@@ -739,15 +742,15 @@ class Ollama(object):
                 if piece:
                     gen.add(piece, obj.get("logprobs"))
                     size += len(piece.encode("utf-8", "surrogatepass"))
-                    if max_bytes is not None and size > max_bytes:
-                        gen.too_long = True
-                        break
                 if obj.get("done") is True:
                     gen.final = obj
                     break
                 gen.chunks += 1
                 if on_token:
                     on_token(gen.chunks)
+                if max_bytes is not None and size > max_bytes:
+                    gen.too_long = True
+                    break
                 if expected is not None and piece:
                     if not expected.startswith(piece, matched):
                         piece = _go_string(piece)  # a lone surrogate may still match
@@ -1270,15 +1273,15 @@ DONE_BACKOFF = 1.0  # seconds before the second attempt, doubling after
 
 def submit(ctx, item_id, encoded):
     """`wl done`, tried again with backoff unless the board refused the
-    request as made, or a signal arrived. Returns the item as read back
-    when wl reported a failure but the completion is on the board anyway
-    (a call that timed out after it was written), else None."""
+    request as made, or a signal arrived. After a final failure the item is
+    read back: a completion that is on the board anyway (wl timed out or
+    failed to push after writing it) is a success."""
     import time
 
     for attempt in range(1, DONE_TRIES + 1):
         try:
             ctx.wl.done(item_id, encoded)
-            return None
+            return
         except WlError as exc:
             if exc.conflict or attempt == DONE_TRIES or SIGNALS.received:
                 failure = exc
@@ -1296,7 +1299,7 @@ def submit(ctx, item_id, encoded):
         raise failure
     if item["completion"] is not None and item["completion"]["evidence_raw"] == encoded:
         ctx.warn("%s, but the completion is on the board: it was submitted" % failure)
-        return item
+        return
     failure.item_status = item["status"]
     raise failure
 
@@ -1353,7 +1356,9 @@ def run_job(ctx, item_id, skip_claim=False):
                         % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
     kept = kept_result(ctx, item, digest)
     version = local_version(ctx) if kept is None else ""
-    phase, spooled, full = "claiming", kept and kept["path"], kept and kept["evidence"]
+    full = kept["evidence"] if kept else None  # the whole evidence, before fitting wl's field
+    spooled = kept["path"] if kept else None  # where it is kept on disk, once it is
+    phase = "claiming"  # then claimed, submitting, submitted: what an interruption leaves behind
     try:
         if not skip_claim:
             ctx.wl.claim(item_id)
@@ -1379,9 +1384,9 @@ def run_job(ctx, item_id, skip_claim=False):
             ctx, item_id, spooled, skip_claim))
         raise (Interrupted if SIGNALS.received else UserError)(message)
     except KeyboardInterrupt:
-        # stopped during `wl done`, the claim is most likely still ours
+        still_claimed = skip_claim or phase == "submitting"  # wl done was stopped: the claim is likely ours
         raise Interrupted(_after_interrupt(ctx, item_id, skip_claim, phase) + _kept_note(
-            ctx, item_id, spooled if phase != "submitted" else None, skip_claim or phase == "submitting"))
+            ctx, item_id, spooled if phase != "submitted" else None, still_claimed))
     dropped = [name for name, _ in PROVENANCE_FIELDS if full.get(name) and name not in evidence]
     if dropped:
         ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
@@ -1406,7 +1411,7 @@ def _after_failure(ctx, item_id, skip_claim, phase, exc):
     if phase == "claiming" and getattr(exc, "conflict", True):
         return "nothing was claimed"
     # a claim that timed out or failed for another reason may still have been written
-    status = getattr(exc, "item_status", "claimed")
+    status = getattr(exc, "item_status", None) or "claimed"
     if status != "claimed":
         return "%s is now %s, so there is no claim to release" % (item_id, status)
     return release_claim(ctx, item_id)
@@ -1797,9 +1802,12 @@ def cmd_spool(ctx, args):
     folder = spool_dir()
     if args.drop:
         path = spool_path(args.drop)
-        if not os.path.exists(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
             raise UserError("no kept result for %s in %s (IDs here are full IDs)" % (args.drop, folder))
-        _remove(path)
+        except OSError as exc:
+            raise UserError("cannot drop %s: %s" % (path, _reason(exc)))
         return Report(EXIT_OK, {"dropped": args.drop, "path": path}, ["✓ Dropped the kept result for " + args.drop])
     docs, lines = [], []
     for path, doc in spool_list():
