@@ -887,6 +887,25 @@ class FaultTally(object):
 
 FAULTS = FaultTally()
 
+# Completion evidence that verify must refuse (exit 2, naming the problem)
+# without running the model.
+_EVIDENCE = GO_EVIDENCE[:-1] + ",%s}"
+MALFORMED_EVIDENCE = [
+    ("The answer is 2.", "evidence is not valid JSON"),
+    ("[1]", "evidence must be a JSON object, got an array"),
+    ('{"output":42,"output_hash":"sha256:00","model":"llama3.2:1b","seed":42}',
+     'evidence field "output" must be a string, got the number 42'),
+    ('{"output":"x","model":"llama3.2:1b","seed":42}', 'evidence field "output_hash" is missing or empty'),
+    (_EVIDENCE % '"seed":"42"', 'evidence field "seed" must be an integer, got the string "42"'),
+    (_EVIDENCE % '"eval_count":NaN', "evidence is not valid JSON"),
+    (_EVIDENCE % '"tokens_per_s":1e999', 'evidence field "tokens_per_s" is out of range: 1e999'),
+    (_EVIDENCE % '"options":{"a":{"b":1}}', 'evidence field "options" key "a" must be a number, string'),
+    (_EVIDENCE % '"logprobs":[-0.1,"x"]', 'evidence field "logprobs" element must be a number'),
+    (_EVIDENCE % ('"x":' + "[" * 33 + "]" * 33), "evidence nests arrays or objects more than 32 deep"),
+    (_EVIDENCE % ('"x":' + "[" * 30000 + "]" * 30000), "evidence nests arrays or objects more than 32 deep"),
+    (_EVIDENCE % ('"pad":"%s"' % ("x" * 70000)), "evidence is 70158 bytes, over wl's 65535-byte field limit"),
+]
+
 # Command-line IDs that must never reach wl.
 MALFORMED_IDS = ["--help-me", "-x", "--wasteland=evil/db", "abc", "w-", "W-ABC", "w-1 2", "w-1;rm", "w-../x",
                  "w-" + "a" * 70, "w-ab\x1b[2J"]
@@ -1868,9 +1887,11 @@ class FaultMatrixTest(CliTest):
                 else:
                     os.killpg(proc.pid, sig)
             out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        except BaseException:  # say what the process was doing, not only that the test gave up
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError("wl_infer did not end as expected; wl calls started: %s; stderr: %s"
+                                 % (self.board.started(), err.decode("utf-8", "replace")))
         err = err.decode("utf-8")
         lines = err.strip("\n").split("\n")
         item = self.board.item(item_id)
@@ -2044,6 +2065,13 @@ class MalformedInputTest(CliTest):
     """Every malformed job and command-line ID is refused with its reason,
     before any claim and before Ollama is asked to generate anything."""
 
+    def cli_each(self, command, ids):
+        """`command ID` for each ID, four at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda item_id: self.cli(command, item_id), ids))
+
     def test_every_malformed_job_is_refused_before_claiming(self):
         ids = [self.board.add(self.job(prompt="placeholder %d" % i)) for i in range(len(MALFORMED_JOBS))]
 
@@ -2051,10 +2079,7 @@ class MalformedInputTest(CliTest):
             for item_id, (description, _) in zip(ids, MALFORMED_JOBS):
                 state["items"][item_id]["description"] = description
         self.board.update(plant)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda item_id: self.cli("run", item_id), ids))
+        results = self.cli_each("run", ids)
         for item_id, (description, fragment), result in zip(ids, MALFORMED_JOBS, results):
             with self.subTest(description=description[:60]):
                 self.assertError(result, item_id, fragment)
@@ -2062,6 +2087,20 @@ class MalformedInputTest(CliTest):
         self.assertEqual(self.board.commands(rig="bob"), ["status"] * len(ids))
         self.assertEqual(self.ollama.generate_requests(), [])
         FAULTS.count("malformed jobs refused before a claim", len(ids))
+
+    def test_malformed_evidence_is_refused_by_verify_without_a_rerun(self):
+        ids = [self.completed(output="x%d" % i) for i in range(len(MALFORMED_EVIDENCE))]
+
+        def plant(state):  # straight into the board: wl itself would refuse the oversized one
+            for item_id, (evidence, _) in zip(ids, MALFORMED_EVIDENCE):
+                state["items"][item_id]["completion"]["evidence"] = evidence
+        self.board.update(plant)
+        results = self.cli_each("verify", ids)
+        for item_id, (evidence, fragment), result in zip(ids, MALFORMED_EVIDENCE, results):
+            with self.subTest(evidence=evidence[:60]):
+                self.assertError(result, item_id + ": evidence does not decode: " + fragment)
+        self.assertEqual(self.ollama.generate_requests(), [])
+        FAULTS.count("malformed evidence refused by verify without a re-run", len(ids))
 
     def test_malformed_ids_never_reach_wl(self):
         for bad in MALFORMED_IDS:
