@@ -678,6 +678,12 @@ def fake_wl_main(argv, state_path):
                 if fail.get("hang") or fail.get("delay"):  # a slow network; nothing is written meanwhile
                     _save_state(state_path, state)
                     fcntl.flock(lock, fcntl.LOCK_UN)
+                    if fail.get("hang"):  # with a helper of its own, as wl runs dolt
+                        import subprocess
+
+                        helper = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(3600)"])
+                        with open(state_path + ".helpers", "a") as log:
+                            log.write("%d\n" % helper.pid)
                     time.sleep(3600 if fail.get("hang") else fail["delay"])
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     state = _load_state(state_path)
@@ -712,6 +718,15 @@ def _fake_wl_source():
         source = f.read()
     begin = source.index("# ---- fake wl: begin")
     return source[begin:source.index("# ---- fake wl: end ----", begin)]
+
+
+def _alive(pid):
+    """Running (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class FakeBoard(object):
@@ -780,6 +795,14 @@ class FakeBoard(object):
             return []
         with open(path) as f:
             return [json.loads(line) for line in f]
+
+    def helpers_alive(self):
+        """The helper processes that hanging calls started and that still run."""
+        path = self.state_path + ".helpers"
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [pid for pid in (int(line) for line in f) if _alive(pid)]
 
     def started(self):
         """The commands of every call started so far, finished or not."""
@@ -1778,7 +1801,9 @@ FAULT_MATRIX = [
     Fault("wl status output truncated", _wl_fails("status", stdout="{id}: infer: what is 1+1\n\n  Type:"),
           says=["wl status output for {id} has no Status line"]),
     Fault("wl status hangs", _wl_fails("status", hang=True), args=["--wl-timeout", "1"],
-          says=["wl status did not finish within 1 s and was stopped", "--wl-timeout"]),
+          says=["wl status did not finish within 1 s and was stopped", "--wl-timeout"],
+          check=lambda t, item_id, err: wait_for(lambda: not t.board.helpers_alive(),
+                                                 "wl and what it started to be stopped")),
     Fault("wl crashes without a wl: line", _wl_fails("status", stderr="panic: runtime error: index out of range"
                                                      "\n\ngoroutine 1 [running]:\nmain.main()\n", exit=2),
           says=["wl status failed: panic: runtime error: index out of range"]),
@@ -1792,7 +1817,8 @@ FAULT_MATRIX = [
     Fault("wl claim written, then wl fails", _wl_fails("claim", after=True, message="push failed: connection reset"),
           says=["wl claim failed: push failed: connection reset", _RELEASED]),
     Fault("wl claim hangs", _wl_fails("claim", hang=True), args=["--wl-timeout", "1"],
-          says=["wl claim did not finish within 1 s", "no claim of ours is held on {id}"]),
+          says=["wl claim did not finish within 1 s", "no claim of ours is held on {id}"],
+          check=lambda t, item_id, err: t.assertEqual(t.board.helpers_alive(), [])),
     Fault("Ollama drops the connection", _ollama(drop=True),
           says=["cannot reach Ollama at http://", _RELEASED]),
     Fault("Ollama HTTP 500", _ollama(fail=(500, "llama runner process has terminated: exit status 2")),
@@ -2026,13 +2052,17 @@ class SpoolTest(CliTest):
         item_id = self.board.add(self.job())
         results = os.path.join(self.state_home, "wl-infer", "results")
         os.makedirs(results)
-        for name, content in ((item_id + ".json", "{not json"), ("w-2.json", '{"version": 99}')):
+        forged = {"version": 1, "id": "w-3", "description": "", "model_digest": "", "spooled_at": "",
+                  "evidence": GO_EVIDENCE.replace("The answer is 2.", "The answer is 3.")}
+        for name, content in ((item_id + ".json", "{not json"), ("w-2.json", '{"version": 99}'),
+                              ("w-3.json", json.dumps(forged))):
             with open(os.path.join(results, name), "w") as f:
                 f.write(content)
         code, out, _ = self.cli("spool")
         self.assertEqual(code, 0)
         self.assertIn("✗ kept result %s is unreadable (" % os.path.join(results, item_id + ".json"), out)
         self.assertIn("unknown version 99", out)
+        self.assertIn("its output does not match its output_hash", out)
         code, _, err = self.cli("run", item_id)
         self.assertEqual(code, 0, err)
         self.assertIn("is unreadable", err)

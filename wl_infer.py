@@ -994,6 +994,27 @@ def is_item_id(text):
             and all(c in "0123456789abcdefghijklmnopqrstuvwxyz" for c in text[2:]))
 
 
+def _stop_group(proc, grace=2.0):
+    """Stop a child and everything it started (wl may run dolt, which holds
+    the database lock): SIGTERM to its process group, SIGKILL after `grace`."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM
+    except OSError:  # nothing left in the group
+        pass
+    try:
+        proc.communicate(timeout=grace)  # reap; a daemon that left the group may hold the pipes
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class Wl(object):
     """Runs wl as a child process: argument lists only, values as --opt=value,
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
@@ -1014,18 +1035,23 @@ class Wl(object):
         try:
             # Its own session: a Ctrl-C at the terminal reaches us, not wl, so
             # a claim or a submission is never cut half-way by the terminal.
-            with SIGNALS.protected(enabled=mutating):
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, timeout=self.timeout,
-                                      start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
-                          "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
         except OSError as exc:
             raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
-        out = proc.stdout.decode("utf-8", "replace")
+        try:
+            with SIGNALS.protected(enabled=mutating):
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
+                          "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+        except BaseException:  # a signal we do not hold: stop wl and what it started
+            _stop_group(proc)
+            raise
+        out = stdout.decode("utf-8", "replace")
         if proc.returncode != 0:
-            err = wl_error_text(proc.stderr.decode("utf-8", "replace"), out)
+            err = wl_error_text(stderr.decode("utf-8", "replace"), out)
             raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode),
                           conflict=any(c in (err or "") for c in _WL_CONFLICTS))
         return out
@@ -1123,6 +1149,8 @@ def spool_read(path):
         if not is_item_id(doc["id"]):
             raise ValueError("bad item ID")
         doc["evidence"] = decode_evidence(doc["evidence"], limit=None)  # may be too big to submit
+        if output_hash(doc["evidence"]["output"]) != doc["evidence"]["output_hash"]:
+            raise ValueError("its output does not match its output_hash")
     except (OSError, ValueError, AttributeError, JobError) as exc:
         raise UserError("kept result %s is unreadable (%s)" % (path, _reason(exc)))
     return doc
@@ -1372,6 +1400,7 @@ def run_job(ctx, item_id, skip_claim=False):
                                % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
             full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
             spooled = _keep(ctx, item, digest, full)
+            SIGNALS.check()
         evidence, encoded = fit_evidence(full)
         phase = "submitting"
         submit(ctx, item_id, encoded)
@@ -1396,9 +1425,11 @@ def run_job(ctx, item_id, skip_claim=False):
 
 
 def _keep(ctx, item, digest, evidence):
-    """Spool a finished result; a full disk must not cost the result itself."""
+    """Spool a finished result (a signal waits until it is on disk); a full
+    disk must not cost the result itself."""
     try:
-        return spool_write(item, digest, evidence)
+        with SIGNALS.protected():
+            return spool_write(item, digest, evidence)
     except OSError as exc:
         ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
         return None
