@@ -729,6 +729,33 @@ def _alive(pid):
         return False
 
 
+_FAKE_WL = {"path": None, "lock": threading.Lock()}
+
+
+def fake_wl_executable():
+    """The fake wl, written once per test process; every board hard-links
+    it. (Writing an executable while another thread forks lets the child
+    inherit a writable descriptor to it, and running the file then fails
+    with ETXTBSY, "Text file busy".) Its board is board.json beside the
+    path it was run by."""
+    with _FAKE_WL["lock"]:
+        if _FAKE_WL["path"] is None:
+            import atexit
+            import shutil
+
+            folder = tempfile.mkdtemp(prefix="fake-wl-")
+            atexit.register(shutil.rmtree, folder, True)
+            path = os.path.join(folder, "wl")
+            with open(path, "w", encoding="utf-8") as f:
+                # -S: no site import; the fake wl needs only the standard library
+                f.write("#!%s -S\n# fake wl, written by test_wl_infer.fake_wl_executable\n%s\n"
+                        "sys.exit(fake_wl_main(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath("
+                        "sys.argv[0])), 'board.json')))\n" % (sys.executable, _fake_wl_source()))
+            os.chmod(path, 0o755)
+            _FAKE_WL["path"] = path
+        return _FAKE_WL["path"]
+
+
 class FakeBoard(object):
     """A fake wl executable in a temp dir, with helpers to set up and read
     its board."""
@@ -738,11 +765,12 @@ class FakeBoard(object):
         self.state_path = os.path.join(folder, "board.json")
         self.exe = os.path.join(folder, "wl")
         self.save({"rig": rig, "mode": mode, "items": {}, "fail": {}})
-        with open(self.exe, "w", encoding="utf-8") as f:
-            # -S: no site import; the fake wl needs only the standard library
-            f.write("#!%s -S\n# fake wl, written by test_wl_infer.FakeBoard\n%s\n"
-                    "sys.exit(fake_wl_main(sys.argv[1:], %r))\n" % (sys.executable, _fake_wl_source(), self.state_path))
-        os.chmod(self.exe, 0o755)
+        try:
+            os.link(fake_wl_executable(), self.exe)
+        except OSError:  # another file system: a copy (safe where nothing forks meanwhile)
+            import shutil
+
+            shutil.copy(fake_wl_executable(), self.exe)
 
     def load(self):
         with open(self.state_path) as f:
@@ -2899,6 +2927,7 @@ def run_suite(classes=None):
                 return
             test(result)
 
+    fake_wl_executable()  # written before any thread can fork
     started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(r,)) for r in results]
     for t in threads:

@@ -1032,23 +1032,23 @@ class Wl(object):
         if mutating and self.no_push:
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
-        try:
-            # Its own session: a Ctrl-C at the terminal reaches us, not wl, so
-            # a claim or a submission is never cut half-way by the terminal.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
-        except OSError as exc:
-            raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
-        try:
-            with SIGNALS.protected(enabled=mutating):
+        with SIGNALS.protected(enabled=mutating):  # from before wl starts until it has ended
+            try:
+                # Its own session: a Ctrl-C at the terminal reaches us, not wl,
+                # so a claim or a submission is never cut half-way by the terminal.
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, start_new_session=True)
+            except OSError as exc:
+                raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
+            try:
                 stdout, stderr = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _stop_group(proc)
-            raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
-                          "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
-        except BaseException:  # a signal we do not hold: stop wl and what it started
-            _stop_group(proc)
-            raise
+            except subprocess.TimeoutExpired:
+                _stop_group(proc)
+                raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
+                              "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+            except BaseException:  # a signal that is not held: stop wl and what it started
+                _stop_group(proc)
+                raise
         out = stdout.decode("utf-8", "replace")
         if proc.returncode != 0:
             err = wl_error_text(stderr.decode("utf-8", "replace"), out)
