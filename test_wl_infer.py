@@ -1873,7 +1873,9 @@ FAULT_MATRIX = [
               t.ollama.streams[0]["ended"].is_set, "the fake to notice the client left")),
     Fault("evidence over the field limit", _ollama(output="<" * 20000),
           says=["the evidence (output 20000 bytes) is 120133 bytes, over wl's 65535-byte field limit",
-                _RELEASED, _KEPT], result="spool"),
+                _RELEASED, "the result is kept in {spool} for the record (`wl_infer.py spool --drop {id}` removes it)"],
+          result="spool", check=lambda t, item_id, err: t.runs_again_without_claiming(
+              item_id, "%s already ran this job: the evidence (output 20000 bytes) is 120133 bytes" % item_id)),
     Fault("wl done fails once", _wl_fails("done", message="push rejected: upstream changed", times=1),
           code=0, says=["wl_infer: warning: wl done failed: push rejected: upstream changed; trying again in 1 s "
                         "(attempt 2 of 3)"], board="in_review", result="board", check=_calls("done", 2)),
@@ -1975,6 +1977,11 @@ class FaultMatrixTest(CliTest):
             fault.check(self, item_id, err)
         if fault.resubmit:
             self.resubmit(item_id, spool, output)
+
+    def runs_again_without_claiming(self, item_id, *says):
+        calls = len(self.board.commands(rig=self.rig))
+        self.assertError(self.cli("run", item_id), *says)
+        self.assertEqual(self.board.commands(rig=self.rig)[calls:], ["status"])
 
     def resubmit(self, item_id, spool, output):
         """A kept result goes to the board without generating again."""

@@ -1347,6 +1347,11 @@ def kept_result(ctx, item, digest):
                  % (path, "another job description" if doc["description"] != item["description"]
                     else "model %s, this one is %s" % (short_digest(doc["model_digest"]), short_digest(digest))))
         return None
+    try:
+        fit_evidence(doc["evidence"])
+    except UserError as exc:  # the same job would make the same output: refuse before claiming
+        raise UserError("%s already ran this job: %s (kept in %s; `wl_infer.py spool --drop %s` removes it)"
+                        % (item["id"], exc, path, item["id"]))
     doc["path"] = path
     return doc
 
@@ -1409,8 +1414,10 @@ def run_job(ctx, item_id, skip_claim=False):
             _remove(spooled)
         SIGNALS.check()
     except UserError as exc:
+        # between keeping the result and submitting it, only its size can fail
+        submittable = phase != "claimed"
         message = "%s; %s" % (exc, _after_failure(ctx, item_id, skip_claim, phase, exc) + _kept_note(
-            ctx, item_id, spooled, skip_claim))
+            ctx, item_id, spooled, skip_claim, submittable))
         raise (Interrupted if SIGNALS.received else UserError)(message)
     except KeyboardInterrupt:
         still_claimed = skip_claim or phase == "submitting"  # wl done was stopped: the claim is likely ours
@@ -1462,9 +1469,12 @@ def _after_interrupt(ctx, item_id, skip_claim, phase):
     return release_claim(ctx, item_id)
 
 
-def _kept_note(ctx, item_id, spooled, skip_claim):
+def _kept_note(ctx, item_id, spooled, skip_claim, submittable=True):
     if not spooled or not os.path.exists(spooled):
         return ""
+    if not submittable:
+        return "; the result is kept in %s for the record (`wl_infer.py spool --drop %s` removes it)" % (
+            spooled, item_id)
     return "; the result is kept in %s: submit it with `%s`" % (
         spooled, resubmit_command(ctx, item_id, skip_claim))
 
