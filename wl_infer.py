@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 EXIT_OK = 0  # success; for verify: VERIFIED
 EXIT_MISMATCH = 1  # verify: the hashes differ
 EXIT_ERROR = 2  # usage, bad job, wrong type or status, wl or Ollama failure
-EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM
+EXIT_INTERRUPTED = 130  # SIGINT, SIGTERM or SIGHUP
 
 
 class UserError(Exception):
@@ -55,7 +55,7 @@ class OllamaError(UserError):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the message says what was cleaned up."""
+    """A signal arrived; the message says what was cleaned up and what is left."""
 
 
 class Signals(object):
