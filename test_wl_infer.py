@@ -1722,6 +1722,10 @@ class PostTest(CliTest):
         self.assertError(self.cli("post", "--prompt-file", "/nonexistent/x", "--model", "m"),
                          "cannot read --prompt-file /nonexistent/x")
         self.assertError(self.cli("post", "--prompt", "-", "--model", "m", stdin=b"\xff\xfe"), "not valid UTF-8")
+        self.assertError(self.cli("post", "--prompt", "-", "--model", "m", stdin=b"a\0b"),
+                         'not posted: workers would refuse this job (job field "prompt" contains a NUL character)')
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "llama 3"),
+                         '--model "llama 3" is not an Ollama model name')
         self.assertEqual(self.board.calls(), [])
 
     def test_job_over_the_field_limit_is_refused(self):
@@ -2360,6 +2364,10 @@ class VerificationTest(CliTest):
                          '{"prompt":"p","model":"llama3.2:1b","seed":42}')
         code, out, err = self.cli("post", "--prompt", "p", "--model", "mistral:7b", "--json")
         self.assertEqual(json.loads(out)["job"]["model_digest"], "")  # not local: nothing to pin
+        self.ollama.models["llama3.2:1b"] = "latest\x1b[2J"  # not a digest: a pin workers would refuse
+        code, out, err = self.cli("post", "--prompt", "p", "--model", "llama3.2:1b", "--json")
+        self.assertEqual((code, json.loads(out)["job"]["model_digest"]), (0, ""))
+        self.assertIn('not pinned: Ollama reports the digest of llama3.2:1b as "latest\\u001b[2J"', err)
 
     def test_different_local_weights_are_reported_and_named_as_the_cause(self):
         theirs = "ee" * 32

@@ -1699,15 +1699,23 @@ def cmd_post(ctx, args):
     check_model_name(args.model, "--model")
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
-    check_field_size(encode_job(job), "the job", "shorten the prompt")  # before contacting anything
+    description = encode_job(job)
+    check_field_size(description, "the job", "shorten the prompt")  # before contacting anything
+    try:
+        decode_job(description)  # never post what workers would refuse
+    except JobError as exc:
+        raise UserError("not posted: workers would refuse this job (%s)" % exc)
     try:
         digest = ctx.ollama.find_model(job["model"])
         if digest is None:
             ctx.warn("model %s is not in the local Ollama at %s; the job is posted anyway, but "
                      "you cannot verify results until you `ollama pull %s`"
                      % (job["model"], ctx.ollama.url, job["model"]))
-        elif not args.no_pin:
+        elif not args.no_pin and _is_digest(digest):
             job["model_digest"] = digest
+        elif not args.no_pin:
+            ctx.warn("not pinned: Ollama reports the digest of %s as %s, not 64 hex digits"
+                     % (job["model"], preview(_dumps(digest), 80)))
     except OllamaError as exc:
         ctx.warn("could not check the model locally: %s" % exc)
     description = encode_job(job)
