@@ -939,9 +939,15 @@ class FaultTally(object):
         with _Result.lock:  # tests run on several threads
             self.rows[what] = self.rows.get(what, 0) + n
 
+    ORDER = ("faults injected into run", "claims left held without saying how to release them",
+             "claims left held, with the command to release them", "results lost", "Ollama faults met by verify",
+             "malformed jobs refused before a claim", "malformed evidence refused by verify without a re-run",
+             "malformed IDs refused before wl", "reports with hostile text, free of control characters")
+
     def report(self):
         width = max(len(k) for k in self.rows)
-        return "\n".join("  %s %d" % ((what + ":").ljust(width + 1), n) for what, n in self.rows.items())
+        rows = sorted(self.rows.items(), key=lambda row: (self.ORDER + (row[0],)).index(row[0]))
+        return "\n".join("  %s %d" % ((what + ":").ljust(width + 1), n) for what, n in rows)
 
 
 FAULTS = FaultTally()
