@@ -741,16 +741,17 @@ class Ollama(object):
                     gen.thinking_pieces.append(thinking)
                 if piece:
                     gen.add(piece, obj.get("logprobs"))
-                    size += len(piece.encode("utf-8", "surrogatepass"))
                 if obj.get("done") is True:
                     gen.final = obj
                     break
                 gen.chunks += 1
                 if on_token:
                     on_token(gen.chunks)
-                if max_bytes is not None and size > max_bytes:
-                    gen.too_long = True
-                    break
+                if max_bytes is not None and piece:  # counted only when there is a limit (run, not verify)
+                    size += len(piece.encode("utf-8", "surrogatepass"))
+                    if size > max_bytes:
+                        gen.too_long = True
+                        break
                 if expected is not None and piece:
                     if not expected.startswith(piece, matched):
                         piece = _go_string(piece)  # a lone surrogate may still match
