@@ -1437,9 +1437,9 @@ class StreamingTest(OllamaClientTest):
 
     def test_models_and_tag_normalisation(self):
         self.ollama.models["mistral:latest"] = "d" * 64
-        self.assertEqual(self.client.find_model("mistral"), "d" * 64)
-        self.assertEqual(self.client.find_model("Llama3.2:1B"), self.ollama.models["llama3.2:1b"])
-        self.assertIsNone(self.client.find_model("llama3.2"))
+        self.assertEqual(wl_infer.find_model(self.client.models(), "mistral"), "d" * 64)
+        self.assertEqual(wl_infer.find_model(self.client.models(), "Llama3.2:1B"), self.ollama.models["llama3.2:1b"])
+        self.assertIsNone(wl_infer.find_model(self.client.models(), "llama3.2"))
 
     def test_base_path_is_kept(self):
         client = wl_infer.Ollama("http://%s/prefix" % self.ollama.address, timeout=5)

@@ -64,11 +64,14 @@ class Signals(object):
     `protected()` (a wl call that changes the board) the first signal is
     held until the call has finished, so we know whether the claim or the
     submission happened; callers act on it with `check()`. A second signal
-    is never held: the user wants out, and we report what is left undone."""
+    is never held: the user wants out, and we report what is left undone.
+    `graceful` (the worker): signals are only counted; the first one asks
+    to stop taking jobs, the second aborts (`aborting()`, `check()`)."""
 
     def __init__(self):
         self.received = 0
         self.holding = 0
+        self.graceful = False
 
     def install(self):
         import signal
@@ -81,15 +84,18 @@ class Signals(object):
 
     def _handle(self, signum, frame):
         self.received += 1
-        if not (self.holding and self.received == 1):
+        if not self.graceful and not (self.holding and self.received == 1):
             raise KeyboardInterrupt
 
     def protected(self, enabled=True):
         return _Holding(self, 1 if enabled else 0)
 
+    def aborting(self):
+        return self.received >= (2 if self.graceful else 1)
+
     def check(self):
         """Act on a held signal, now that it is safe to."""
-        if self.received:
+        if self.aborting():
             raise KeyboardInterrupt
 
 
@@ -699,14 +705,6 @@ class Ollama(object):
                 found[full_model_name(name)] = digest if isinstance(digest, str) else ""
         return found
 
-    def find_model(self, name):
-        """The local digest of model `name`, or None when it is not pulled."""
-        wanted = full_model_name(name).lower()  # Ollama names are case-insensitive
-        for have, digest in self.models().items():
-            if have.lower() == wanted:
-                return digest
-        return None
-
     def generate(self, job, on_token=None, expected=None, max_bytes=None):
         """Run the job, streaming; return a Generation. `on_token(n)` is
         called after each streamed token. With `expected`, stop reading at
@@ -1242,28 +1240,35 @@ def job_of(item):
         raise JobError("%s: %s" % (item["id"], exc))
 
 
-def generate(ctx, job, expected=None, max_bytes=None):
-    """Run a job on the local Ollama with the progress line."""
+def generate(ctx, job, expected=None):
+    """Re-run a job on the local Ollama with the progress line."""
     progress = ctx.progress("generating with %s" % printable(job["model"]))
     try:
-        return ctx.ollama.generate(job, progress, expected, max_bytes)
+        return ctx.ollama.generate(job, progress, expected)
     finally:
         progress.clear()
 
 
-def require_local_model(ctx, model):
-    """The local model's digest. Never claim, or re-run, work this box cannot do."""
-    digest = ctx.ollama.find_model(model)
+def find_model(models, name):
+    """The digest of model `name` in {name: digest} (from /api/tags), or None."""
+    wanted = full_model_name(name).lower()  # Ollama names are case-insensitive
+    return next((digest for have, digest in models.items() if have.lower() == wanted), None)
+
+
+def require_local_model(models, model, url):
+    """The model's digest on the Ollama at `url`, whose /api/tags gave
+    `models`. Never claim, or re-run, work this box cannot do."""
+    digest = find_model(models, model)
     if digest is None:
         raise UserError("model %s is not in the local Ollama at %s; pull it with `ollama pull %s` "
-                        "or leave the job to another worker" % (model, ctx.ollama.url, model))
+                        "or leave the job to another worker" % (model, url, model))
     return digest
 
 
-def local_version(ctx):
-    """The local Ollama's version, or "" (provenance is best effort)."""
+def local_version(ollama):
+    """An Ollama's version, or "" (provenance is best effort)."""
     try:
-        return ctx.ollama.version()
+        return ollama.version()
     except OllamaError:
         return ""
 
@@ -1312,7 +1317,7 @@ def submit(ctx, item_id, encoded):
             ctx.wl.done(item_id, encoded)
             return
         except WlError as exc:
-            if exc.conflict or attempt == DONE_TRIES or SIGNALS.received:
+            if exc.conflict or attempt == DONE_TRIES or SIGNALS.aborting():
                 failure = exc
                 break
             delay = DONE_BACKOFF * 2 ** (attempt - 1)
@@ -1368,68 +1373,118 @@ def resubmit_command(ctx, item_id, skip_claim=False):
     return " ".join(shlex.quote(w) for w in words)
 
 
-def run_job(ctx, item_id, skip_claim=False):
-    """Read, check, claim, generate, keep, submit. Returns a dict: item, job,
-    evidence (as submitted), kept (the spool entry submitted instead of
-    generating, or None). Every way out after the claim either submits or
-    releases, and a finished result is kept on disk until wl has it."""
-    item = ctx.wl.status(item_id)
-    item_id = item["id"] or item_id
-    allowed = ("open", "claimed") if skip_claim else ("open",)
-    require_inference(item)
-    if item["status"] not in allowed:
-        raise UserError("%s is %s, not %s; %s" % (
-            item_id, item["status"], " or ".join(allowed),
-            "with --skip-claim the item must already be claimed" if skip_claim
-            else "only open jobs can be claimed (use --skip-claim if you claimed it yourself)"))
-    job = job_of(item)
-    digest = require_local_model(ctx, job["model"])
-    if job["model_digest"] and not same_digest(job["model_digest"], digest):
-        raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
-                        "to another worker (a result from other weights could not be verified against the pin)"
-                        % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
-    kept = kept_result(ctx, item, digest)
-    version = local_version(ctx) if kept is None else ""
-    full = kept["evidence"] if kept else None  # the whole evidence, before fitting wl's field
-    spooled = kept["path"] if kept else None  # where it is kept on disk, once it is
-    phase = "claiming"  # then claimed, submitting, submitted: what an interruption leaves behind
-    try:
-        if not skip_claim:
-            ctx.wl.claim(item_id)
-        phase = "claimed"
+class JobRun(object):
+    """One job through check -> claim -> generate -> keep -> submit: the code
+    behind both `run` and `work`. Each step is called through `attempt()`,
+    so every way out after the claim either submits or releases, and a
+    finished result is kept on disk until wl has it. `phase` says what an
+    interruption leaves behind: checking, claiming, claimed, submitting,
+    submitted."""
+
+    def __init__(self, ctx, item, skip_claim=False):
+        self.ctx, self.item, self.id, self.skip_claim = ctx, item, item["id"], skip_claim
+        self.job = self.digest = self.kept = None
+        self.full = None  # the whole evidence, before fitting wl's field
+        self.evidence = None  # as submitted
+        self.spooled = None  # where the result is kept on disk, once it is
+        self.gen = None
+        self.phase = "checking"
+
+    def check(self, models, url):
+        """Everything that can refuse the job, before the claim. `models`:
+        {name: digest} of the Ollama at `url` that will run it."""
+        item, allowed = self.item, ("open", "claimed") if self.skip_claim else ("open",)
+        require_inference(item)
+        if item["status"] not in allowed:
+            raise UserError("%s is %s, not %s; %s" % (
+                self.id, item["status"], " or ".join(allowed),
+                "with --skip-claim the item must already be claimed" if self.skip_claim
+                else "only open jobs can be claimed (use --skip-claim if you claimed it yourself)"))
+        job = self.job = job_of(item)
+        digest = self.digest = require_local_model(models, job["model"], url)
+        if job["model_digest"] and not same_digest(job["model_digest"], digest):
+            raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
+                            "to another worker (a result from other weights could not be verified against the "
+                            "pin)" % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
+        self.kept = kept_result(self.ctx, item, digest)
+        if self.kept:
+            self.full, self.spooled = self.kept["evidence"], self.kept["path"]
+
+    def attempt(self, step, *args):
+        """Run one step; a failure or a signal releases what is ours and
+        raises UserError or Interrupted saying what is left, and where."""
+        try:
+            return step(*args)
+        except UserError as exc:
+            raise self.failure(exc)
+        except KeyboardInterrupt:
+            raise self.interruption()
+
+    def claim(self):
+        self.phase = "claiming"
+        if not self.skip_claim:
+            self.ctx.wl.claim(self.id)
+        self.phase = "claimed"
         SIGNALS.check()  # a signal held during the claim: release it now
-        if full is None:
-            gen = generate(ctx, job, max_bytes=FIELD_LIMIT)
+
+    def generate(self, ollama, version, on_token=None, digest=None):
+        """Generate (unless a kept result is submitted instead) and keep the
+        result on disk. `digest`: the model's digest on `ollama`."""
+        if self.full is None:
+            job = self.job
+            gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT)
             if gen.too_long:
                 raise JobError("the output passed %d bytes after %s, so its evidence could never fit wl's "
                                "%d-byte field; generation stopped; the job needs a smaller max_tokens"
                                % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
-            full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
-            spooled = _keep(ctx, item, digest, full)
-            SIGNALS.check()
-        evidence, encoded = fit_evidence(full)
-        phase = "submitting"
-        submit(ctx, item_id, encoded)
-        phase = "submitted"
-        if spooled:
-            _remove(spooled)
+            digest = digest or self.digest
+            self.full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+            self.spooled = _keep(self.ctx, self.item, digest, self.full)
         SIGNALS.check()
-    except UserError as exc:
+
+    def submit(self):
+        SIGNALS.check()
+        self.evidence, encoded = fit_evidence(self.full)
+        self.phase = "submitting"
+        submit(self.ctx, self.id, encoded)
+        self.phase = "submitted"
+        if self.spooled:
+            _remove(self.spooled)
+        SIGNALS.check()
+        dropped = [name for name, _ in PROVENANCE_FIELDS if self.full.get(name) and name not in self.evidence]
+        if dropped:
+            self.ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
+                          "will see them as not available)" % (", ".join(dropped), FIELD_LIMIT,
+                                                               "it" if len(dropped) == 1 else "them"))
+
+    def failure(self, exc):
         # between keeping the result and submitting it, only its size can fail
-        submittable = phase != "claimed"
-        message = "%s; %s" % (exc, _after_failure(ctx, item_id, skip_claim, phase, exc) + _kept_note(
-            ctx, item_id, spooled, skip_claim, submittable))
-        raise (Interrupted if SIGNALS.received else UserError)(message)
-    except KeyboardInterrupt:
-        still_claimed = skip_claim or phase == "submitting"  # wl done was stopped: the claim is likely ours
-        raise Interrupted(_after_interrupt(ctx, item_id, skip_claim, phase) + _kept_note(
-            ctx, item_id, spooled if phase != "submitted" else None, still_claimed))
-    dropped = [name for name, _ in PROVENANCE_FIELDS if full.get(name) and name not in evidence]
-    if dropped:
-        ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
-                 "will see them as not available)" % (", ".join(dropped), FIELD_LIMIT,
-                                                      "it" if len(dropped) == 1 else "them"))
-    return {"item": item, "job": job, "evidence": evidence, "kept": kept}
+        submittable = self.phase != "claimed"
+        message = "%s; %s" % (exc, _after_failure(self.ctx, self.id, self.skip_claim, self.phase, exc) + _kept_note(
+            self.ctx, self.id, self.spooled, self.skip_claim, submittable))
+        return (Interrupted if SIGNALS.aborting() else UserError)(message)
+
+    def interruption(self):
+        still_claimed = self.skip_claim or self.phase == "submitting"  # wl done was stopped: likely still ours
+        return Interrupted(_after_interrupt(self.ctx, self.id, self.skip_claim, self.phase) + _kept_note(
+            self.ctx, self.id, self.spooled if self.phase != "submitted" else None, still_claimed))
+
+
+def run_job(ctx, item_id, skip_claim=False):
+    """`run`: read the item, check it, then claim, generate and submit on the
+    local Ollama, with the progress line. Returns the finished JobRun."""
+    item = ctx.wl.status(item_id)
+    run = JobRun(ctx, item, skip_claim)
+    run.check(ctx.ollama.models(), ctx.ollama.url)
+    version = local_version(ctx.ollama) if run.kept is None else ""
+    run.attempt(run.claim)
+    progress = ctx.progress("generating with %s" % printable(run.job["model"]))
+    try:
+        run.attempt(run.generate, ctx.ollama, version, progress)
+    finally:
+        progress.clear()
+    run.attempt(run.submit)
+    return run
 
 
 def _keep(ctx, item, digest, evidence):
@@ -1639,7 +1694,7 @@ def verify_item(ctx, item, strict=False):
               "local": {"model_digest": None, "ollama_version": None}, "checks": checks, "cause": cause}
     if cause:
         return result
-    digest = result["local"]["model_digest"] = require_local_model(ctx, job["model"])
+    digest = result["local"]["model_digest"] = require_local_model(ctx.ollama.models(), job["model"], ctx.ollama.url)
     result["checks"].append(local_model_check(job, evidence, digest))
     gen = generate(ctx, job, expected=evidence["output"])
     result["tokens_generated"], result["output"] = gen.eval_count, gen.text
@@ -1649,7 +1704,7 @@ def verify_item(ctx, item, strict=False):
         result["diverged_at"] = where = divergence(gen, evidence["output"])
         result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s" % (
             where["char"], where["token"], " (stopped after %s)" % _tokens(gen.chunks) if gen.final is None else "")))
-        version = result["local"]["ollama_version"] = local_version(ctx) if evidence["ollama_version"] else None
+        version = result["local"]["ollama_version"] = local_version(ctx.ollama) if evidence["ollama_version"] else None
         result["cause"] = diagnose(gen, job, evidence, digest, version)
         return result
     result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s)"
@@ -1707,7 +1762,7 @@ def cmd_post(ctx, args):
     except JobError as exc:
         raise UserError("not posted: workers would refuse this job (%s)" % exc)
     try:
-        digest = ctx.ollama.find_model(job["model"])
+        digest = find_model(ctx.ollama.models(), job["model"])
         if digest is None:
             ctx.warn("model %s is not in the local Ollama at %s; the job is posted anyway, but "
                      "you cannot verify results until you `ollama pull %s`"
@@ -1756,8 +1811,8 @@ def read_prompt(args):
 
 def cmd_run(ctx, args):
     done = run_job(ctx, args.id, args.skip_claim)
-    item_id, evidence, kept = done["item"]["id"], done["evidence"], done["kept"]
-    text = (["✓ Inference completed for " + item_id] + _job_lines(done["job"]) + [
+    item_id, evidence, kept = done.id, done.evidence, done.kept
+    text = (["✓ Inference completed for " + item_id] + _job_lines(done.job) + [
         "  Evidence:" + (" the result kept on %s, submitted without generating again" % kept["spooled_at"]
                          if kept else ""),
         "    Output hash: " + evidence["output_hash"],
