@@ -69,19 +69,22 @@ class FakeOllama(object):
     wire_chunk                        re-chunk the HTTP body into N-byte chunks
                                       (splits lines and UTF-8 sequences)
     fail = (status, message)          answer /api/generate with an HTTP error
+    fail_prompts[prompt] = (status, message)   the same, for one prompt only (a poison job)
     error_after = (n, message)        send n tokens, then an {"error"} line
     stall_after = n                   send n tokens, then nothing (until stop)
     end_after = n                     send n tokens, then close without `done`
     inject = (n, raw_bytes)           send n tokens, then this raw line, then go on
     drop = True                       close /api/generate connections unanswered
     endless = text                    a model that never stops: streams this token forever
+    gate = threading.Event()          every stream waits for it before its final message
     thinking[(model, prompt)] = text  a thinking model: streamed as `thinking` first
     logprobs_supported = False        an older server: ignores logprobs/top_logprobs
     logprob_shift = x                 add x to every logprob (other weights, same text)
     near_ties[i] = (token, margin)    token i's runner-up and its distance in nats
                                       (default: "~", 3.0 nats below: a clear winner)
-    streams                           one record per streamed generate: pieces
-                                      sent, and `ended` once the handler is done
+    streams                           one record per streamed generate: its prompt,
+                                      pieces sent, `start` and `end` (time.time()),
+                                      and `ended` once the handler is done
     """
 
     def __init__(self):
@@ -92,12 +95,14 @@ class FakeOllama(object):
         self.piece_delay = 0.0
         self.wire_chunk = None
         self.fail = None
+        self.fail_prompts = {}
         self.error_after = None
         self.stall_after = None
         self.end_after = None
         self.inject = None
         self.drop = False
         self.endless = None
+        self.gate = None
         self.thinking = {}
         self.logprobs_supported = True
         self.logprob_shift = 0.0
@@ -125,6 +130,8 @@ class FakeOllama(object):
 
     def stop(self):
         self.released.set()
+        if self.gate is not None:
+            self.gate.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -257,8 +264,8 @@ class _OllamaHandlerMixin(object):
         if self.fake.drop:
             self.close_connection = True
             return
-        if self.fake.fail:
-            status, message = self.fake.fail
+        if self.fake.fail or body.get("prompt") in self.fake.fail_prompts:
+            status, message = self.fake.fail or self.fake.fail_prompts[body["prompt"]]
             return self._json(status, {"error": message})
         name = self.fake.find(body["model"])
         if not name:
@@ -276,7 +283,7 @@ class _OllamaHandlerMixin(object):
             import itertools
 
             piece = self.fake.endless.encode("utf-8")
-            return self._stream(name, [], (self.fake.endless for _ in itertools.count()),
+            return self._stream(name, prompt, [], (self.fake.endless for _ in itertools.count()),
                                 ([self.fake.logprobs_for(i, piece, top)] for i in itertools.count())
                                 if want_logprobs else None, "stop", 0)
         if want_logprobs:
@@ -292,7 +299,7 @@ class _OllamaHandlerMixin(object):
             if logprobs is not None:
                 final["logprobs"] = [entry for entries in logprobs for entry in entries]
             return self._json(200, final)
-        self._stream(name, thoughts, [text for text, _ in chunks], logprobs, reason, count)
+        self._stream(name, prompt, thoughts, [text for text, _ in chunks], logprobs, reason, count)
 
     def _final(self, name, response, reason, count):
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
@@ -300,14 +307,15 @@ class _OllamaHandlerMixin(object):
                 "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
                 "eval_duration": 1000000 * max(count, 1)}
 
-    def _stream(self, name, thoughts, tokens, logprobs, reason, count):
+    def _stream(self, name, prompt, thoughts, tokens, logprobs, reason, count):
         fake = self.fake
-        record = {"sent": 0, "ended": threading.Event()}
+        record = {"prompt": prompt, "sent": 0, "start": time.time(), "end": None, "ended": threading.Event()}
         with fake.lock:
             fake.streams.append(record)
         try:
             self._stream_lines(name, thoughts, tokens, logprobs, reason, count, record)
         finally:
+            record["end"] = time.time()
             record["ended"].set()
 
     def _stream_lines(self, name, thoughts, tokens, logprobs, reason, count, record):
@@ -351,6 +359,9 @@ class _OllamaHandlerMixin(object):
                     obj["logprobs"] = next(entries)
                 send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
                 record["sent"] += 1
+            if fake.gate is not None:
+                send(b"", final=True)
+                fake.gate.wait(60)
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -941,8 +952,8 @@ class FaultTally(object):
 
     ORDER = ("faults injected into run", "claims left held without saying how to release them",
              "claims left held, with the command to release them", "results lost", "Ollama faults met by verify",
-             "malformed jobs refused before a claim", "malformed evidence refused by verify without a re-run",
-             "malformed IDs refused before wl", "reports with hostile text, free of control characters")
+             "Ollama faults met by work", "malformed jobs refused before a claim",
+             "malformed evidence refused by verify without a re-run", "malformed IDs refused before wl", "reports with hostile text, free of control characters")
 
     def report(self):
         width = max(len(k) for k in self.rows)
@@ -2068,6 +2079,88 @@ class VerifyFaultTest(CliTest):
         self.assertEqual(list(doc), ["error"])
 
 
+class Lines(object):
+    """A child's stream read line by line on a thread, so a test can wait
+    for a line while the child runs."""
+
+    def __init__(self, stream):
+        self.lines, self.stream = [], stream
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        with self.stream:
+            for line in iter(self.stream.readline, b""):
+                self.lines.append(line.decode("utf-8"))
+
+    def has(self, fragment):
+        return any(fragment in line for line in list(self.lines))
+
+    def text(self):
+        self.thread.join(60)
+        return "".join(self.lines)
+
+
+class WorkTest(CliTest):
+    """`work` as a child process against both fakes."""
+
+    def add(self, prompt="what is 1+1", model="llama3.2:1b", max_tokens=64, priority=2, description=None, **job):
+        if description is None:
+            description = wl_infer.encode_job(wl_infer.make_job(prompt, model, 42, max_tokens, **job))
+        item_id = self.board.add(description)
+        if priority != 2:
+            self.board.update(lambda s: s["items"][item_id].__setitem__("priority", priority))
+        return item_id
+
+    def start(self, *args, env=None):
+        """`work --interval 0.05 ARGS` running; stderr is read as it comes (proc.log)."""
+        proc = subprocess.Popen([sys.executable, WL_INFER, "work", "--interval", "0.05"] + list(args),
+                                env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.log, proc.out = Lines(proc.stderr), Lines(proc.stdout)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def finish(self, proc):
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("work did not end; wl calls: %s; log: %s" % (self.board.started(), proc.log.lines))
+        err = proc.log.text()
+        self.assertNotIn("Traceback", err)
+        return proc.returncode, proc.out.text(), err
+
+    def work(self, *args, env=None):
+        return self.finish(self.start(*args, env=env))
+
+    def claims(self):
+        return [c["argv"][1] for c in self.board.calls() if c["argv"][0] == "claim" and c["rig"] == self.rig]
+
+    def generated(self, prompt):
+        return len([b for b in self.ollama.generate_requests() if b["prompt"] == prompt])
+
+    def status(self, item_id):
+        return self.board.item(item_id)["status"]
+
+
+class WorkFaultTest(WorkTest):
+    """Each Ollama fault of the matrix, met by the worker: the job is
+    released with Ollama's own text in the log, and the worker goes on."""
+
+    def work_fault(self, fault):
+        item_id = self.add(max_tokens=0)
+        fault.setup(self, item_id)
+        code, out, err = self.work("--once", "--allow-uncapped", "--json", *fault.args)
+        FAULTS.count("Ollama faults met by work")
+        self.assertEqual(code, 0, err)
+        for fragment in fault.says:
+            self.assertIn(fragment.format(id=item_id), err)
+        self.assertIn("failed %s: " % item_id, err)
+        self.assertEqual((self.status(item_id), self.board.item(item_id)["claimed_by"]), ("open", ""))
+        doc = json.loads(out)
+        self.assertEqual((doc["done"], doc["failed"]), (0, 1))
+
+
 def _test_name(fault):
     return "test_" + "_".join(fault.name.lower().replace(":", "").replace("-", " ").split())
 
@@ -2076,6 +2169,7 @@ for _fault in FAULT_MATRIX:
     setattr(FaultMatrixTest, _test_name(_fault), lambda self, fault=_fault: self.run_fault(fault))
 for _fault in OLLAMA_FAULTS:
     setattr(VerifyFaultTest, _test_name(_fault), lambda self, fault=_fault: self.verify_fault(fault))
+    setattr(WorkFaultTest, _test_name(_fault), lambda self, fault=_fault: self.work_fault(fault))
 
 
 class SpoolTest(CliTest):
@@ -2587,6 +2681,280 @@ class StatusCommandTest(CliTest):
         self.assertEqual((doc["job"], doc["completion"], doc["description"]), (None, None, "not json at all"))
 
 
+class WorkerTest(WorkTest):
+    def test_eligible_jobs_run_by_priority_then_age_the_rest_skipped_with_reasons_never_claimed(self):
+        older = self.add("older, priority 2")
+        urgent = self.add("urgent", priority=1)
+        newer = self.add("newer, priority 2")
+        low = self.add("low", priority=3)
+        skipped = {
+            self.add(description="what is 1+1"): "job is not valid JSON",
+            self.add("absent model", model="mistral:7b"): "model mistral:7b not available",
+            self.add("other model", model="qwen2.5:0.5b"): "model qwen2.5:0.5b is not in --models",
+            self.add("pinned", model_digest="f" * 64): "model llama3.2:1b here is not the pinned sha256:ffffffffffff",
+            self.add("uncapped", max_tokens=0): "max_tokens 0 (the model's default) could run for hours; "
+                                                "--allow-uncapped takes it",
+            self.add("long", max_tokens=5000): "max_tokens 5000 is over --max-tokens-cap 4096",
+            self.add("x" * 101): "prompt of 101 bytes is over --max-prompt-bytes 100",
+        }
+        code, out, err = self.work("--once", "--models", "llama3.2:1b,mistral:7b", "--max-prompt-bytes", "100",
+                                   "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.claims(), [urgent, older, newer, low])
+        for item_id in (urgent, older, newer, low):
+            self.assertEqual(self.status(item_id), "in_review")
+            self.assertIn("done %s " % item_id, err)
+        for item_id, reason in skipped.items():
+            self.assertIn("skipped %s (%s" % (item_id, reason), err)
+            self.assertEqual(self.status(item_id), "open")
+        # the floor: one browse per poll, then claim and done per job (no wl status)
+        self.assertEqual(sorted(self.board.commands(rig=self.rig)), ["browse"] + ["claim"] * 4 + ["done"] * 4)
+        doc = json.loads(out)
+        self.assertEqual([doc[k] for k in ("done", "failed", "skipped", "lost")], [4, 0, 7, 0])
+        self.assertEqual([j["result"] for j in doc["jobs"]], ["done"] * 4)
+        self.assertEqual(doc["servers"][0]["jobs"], 4)
+
+    def test_a_claim_lost_to_another_worker_is_logged_and_the_next_job_taken(self):
+        first, second = self.add("first"), self.add("second")
+        self.board.fail("claim", message='wanted item "%s" is not open or does not exist' % first, times=1)
+        code, out, err = self.work("--once", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertIn("lost %s to another worker (wl claim failed: wanted item" % first, err)
+        self.assertEqual((self.status(first), self.status(second)), ("open", "in_review"))
+        self.assertNotIn("unclaim", self.board.commands())
+        self.assertEqual(json.loads(out)["lost"], 1)
+
+    def test_a_poison_job_is_tried_three_times_with_growing_delay_then_left_alone(self):
+        poison, good = self.add("poison"), self.add("good")
+        self.ollama.fail_prompts["poison"] = (500, "llama runner process has terminated: signal: segmentation fault")
+        proc = self.start()
+        wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by this worker)" % poison),
+                 "the worker to give up on the poison job")
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = self.finish(proc)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.generated("poison"), 3)
+        self.assertEqual(self.generated("good"), 1)
+        self.assertEqual(self.claims().count(poison), 3)
+        self.assertEqual(err.count("failed %s: Ollama at" % poison), 3, err)
+        self.assertIn("segmentation fault (HTTP 500); the claim on %s was released" % poison, err)
+        self.assertEqual((self.status(poison), self.status(good)), ("open", "in_review"))
+        # each retry waited longer than the one before (interval x 2, then x 4)
+        starts = [c["start"] for c in self.board.calls() if c["argv"][:2] == ["claim", poison]]
+        self.assertGreater(starts[2] - starts[1], starts[1] - starts[0])
+
+    def test_wl_failing_for_a_while_is_backed_off_and_said_then_work_resumes(self):
+        item_id = self.add()
+        self.board.fail("browse", message="dial tcp: lookup www.dolthub.com: no such host", times=2)
+        code, out, err = self.work("--max-jobs", "1")
+        self.assertEqual(code, 0, err)
+        self.assertIn("wl is failing (wl browse failed: dial tcp: lookup www.dolthub.com: no such host); "
+                      "trying again in 0.1 s", err)
+        self.assertIn("trying again in 0.2 s", err)
+        self.assertIn("wl works again", err)
+        self.assertEqual(self.status(item_id), "in_review")
+
+    def test_once_with_wl_or_ollama_unusable_is_an_error(self):
+        self.add()
+        self.board.fail("browse", message="dial tcp: lookup www.dolthub.com: no such host", times=1)
+        self.assertError(self.work("--once"), "wl browse failed: dial tcp: lookup www.dolthub.com: no such host")
+        self.assertError(self.work("--once", env=self.env(OLLAMA_HOST="127.0.0.1:9")),
+                         "cannot reach Ollama at http://127.0.0.1:9")
+        self.assertNotIn("claim", self.board.commands())
+
+    def test_first_signal_finishes_the_job_in_flight_and_releases_the_one_claimed_ahead(self):
+        first, second = self.add("first"), self.add("second")
+        self.ollama.gate = threading.Event()  # the first generation waits for it before it ends
+        proc = self.start()
+        wait_for(lambda: self.claims() == [first, second] and self.ollama.generating.is_set(),
+                 "the first job generating and the second claimed ahead")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.log.has("stopping: no new jobs"), "the worker to say it stops")
+        self.ollama.gate.set()
+        code, out, err = self.finish(proc)
+        self.assertEqual(code, 0, err)
+        self.assertEqual((self.status(first), self.status(second)), ("in_review", "open"))
+        self.assertIn("released %s: the claim on %s was released" % (second, second), err)
+        self.assertEqual(self.generated("second"), 0)
+        self.assertIn("work: 1 done, 0 failed", out)
+
+    def test_second_signal_aborts_the_job_in_flight_and_releases_its_claim(self):
+        item_id = self.add()
+        self.ollama.stall_after = 2  # a generation that would go on for the whole --timeout
+        proc = self.start()
+        wait_for(self.ollama.generating.is_set, "the generation")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.log.has("stopping: no new jobs"), "the first signal to be taken")
+        proc.send_signal(signal.SIGINT)
+        code, out, err = self.finish(proc)
+        self.assertEqual(code, 130, err)
+        self.assertIn("aborting: stopping the generation in flight", err)
+        self.assertIn("failed %s: " % item_id, err)
+        self.assertIn("the claim on %s was released and the job is open again" % item_id, err)
+        self.assertEqual(self.status(item_id), "open")
+        self.assertIn("work: 0 done, 1 failed", out)
+
+    def test_two_servers_each_generate_one_job_at_a_time(self):
+        other = FakeOllama().start()
+        self.addCleanup(other.stop)
+        for ollama in (self.ollama, other):
+            ollama.piece_delay = 0.02  # a generation takes far longer than a claim
+        for flags in (["--ollama", self.ollama.address, "--ollama", other.address], []):
+            ids = [self.add("job %d" % i) for i in range(4)]
+            env = self.env(OLLAMA_HOST="%s,%s" % (self.ollama.address, other.address))
+            code, out, err = self.work("--once", "--json", *flags, env=env)
+            self.assertEqual(code, 0, err)
+            self.assertEqual([self.status(i) for i in ids], ["in_review"] * 4)
+            self.assertEqual([s["jobs"] for s in json.loads(out)["servers"]], [2, 2])
+        for ollama in (self.ollama, other):
+            streams = sorted(ollama.streams, key=lambda s: s["start"])
+            self.assertEqual(len(streams), 4)
+            for a, b in zip(streams, streams[1:]):
+                self.assertLessEqual(a["end"], b["start"], "two generations at once on one server")
+
+    def test_board_calls_overlap_generation_with_at_most_one_job_claimed_ahead(self):
+        self.ollama.piece_delay = 0.02
+        self.board.fail("claim", delay=0.2)  # a slow board: each call takes 0.2 s, then succeeds
+        self.board.fail("done", delay=0.2)
+        ids = [self.add("job %d" % i) for i in range(4)]
+        code, out, err = self.work("--once", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual([self.status(i) for i in ids], ["in_review"] * 4)
+        calls = [c for c in self.board.calls() if c["argv"][0] in ("claim", "done")]
+        streams = self.ollama.streams
+
+        def overlaps(call):
+            return any(s["start"] < call["end"] and call["start"] < s["end"] for s in streams)
+
+        self.assertTrue(any(overlaps(c) for c in calls if c["argv"][0] == "claim"), "no claim during a generation")
+        self.assertTrue(any(overlaps(c) for c in calls if c["argv"][0] == "done"), "no done during a generation")
+        for call in calls:  # when a claim ends, every job claimed before it is generating already
+            claimed = len([c for c in calls if c["argv"][0] == "claim" and c["end"] <= call["end"]])
+            started = len([s for s in streams if s["start"] <= call["end"]])
+            self.assertLessEqual(claimed - started, 1, "more than one job claimed ahead")
+
+
+class ListTest(CliTest):
+    def test_table_and_json_show_every_job_and_undecodable_ones_as_such(self):
+        plain = self.board.add(self.job(max_tokens=64))
+        broken = self.board.add("what is \x1b[2J 1+1")
+        other = self.board.add(self.job("bonjour", "qwen2.5:0.5b"))
+        self.assertEqual(self.board.wl("claim", other, rig="carol").returncode, 0)
+        code, out, err = self.cli("list")
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"])
+        self.assertEqual(lines[-1], "2 open inference jobs")
+        row = next(line for line in lines if line.startswith(plain))
+        self.assertEqual(row.split(), [plain, "open", "llama3.2:1b", "42", "64", "what", "is", "1+1"])
+        self.assertIn("(does not decode: job is not valid JSON", next(ln for ln in lines if ln.startswith(broken)))
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn(other, out)
+        code, out, err = self.cli("list", "--status", "all", "--model", "qwen2.5:0.5b", "--json")
+        [doc] = json.loads(out)
+        self.assertEqual((doc["id"], doc["status"], doc["claimed_by"], doc["job"]["prompt"], doc["posted_by"]),
+                         (other, "claimed", "carol", "bonjour", "poster"))
+        docs = json.loads(self.cli("list", "--json")[1])
+        self.assertEqual([d["job"] is None for d in docs], [True, False])  # wl's order: newest first
+        self.assertIn("not valid JSON", docs[0]["job_error"])
+        self.assertEqual(self.board.commands(rig=self.rig), ["browse"] * 3)
+
+    def test_limit_status_and_an_empty_board(self):
+        self.assertEqual(self.cli("list")[1], "No open inference jobs on the board.\n")
+        for _ in range(3):
+            self.board.add(self.job())
+        self.assertEqual(len(json.loads(self.cli("list", "--limit", "2", "--json")[1])), 2)
+        self.assertIn("--limit=2", self.board.calls()[-1]["argv"])
+        self.assertEqual(self.cli("list", "--status", "in_review")[1], "No in_review inference jobs on the board.\n")
+        self.assertError(self.cli("list", "--status", "done"), "invalid choice: 'done'")
+
+    def test_wl_failures_and_entries_that_are_not_items(self):
+        self.board.fail("browse", message="dial tcp: i/o timeout", times=1)
+        self.assertError(self.cli("list"), "wl browse failed: dial tcp: i/o timeout")
+        self.board.fail("browse", stdout="<html>502 Bad Gateway</html>", times=1)
+        self.assertError(self.cli("list"), "wl browse --json printed something that is not JSON: <html>")
+        odd = [1, "w-1", {"id": "../etc"}, {"id": "w-0123456789", "title": 5, "priority": "high",
+                                             "description": {"prompt": "x"}, "status": "open", "type": "inference"}]
+        self.board.fail("browse", stdout=json.dumps(odd), times=1)
+        code, out, err = self.cli("list", "--json")
+        self.assertEqual(code, 0, err)
+        [doc] = json.loads(out)
+        self.assertEqual((doc["id"], doc["title"], doc["priority"], doc["job"]), ("w-0123456789", "", None, None))
+        self.assertIn("has no description", doc["job_error"])
+
+
+class AuditTest(CliTest):
+    def own_completion(self, prompt):
+        item_id = self.board.add(self.job(prompt))
+        self.assertEqual(self.cli("run", item_id)[0], 0)
+        return item_id
+
+    def test_forged_honest_inconsistent_and_own_completions(self):
+        honest = self.completed("honest")
+        forged = self.completed("forged", output="a forged answer")
+        job = wl_infer.make_job("inconsistent", "llama3.2:1b")
+        bad_hash = dict(wl_infer.make_evidence(job, "x"), output_hash="sha256:" + "0" * 64)
+        inconsistent = self.completed("inconsistent", evidence=wl_infer.encode_evidence(bad_hash))
+        own = self.own_completion("own")
+        requests = len(self.ollama.generate_requests())
+        code, out, err = self.cli("audit", "--json")
+        self.assertEqual(code, 1, err)
+        docs = dict((d["id"], d) for d in json.loads(out))
+        self.assertEqual(dict((i, d["verdict"]) for i, d in docs.items()),
+                         {honest: "VERIFIED", forged: "MISMATCH", inconsistent: "MISMATCH", own: "VERIFIED"})
+        self.assertEqual(docs[inconsistent]["cause"]["kind"], "inconsistent-evidence")
+        self.assertEqual(docs[forged]["cause"]["kind"], "different-output")
+        self.assertLess(docs[forged]["tokens_generated"], 3)
+        self.assertEqual(docs[honest]["evidence"]["output_hash"], docs[honest]["actual_hash"])
+        # cheapest first: the inconsistent claim is never re-run; the shortest claim is re-run first
+        prompts = [b["prompt"] for b in self.ollama.generate_requests()[requests:]]
+        self.assertEqual(prompts[0], "forged")
+        self.assertEqual(sorted(prompts), ["forged", "honest", "own"])
+        # the table
+        code, out, err = self.cli("audit")
+        self.assertIn("Audited 4 completions in review: 2 verified, 2 mismatched, 0 errors", out)
+        self.assertEqual(next(ln for ln in out.splitlines() if ln.startswith(forged)).split()[2:5],
+                         ["MISMATCH", "different-output", "1"])
+        self.assertIn("%s: the output does not hash to output_hash" % inconsistent, out)
+
+        code, out, err = self.cli("audit", "--accept", "--reject", "--json")
+        self.assertEqual(code, 1, err)
+        actions = dict((d["id"], d["action"]) for d in json.loads(out))
+        self.assertEqual(actions, {honest: "accepted", forged: "rejected", inconsistent: "rejected",
+                                   own: "not accepted: completed by this rig (wl forbids accepting your own)"})
+        self.assertEqual([self.board.item(i)["status"] for i in (honest, forged, inconsistent, own)],
+                         ["completed", "claimed", "claimed", "in_review"])
+        accept = next(c["argv"] for c in self.board.calls() if c["argv"][:2] == ["accept", honest])
+        self.assertIn("--message=verified by wl_infer: " + docs[honest]["expected_hash"], accept)
+        self.assertIn("--quality=5", accept)
+        reject = next(c["argv"] for c in self.board.calls() if c["argv"][:2] == ["reject", forged])
+        self.assertTrue(any(a.startswith("--reason=wl_infer audit: MISMATCH, different-output: at token 0")
+                            for a in reject), reject)
+        # only the rig's own completion is left in review, and it verifies
+        code, out, err = self.cli("audit", "--accept")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Audited 1 completion in review: 1 verified, 0 mismatched, 0 errors", out)
+
+    def test_errors_are_listed_and_exit_2_and_only_accept_and_reject_write(self):
+        honest = self.completed("honest")
+        broken = self.completed("broken", evidence="The answer is 2.")
+        other = self.completed("bonjour", model="qwen2.5:0.5b")
+        del self.ollama.models["qwen2.5:0.5b"]
+        code, out, err = self.cli("audit", "--json")
+        self.assertEqual(code, 2, err)
+        docs = dict((d["id"], d) for d in json.loads(out))
+        self.assertEqual(docs[honest]["verdict"], "VERIFIED")
+        self.assertEqual(docs[broken], {"id": broken, "verdict": "ERROR",
+                                        "error": "%s: evidence does not decode: evidence is not valid JSON "
+                                                 "(Expecting value: line 1 column 1 (char 0))" % broken})
+        self.assertIn("model qwen2.5:0.5b is not in the local Ollama", docs[other]["error"])
+        code, out, err = self.cli("audit", "--model", "llama3.2:1b")
+        self.assertIn("Audited 2 completions in review: 1 verified, 0 mismatched, 1 error", out)
+        self.assertIn("%s: error: %s: evidence does not decode" % (broken, broken), out)
+        self.assertEqual(set(self.board.commands(rig=self.rig)), {"browse", "status"})
+        self.assertEqual(self.cli("audit", "--model", "mistral:7b")[1], "No inference completions in review.\n")
+
+
 class TerminalSafetyTest(CliTest):
     """Prompts, outputs, titles and error texts come from strangers: no
     report may carry a control character (ESC, C1, CR, BEL, DEL, ...) or a
@@ -2904,7 +3272,8 @@ def _shell_quote(arg):
 # =============================================================================
 
 
-FAULT_TESTS = (FaultMatrixTest, VerifyFaultTest, SignalTest, MalformedInputTest, SpoolTest, TerminalSafetyTest)
+FAULT_TESTS = (FaultMatrixTest, VerifyFaultTest, WorkFaultTest, SignalTest, MalformedInputTest, SpoolTest,
+               TerminalSafetyTest)
 
 
 class _Result(unittest.TestResult):

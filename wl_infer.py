@@ -630,17 +630,21 @@ class Ollama(object):
         self.scheme, self.host, self.port, self.path = parse_ollama_host(base)
         self.url = _format_url(self.scheme, self.host, self.port, self.path)
         self.timeout = timeout
+        self.active = None  # the connection of the generation in flight, for cancel()
         if self.scheme not in ("http", "https"):
             raise UserError("Ollama address %s: scheme %r is not http or https" % (self.url, self.scheme))
 
-    def _open(self, method, path, body=None):
+    def _open(self, method, path, body=None, track=False):
         """Send one request; return (connection, response) with a 2xx status,
-        else raise OllamaError carrying Ollama's own error text."""
+        else raise OllamaError carrying Ollama's own error text. `track`: the
+        generation that cancel() stops."""
         import http.client
         import socket
 
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         conn = cls(self.host, self.port, timeout=self.timeout)
+        if track:
+            self.active = conn
         try:
             data = None if body is None else _dumps(body).encode("utf-8")
             headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -716,7 +720,7 @@ class Ollama(object):
         import http.client
         import socket
 
-        conn, resp = self._open("POST", "/api/generate", generate_request(job))
+        conn, resp = self._open("POST", "/api/generate", generate_request(job), track=True)
         gen = Generation()
         matched = 0  # characters of `expected` confirmed so far
         size = 0  # bytes of output so far
@@ -766,6 +770,7 @@ class Ollama(object):
                               % (self.url, _tokens(gen.chunks), _reason(exc)))
         finally:
             conn.close()  # mid-stream, this cancels the generation on the server
+            self.active = None
         if gen.final is None and gen.diverged_at is None and not gen.too_long:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
                               "`done` message; the generation did not finish" % (self.url, _tokens(gen.chunks)))
@@ -776,6 +781,18 @@ class Ollama(object):
         if expected is not None and gen.diverged_at is None and gen.text != expected:
             gen.diverged_at = _common_prefix(gen.text, expected)  # the claim goes on past the end
         return gen
+
+    def cancel(self):
+        """Stop the generation in flight, from another thread: its socket is
+        shut down, so its read fails at once (and Ollama cancels it)."""
+        import socket
+
+        sock = getattr(self.active, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
     def _stream_object(self, line, tokens):
         line = line.strip()
@@ -987,6 +1004,37 @@ def parse_posted_id(text):
     raise WlError("wl post succeeded but printed no item ID; got %s" % preview(text, 80))
 
 
+BROWSE_LIMIT = 1000  # items asked of wl browse when we filter or order them ourselves (wl's default is 50)
+
+
+def parse_browse(text):
+    """Parse `wl browse --json --long`: items shaped like parse_status's
+    (completion None) plus priority, in wl's order. An entry that is not an
+    object with an item ID is left out: nothing can be done with it."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise WlError("wl browse --json printed something that is not JSON: %s" % preview(text, 60))
+    if doc is None:  # wl prints null for an empty board
+        return []
+    if not isinstance(doc, list):
+        raise WlError("wl browse --json printed a JSON %s, not a list of items" % type(doc).__name__)
+    items = []
+    for entry in doc:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not is_item_id(entry["id"]):
+            continue
+        # empty fields are omitted by wl; anything but a string is not wl's
+        field = dict((k, v if isinstance(v, str) and v else None) for k, v in entry.items())
+        priority = entry.get("priority")
+        items.append({"id": entry["id"], "title": field.get("title") or "", "status": field.get("status"),
+                      "type": field.get("type"), "posted_by": field.get("posted_by"),
+                      "claimed_by": field.get("claimed_by"), "description": field.get("description"),
+                      "priority": priority if type(priority) is int else None, "completion": None})
+    return items
+
+
 def is_item_id(text):
     """A wl item ID or unique prefix (w-3f9a0c12be, w-3f9)."""
     return (len(text) > 2 and text.startswith("w-") and len(text) <= 64
@@ -1014,6 +1062,14 @@ def _stop_group(proc, grace=2.0):
         pass
 
 
+class _NoLock(object):
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
 class Wl(object):
     """Runs wl as a child process: argument lists only, values as --opt=value,
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
@@ -1023,6 +1079,7 @@ class Wl(object):
         self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
         self.timeout = timeout
         self.no_push = no_push
+        self.turn = _NoLock()  # a lock when calls must not overlap (work with --local-db)
 
     def call(self, command, *args, mutating=False):
         import subprocess
@@ -1031,7 +1088,7 @@ class Wl(object):
         if mutating and self.no_push:
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
-        with SIGNALS.protected(enabled=mutating):  # from before wl starts until it has ended
+        with self.turn, SIGNALS.protected(enabled=mutating):  # from before wl starts until it has ended
             try:
                 # Its own session: a Ctrl-C at the terminal reaches us, not wl,
                 # so a claim or a submission is never cut half-way by the terminal.
@@ -1071,6 +1128,17 @@ class Wl(object):
 
     def done(self, item_id, evidence):
         self.call("done", item_id, "--evidence=" + evidence, mutating=True)
+
+    def browse(self, status=None, limit=BROWSE_LIMIT):
+        """Inference items (with descriptions); status None: every status."""
+        return parse_browse(self.call("browse", "--json", "--long", "--type=inference", "--limit=%d" % limit,
+                                      *(["--status=" + status] if status else [])))
+
+    def accept(self, item_id, message):
+        self.call("accept", item_id, "--quality=5", "--message=" + message, mutating=True)
+
+    def reject(self, item_id, reason):
+        self.call("reject", item_id, "--reason=" + reason, mutating=True)
 
 
 # =============================================================================
@@ -1226,7 +1294,8 @@ class Report(object):
 
 def require_inference(item):
     if item["type"] != "inference":
-        raise UserError("%s is a %s item, not an inference job" % (item["id"], item["type"] or "untyped"))
+        raise UserError("%s is %s, not an inference job" % (
+            item["id"], "a %s item" % item["type"] if item["type"] else "an untyped item"))
 
 
 def job_of(item):
@@ -1388,6 +1457,7 @@ class JobRun(object):
         self.evidence = None  # as submitted
         self.spooled = None  # where the result is kept on disk, once it is
         self.gen = None
+        self.cause = None  # the error behind a failure
         self.phase = "checking"
 
     def check(self, models, url):
@@ -1458,6 +1528,7 @@ class JobRun(object):
                                                                "it" if len(dropped) == 1 else "them"))
 
     def failure(self, exc):
+        self.cause = exc
         # between keeping the result and submitting it, only its size can fail
         submittable = self.phase != "claimed"
         message = "%s; %s" % (exc, _after_failure(self.ctx, self.id, self.skip_claim, self.phase, exc) + _kept_note(
@@ -1681,6 +1752,13 @@ def verify_item(ctx, item, strict=False):
     """Verify an item's completion evidence: the cheap checks, then a re-run
     that stops at the first character that differs from the claim. Returns
     a result dict; verdict is VERIFIED or MISMATCH."""
+    result = verify_cheaply(item)
+    return rerun_check(ctx, result, strict) if result["verdict"] is None else result
+
+
+def verify_cheaply(item):
+    """The checks that need no model: a result whose verdict is MISMATCH
+    when they refute the claim, else None (a re-run decides)."""
     job = job_of(item)
     completion = item["completion"]
     if completion is None or not completion["evidence_raw"]:
@@ -1688,13 +1766,20 @@ def verify_item(ctx, item, strict=False):
     evidence, checks, cause = cheap_checks(job, completion["evidence_raw"])
     if evidence is None:
         raise JobError("%s: %s" % (item["id"], checks[0]["message"]))
-    result = {"id": item["id"], "verdict": "MISMATCH", "diverged_at": None, "tokens_generated": 0,
-              "logprob_max_diff": None, "expected_hash": evidence["output_hash"], "actual_hash": None,
-              "output": None, "job": job, "evidence": evidence, "completed_by": completion["completed_by"],
-              "local": {"model_digest": None, "ollama_version": None}, "checks": checks, "cause": cause}
-    if cause:
-        return result
-    digest = result["local"]["model_digest"] = require_local_model(ctx.ollama.models(), job["model"], ctx.ollama.url)
+    return {"id": item["id"], "verdict": "MISMATCH" if cause else None, "diverged_at": None,
+            "tokens_generated": 0, "logprob_max_diff": None, "expected_hash": evidence["output_hash"],
+            "actual_hash": None, "output": None, "job": job, "evidence": evidence,
+            "completed_by": completion["completed_by"], "local": {"model_digest": None, "ollama_version": None},
+            "checks": checks, "cause": cause}
+
+
+def rerun_check(ctx, result, strict=False):
+    """Re-run the job on the local Ollama, stopping at the first character
+    that differs from the claim; sets the verdict."""
+    job, evidence = result["job"], result["evidence"]
+    result["verdict"] = "MISMATCH"
+    models = ctx.ollama.models()
+    digest = result["local"]["model_digest"] = require_local_model(models, job["model"], ctx.ollama.url)
     result["checks"].append(local_model_check(job, evidence, digest))
     gen = generate(ctx, job, expected=evidence["output"])
     result["tokens_generated"], result["output"] = gen.eval_count, gen.text
@@ -1704,7 +1789,8 @@ def verify_item(ctx, item, strict=False):
         result["diverged_at"] = where = divergence(gen, evidence["output"])
         result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s" % (
             where["char"], where["token"], " (stopped after %s)" % _tokens(gen.chunks) if gen.final is None else "")))
-        version = result["local"]["ollama_version"] = local_version(ctx.ollama) if evidence["ollama_version"] else None
+        version = local_version(ctx.ollama) if evidence["ollama_version"] else None
+        result["local"]["ollama_version"] = version
         result["cause"] = diagnose(gen, job, evidence, digest, version)
         return result
     result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s)"
@@ -1749,6 +1835,359 @@ def _provenance_lines(evidence, indent):
             indent + "Tokens:       " + ("%d%s, done: %s" % (count, rate, preview(
                 evidence.get("done_reason") or "not recorded", 20)) if count else "not recorded"),
             indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None else "not recorded")]
+
+
+# -- the worker ----------------------------------------------------------------
+# Threads: one claimer (polls the board, claims the next job while the current
+# ones generate), one per Ollama server (generates, one job at a time), one
+# submitter (wl done of finished jobs). They meet in `Worker.cond`. Signals
+# are only counted (SIGNALS.graceful); the main thread acts on them.
+
+WORK_BACKOFF_MAX = 600.0  # seconds between polls while wl (or every Ollama) keeps failing
+JOB_TRIES = 3  # a job that fails is tried at most this often per worker process
+
+
+class Server(object):
+    """One Ollama server: one generation at a time, as concurrent requests
+    are batched together on the server, which can change the output."""
+
+    def __init__(self, url, timeout):
+        self.ollama = Ollama(url, timeout)
+        self.url = self.ollama.url
+        self.models, self.version, self.error = {}, "", None
+        self.busy = 0.0  # seconds with a generation in flight
+        self.jobs = 0
+
+    def refresh(self):
+        """/api/tags (and the version, for provenance), once per poll."""
+        try:
+            self.models, self.error = self.ollama.models(), None
+            self.version = local_version(self.ollama)
+        except OllamaError as exc:
+            self.models, self.error = {}, str(exc)
+
+
+class Worker(object):
+    def __init__(self, ctx, args):
+        import collections
+        import threading
+        import time
+
+        self.ctx, self.args, self.clock = ctx, args, time.monotonic
+        self.servers = [Server(url, args.timeout) for url in args.ollama_urls]
+        self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
+        self.cond = threading.Condition()
+        self.log_lock = threading.Lock()
+        self.ready = None  # (JobRun, servers that can run it): claimed, not yet generating; at most one
+        self.finished = collections.deque()  # generated, waiting for wl done
+        self.claiming, self.serving = True, len(self.servers)
+        self.stopping = False
+        self.fatal = None  # an error that ends the worker (--once: the board or Ollama cannot be used)
+        self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
+        self.skip_logged = {}  # id -> reason, so a skip is logged once
+        self.failures = {}  # id -> [failures, not before (clock)]
+        self.taken = 0
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}
+        self.jobs = []  # one record per job taken
+        self.start = self.clock()
+
+    def log(self, message):
+        import time
+
+        with self.log_lock:
+            _emit(sys.stderr, "%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
+
+    def run(self):
+        """Start the threads and wait for them, acting on signals: the first
+        stops taking jobs, the second aborts the jobs in flight."""
+        import threading
+
+        targets = [(self.claim_loop, ())] + [(self.serve, (s,)) for s in self.servers] + [(self.submit_loop, ())]
+        threads = [threading.Thread(target=self.guarded, args=t, daemon=True) for t in targets]
+        for thread in threads:
+            thread.start()
+        seen = 0
+        while any(t.is_alive() for t in threads):
+            threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
+            if SIGNALS.received == seen:
+                continue
+            seen = SIGNALS.received
+            if seen == 1:
+                self.log("stopping: no new jobs; the job in flight finishes and is submitted "
+                         "(a second signal aborts it)")
+                self.stop()
+            elif seen == 2:
+                self.log("aborting: stopping the generation in flight and releasing its claim")
+                self.stop()
+                for server in self.servers:
+                    server.ollama.cancel()
+            else:  # a third: out now
+                held = ", ".join(r.id for r in self.jobs_in_flight()) or "none"
+                raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
+                                  "with `wl status ID` and release them with `wl unclaim ID`" % held)
+        if self.fatal is not None:
+            raise self.fatal
+        return self.summary()
+
+    def guarded(self, loop, args):
+        """A thread's loop; a bug ends the worker with one line, not a traceback."""
+        try:
+            loop(*args)
+        except Exception as exc:  # reported by run(), and the worker stops
+            with self.cond:
+                self.fatal = self.fatal or UserError("work stopped on an internal error: %s: %s"
+                                                     % (type(exc).__name__, exc))
+            self.stop()
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def pause(self, seconds):
+        """Wait, unless asked to stop meanwhile."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.stopping, seconds)
+
+    def jobs_in_flight(self):
+        return [r["run"] for r in self.jobs if r["result"] is None]
+
+    # -- claiming ----------------------------------------------------------------
+    def claim_loop(self):
+        try:
+            while not (self.args.max_jobs and self.taken >= self.args.max_jobs):
+                with self.cond:
+                    self.cond.wait_for(lambda: self.ready is None or self.stopping)
+                    if self.stopping:
+                        break
+                found = self.next_job()
+                if found is None:
+                    break
+                run, servers = found
+                if not self.take(run):
+                    continue
+                with self.cond:
+                    self.ready, self.taken = (run, servers), self.taken + 1
+                    self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.claiming = False
+                abandoned, self.ready = (self.ready, None) if self.stopping else (None, self.ready)
+                self.cond.notify_all()
+            if abandoned:  # claimed ahead, never started: give it back
+                self.log("released %s: %s" % (abandoned[0].id, release_claim(self.ctx, abandoned[0].id)))
+                self.finish(abandoned[0], "released")
+
+    def next_job(self):
+        """The next eligible job, polling the board when the last poll's are
+        used up; None when the worker is to stop taking jobs."""
+        while not self.stopping:
+            if self.candidates:
+                return self.candidates.pop(0)
+            if self.polls and self.args.once:
+                return None
+            if self.polls and not self.found:  # nothing to do: idle, with jitter
+                import random
+
+                self.pause(self.args.interval * random.uniform(0.8, 1.2))
+                if self.stopping:
+                    return None
+            self.poll()
+        return None
+
+    def poll(self):
+        """One `wl browse` and one /api/tags per server: the eligible jobs,
+        lowest priority number first, then oldest."""
+        self.polls += 1
+        self.found = False
+        try:
+            items = self.ctx.wl.browse("open")
+        except UserError as exc:
+            return self.failed_poll("wl is failing", exc)
+        was = [s.error for s in self.servers]
+        for server in self.servers:
+            server.refresh()
+        if all(s.error for s in self.servers):
+            return self.failed_poll("no Ollama server is usable", OllamaError(self.servers[0].error))
+        for server, error in zip(self.servers, was):
+            if server.error and server.error != error:
+                self.log("Ollama at %s is not usable: %s" % (server.url, server.error))
+            elif error and not server.error:
+                self.log("Ollama at %s is back" % server.url)
+        if self.failing:
+            self.log("wl works again")
+            self.failing = 0
+        # wl lists newest first within a priority: reversed, then a stable sort
+        items = sorted(reversed(items), key=lambda i: 99 if i["priority"] is None else i["priority"])
+        for item in items:
+            run, servers, reason = self.eligible(item)
+            if run is not None:
+                self.candidates.append((run, servers))
+            elif reason and self.skip_logged.get(item["id"]) != reason:
+                if item["id"] not in self.skip_logged:
+                    self.counts["skipped"] += 1
+                self.skip_logged[item["id"]] = reason
+                self.log("skipped %s (%s)" % (item["id"], reason))
+        self.found = bool(self.candidates)
+
+    def failed_poll(self, what, exc):
+        if self.args.once:
+            self.fatal = exc
+            self.stop()
+            return
+        self.failing += 1
+        delay = min(self.args.interval * 2 ** self.failing, WORK_BACKOFF_MAX)
+        self.log("%s (%s); trying again in %s" % (what, exc, _seconds(delay)))
+        self.pause(delay)
+
+    def eligible(self, item):
+        """(JobRun checked for its claim, servers that can run it, None), or
+        (None, None, why not); why is None for a job to retry later."""
+        args, failed = self.args, self.failures.get(item["id"])
+        if failed and failed[0] >= JOB_TRIES:
+            return None, None, "failed %d times; not tried again by this worker" % failed[0]
+        if failed and failed[1] > self.clock():
+            return None, None, None
+        try:
+            job = job_of(item)
+        except UserError as exc:
+            return None, None, str(exc).partition(": ")[2] or str(exc)
+        model = job["model"]
+        if self.wanted is not None and full_model_name(model).lower() not in self.wanted:
+            return None, None, "model %s is not in --models" % model
+        servers = [s for s in self.servers if find_model(s.models, model) is not None]
+        if not servers:
+            return None, None, "model %s not available" % model
+        if job["model_digest"]:
+            servers = [s for s in servers if same_digest(find_model(s.models, model), job["model_digest"])]
+            if not servers:
+                return None, None, "model %s here is not the pinned %s" % (model, short_digest(job["model_digest"]))
+        if job["max_tokens"] == 0 and not args.allow_uncapped:
+            return None, None, "max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it"
+        if job["max_tokens"] > args.max_tokens_cap:
+            return None, None, "max_tokens %d is over --max-tokens-cap %d" % (job["max_tokens"], args.max_tokens_cap)
+        if _size(job["prompt"]) > args.max_prompt_bytes:
+            return None, None, "prompt of %d bytes is over --max-prompt-bytes %d" % (
+                _size(job["prompt"]), args.max_prompt_bytes)
+        run = JobRun(self.ctx, item)
+        try:
+            run.check(servers[0].models, servers[0].url)
+        except UserError as exc:
+            return None, None, str(exc)
+        return run, servers, None
+
+    def take(self, run):
+        """Claim; a claim someone else made first is normal: log it, move on."""
+        try:
+            run.attempt(run.claim)
+        except (UserError, Interrupted) as exc:
+            if run.phase == "claiming" and getattr(run.cause, "conflict", False):
+                self.counts["lost"] += 1
+                self.log("lost %s to another worker (%s)" % (run.id, run.cause))
+            else:
+                self.log("claim of %s failed: %s" % (run.id, exc))
+                self.remember_failure(run)
+            return False
+        self.jobs.append({"run": run, "result": None, "error": None})
+        self.log("claimed %s %s" % (run.id, run.job["model"]))
+        return True
+
+    # -- generating and submitting -------------------------------------------------
+    def serve(self, server):
+        def mine():
+            return self.ready is not None and server in self.ready[1]
+
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stopping or mine() or (not self.claiming and not self.ready))
+                    if self.stopping or not mine():
+                        return
+                    run, self.ready = self.ready[0], None
+                    self.cond.notify_all()
+                self.generate(server, run)
+        finally:
+            with self.cond:
+                self.serving -= 1
+                self.cond.notify_all()
+
+    def generate(self, server, run):
+        started = self.clock()
+        generated = run.full is None
+        if len(self.servers) > 1 and generated:
+            self.log("running %s on %s" % (run.id, server.url))
+        try:
+            run.attempt(run.generate, server.ollama, server.version, _abort_check,
+                        find_model(server.models, run.job["model"]))
+        except (UserError, Interrupted) as exc:
+            return self.job_failed(run, exc)
+        finally:
+            if generated:
+                server.busy += self.clock() - started
+        server.jobs += generated
+        with self.cond:
+            self.finished.append(run)
+            self.cond.notify_all()
+
+    def submit_loop(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.finished or not self.serving)
+                if not self.finished:
+                    return
+                run = self.finished.popleft()
+            try:
+                run.attempt(run.submit)
+            except (UserError, Interrupted) as exc:
+                self.job_failed(run, exc)
+                continue
+            tokens = run.gen.eval_count if run.gen else 0
+            self.counts["done"] += 1
+            self.counts["tokens"] += tokens
+            rate = run.evidence.get("tokens_per_s")
+            self.log("done %s %s" % (run.id, "%s%s" % (_tokens(tokens), " %.1f tok/s" % rate if rate else "")
+                                     if run.gen else "(the kept result, submitted without generating again)"))
+            self.finish(run, "done")
+
+    def job_failed(self, run, exc):
+        self.counts["failed"] += 1
+        self.log("failed %s: %s" % (run.id, exc))
+        self.remember_failure(run)
+        self.finish(run, "failed", str(exc))
+
+    def remember_failure(self, run):
+        """A job that fails is tried again later, at most JOB_TRIES times in
+        all, so a poison job cannot keep the worker spinning."""
+        count = self.failures.get(run.id, [0])[0] + 1
+        self.failures[run.id] = [count, self.clock() + self.args.interval * 2 ** count]
+
+    def finish(self, run, result, error=None):
+        for record in self.jobs:
+            if record["run"] is run:
+                record["result"], record["error"] = result, error
+
+    def summary(self):
+        wall = self.clock() - self.start
+        c = self.counts
+        text = ["work: %d done, %d failed, %d skipped, %d lost to other workers; %s in %s" % (
+            c["done"], c["failed"], c["skipped"], c["lost"], _tokens(c["tokens"]), _seconds(wall))]
+        servers = []
+        for s in self.servers:
+            busy = s.busy / wall if wall > 0 else 0.0
+            servers.append({"url": s.url, "jobs": s.jobs, "busy_s": round(s.busy, 3), "busy_fraction": round(busy, 3)})
+            text.append("  Ollama at %s: %d job%s, busy %.0f%% (%s generating)" % (
+                s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
+        doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[
+            {"id": r["run"].id, "result": r["result"], "error": r["error"]} for r in self.jobs])
+        return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, text)
+
+
+def _abort_check(tokens):
+    SIGNALS.check()  # a second signal stops a generation at its next token
+
+
+def _seconds(value):
+    return "%.1f s" % value if value < 120 else "%.1f min" % (value / 60)
 
 
 def cmd_post(ctx, args):
@@ -1825,6 +2264,11 @@ def cmd_run(ctx, args):
 def cmd_verify(ctx, args):
     result = verify_item(ctx, ctx.wl.status(args.id), args.strict)
     ok = result["verdict"] == "VERIFIED"
+    return Report(EXIT_OK if ok else EXIT_MISMATCH, verify_document(result), verify_text(result))
+
+
+def verify_text(result):
+    ok = result["verdict"] == "VERIFIED"
     cause, where = result["cause"], result["diverged_at"]
     if ok:
         headline = "✓ VERIFIED — the re-run produced the claimed output, hashes match"
@@ -1851,11 +2295,16 @@ def cmd_verify(ctx, args):
              "  Cost:      %s generated" % _tokens(result["tokens_generated"])]
     if result["logprob_max_diff"] is not None:
         text.append("  Logprobs:  largest difference %.4f nats" % result["logprob_max_diff"])
+    return text
+
+
+def verify_document(result):
+    """verify's --json document (audit prints one per item)."""
     doc = dict((k, result[k]) for k in (
         "id", "verdict", "checks", "cause", "diverged_at", "tokens_generated", "logprob_max_diff",
         "expected_hash", "actual_hash", "job", "output", "local"))
     doc["evidence"] = evidence_document(result["evidence"])
-    return Report(EXIT_OK if ok else EXIT_MISMATCH, doc, text)
+    return doc
 
 
 def _excerpt(where, side):
@@ -1934,7 +2383,135 @@ def cmd_spool(ctx, args):
     return Report(EXIT_OK, {"folder": folder, "results": docs}, [head] + lines)
 
 
-COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cmd_status, "spool": cmd_spool}
+def board_items(ctx, status, model, limit):
+    """One `wl browse`: inference items with `status` ("all": any) and, when
+    given, `model`; at most `limit`. Each gains `job` (None when it does
+    not decode) and `job_error`."""
+    wanted = full_model_name(model).lower() if model else None
+    # with a model filter, wl is asked for more, so the filter does not cut the list short
+    items = ctx.wl.browse(None if status == "all" else status, max(limit, BROWSE_LIMIT) if wanted else limit)
+    for item in items:
+        try:
+            item["job"], item["job_error"] = job_of(item), None
+        except UserError as exc:
+            item["job"], item["job_error"] = None, str(exc)
+    if wanted:
+        items = [i for i in items if i["job"] and full_model_name(i["job"]["model"]).lower() == wanted]
+    return items[:limit]
+
+
+def _table(header, rows):
+    """Left-aligned columns; the last one runs free."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in [header] + rows]
+
+
+def cmd_list(ctx, args):
+    items = board_items(ctx, args.status, args.model, args.limit)
+    rows, docs = [], []
+    for item in items:
+        job = item["job"]
+        docs.append({"id": item["id"], "status": item["status"], "priority": item["priority"], "job": job,
+                     "job_error": item["job_error"], "title": item["title"], "posted_by": item["posted_by"],
+                     "claimed_by": item["claimed_by"]})
+        if job is None:
+            rows.append([item["id"], printable(item["status"] or "?"), "-", "-", "-",
+                         "(does not decode: %s)" % preview(item["job_error"].partition(": ")[2], 60)])
+        else:
+            rows.append([item["id"], printable(item["status"] or "?"), preview(job["model"], 24), str(job["seed"]),
+                         str(job["max_tokens"]) if job["max_tokens"] else "default", preview(job["prompt"], 50)])
+    which = "" if args.status == "all" else " " + args.status
+    if not rows:
+        return Report(EXIT_OK, docs, ["No%s inference jobs on the board%s." % (
+            which, " for model " + printable(args.model) if args.model else "")])
+    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows) + [
+        "%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")])
+
+
+def cmd_audit(ctx, args):
+    """Verify every completion in review: the cheap checks of all first (a
+    forged claim costs nothing), then the re-runs, shortest claim first."""
+    rows = []  # per item: {"id", "result" (verify_item's), "error", "action"}
+    for listed in board_items(ctx, "in_review", args.model, args.limit):
+        row = {"id": listed["id"], "result": None, "error": None, "action": None}
+        rows.append(row)
+        try:
+            row["result"] = verify_cheaply(ctx.wl.status(listed["id"]))
+        except UserError as exc:
+            row["error"] = str(exc)
+    pending = [r for r in rows if r["result"] and r["result"]["verdict"] is None]
+    for row in sorted(pending, key=lambda r: len(r["result"]["evidence"]["output"])):
+        try:
+            rerun_check(ctx, row["result"], args.strict)
+        except UserError as exc:
+            row["result"], row["error"] = None, str(exc)
+    for row in rows:
+        result = row["result"]
+        try:
+            if args.accept and result and result["verdict"] == "VERIFIED":
+                row["action"] = _accept(ctx, row["id"], result)
+            elif args.reject and result and result["verdict"] == "MISMATCH":
+                cause = result["cause"]
+                ctx.wl.reject(row["id"], preview("wl_infer audit: MISMATCH, %s: %s" % (cause["kind"], cause["message"]),
+                                                 500))
+                row["action"] = "rejected"
+        except UserError as exc:
+            row["error"] = str(exc)
+    return audit_report(rows)
+
+
+def _accept(ctx, item_id, result):
+    try:
+        ctx.wl.accept(item_id, "verified by wl_infer: " + result["expected_hash"])
+        return "accepted"
+    except WlError as exc:
+        if "cannot accept your own completion" not in str(exc):
+            raise
+        return "not accepted: completed by this rig (wl forbids accepting your own)"
+
+
+def audit_report(rows):
+    counts = {"VERIFIED": 0, "MISMATCH": 0, "ERROR": 0}
+    table, notes, docs = [], [], []
+    for row in rows:
+        result, item_id = row["result"], row["id"]
+        verdict = "ERROR" if row["error"] else result["verdict"]
+        counts[verdict] += 1
+        if result is not None:
+            doc = dict(verify_document(result), action=row["action"], error=row["error"])
+            cause = result["cause"]
+            table.append([item_id, preview(result["job"]["model"], 24), verdict, cause["kind"] if cause else "-",
+                          "%d" % result["tokens_generated"], row["action"] or ""])
+            if cause:
+                notes.append("  %s: %s" % (item_id, printable(cause["message"])))
+        else:
+            doc = {"id": item_id, "verdict": "ERROR", "error": row["error"]}
+            table.append([item_id, "-", verdict, "error", "-", ""])
+        if row["error"]:
+            notes.append("  %s: error: %s" % (item_id, printable(row["error"])))
+        docs.append(doc)
+    code = EXIT_ERROR if counts["ERROR"] else EXIT_MISMATCH if counts["MISMATCH"] else EXIT_OK
+    if not rows:
+        return Report(code, docs, ["No inference completions in review."])
+    summary = "Audited %d completion%s in review: %d verified, %d mismatched, %d error%s" % (
+        len(rows), "" if len(rows) == 1 else "s", counts["VERIFIED"], counts["MISMATCH"], counts["ERROR"],
+        "" if counts["ERROR"] == 1 else "s")
+    return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"], table)
+                  + [summary] + notes)
+
+
+def cmd_work(ctx, args):
+    SIGNALS.graceful = True  # the first signal lets the job in flight finish
+    wl = ctx.wl  # made before the threads start: a missing wl is an error now
+    if args.local_db:  # a local Dolt clone takes one writer at a time
+        import threading
+
+        wl.turn = threading.Lock()
+    return Worker(ctx, args).run()
+
+
+COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cmd_status, "spool": cmd_spool,
+            "list": cmd_list, "audit": cmd_audit, "work": cmd_work}
 
 
 # =============================================================================
@@ -1965,6 +2542,22 @@ def _max_tokens(text):
     return value
 
 
+def _tags(text):
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    if not tags:
+        raise ValueError(text)
+    for tag in tags:
+        check_model_name(tag, "--models")
+    return tags
+
+
+def _count(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _positive(text):
     value = float(text)
     if not 0 < value < float("inf"):  # also refuses nan
@@ -1975,6 +2568,8 @@ def _positive(text):
 _seed.__name__ = "64-bit integer seed"
 _max_tokens.__name__ = "non-negative integer"
 _positive.__name__ = "positive number of seconds"
+_count.__name__ = "positive integer"
+_tags.__name__ = "comma-separated list of models"
 
 
 def build_parser():
@@ -1991,8 +2586,9 @@ def build_parser():
     common.add_argument("--wasteland", metavar="ORG/DB", help="wasteland to use (passed to every wl call)")
     common.add_argument("--local-db", action="store_true", help="use wl's local Dolt clone (passed to wl)")
     common.add_argument("--wl", metavar="PATH", help="wl executable (default: $WL_BIN, else wl on PATH)")
-    common.add_argument("--ollama", metavar="URL",
-                        help="Ollama server (default: $OLLAMA_HOST, else %s)" % DEFAULT_OLLAMA)
+    common.add_argument("--ollama", metavar="URL", action="append",
+                        help="Ollama server (default: $OLLAMA_HOST, else %s); `work` takes several "
+                             "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA)
     common.add_argument("--timeout", type=_positive, metavar="SECONDS",
                         help="Ollama inactivity timeout: no byte for this long (default 300); "
                              "a long generation is never cut for being long")
@@ -2032,6 +2628,35 @@ def build_parser():
     p = sub.add_parser("status", parents=[common], help="show a job, its claim and its completion")
     p.add_argument("id", type=_item_id, metavar="ID")
 
+    p = sub.add_parser("list", parents=[common], help="list inference jobs on the board (one wl browse)")
+    p.add_argument("--status", choices=("open", "claimed", "in_review", "completed", "all"), default="open",
+                   help="which jobs (default open)")
+    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
+    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N jobs (default 50)")
+
+    p = sub.add_parser("audit", parents=[common], help="verify every completion in review")
+    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
+    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N items (default 50)")
+    p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
+    p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
+    p.add_argument("--strict", action="store_true",
+                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+    p = sub.add_parser("work", parents=[common], help="take jobs for the local models, forever (a worker)")
+    p.add_argument("--models", type=_tags, metavar="TAG,...", help="only jobs for these models")
+    p.add_argument("--once", action="store_true", help="one poll: run what is eligible, then exit (for cron)")
+    p.add_argument("--max-jobs", type=_count, metavar="N", help="exit after taking N jobs")
+    p.add_argument("--interval", type=_positive, default=30.0, metavar="SECONDS",
+                   help="seconds between polls when idle (default 30, with jitter)")
+    p.add_argument("--max-tokens-cap", type=_count, default=4096, metavar="N",
+                   help="skip jobs whose max_tokens is above N (default 4096)")
+    p.add_argument("--allow-uncapped", action="store_true",
+                   help="take jobs with max_tokens 0 (the model's default, no limit)")
+    p.add_argument("--max-prompt-bytes", type=_count, default=32768, metavar="N",
+                   help="skip jobs whose prompt is longer (default 32768)")
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
     p = sub.add_parser("spool", parents=[common],
                        help="list finished results kept on disk because wl did not take them")
     p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
@@ -2046,8 +2671,9 @@ def parse_args(argv):
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
-    if args.ollama is None:
-        args.ollama = os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA
+    urls = args.ollama or [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",") if u.strip()]
+    args.ollama_urls = urls or [DEFAULT_OLLAMA]
+    args.ollama = args.ollama_urls[0]  # every command but work uses one server: the first
     return args
 
 
