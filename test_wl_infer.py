@@ -953,7 +953,8 @@ class FaultTally(object):
     ORDER = ("faults injected into run", "claims left held without saying how to release them",
              "claims left held, with the command to release them", "results lost", "Ollama faults met by verify",
              "Ollama faults met by work", "malformed jobs refused before a claim",
-             "malformed evidence refused by verify without a re-run", "malformed IDs refused before wl", "reports with hostile text, free of control characters")
+             "malformed evidence refused by verify without a re-run", "malformed IDs refused before wl",
+             "reports with hostile text, free of control characters")
 
     def report(self):
         width = max(len(k) for k in self.rows)
