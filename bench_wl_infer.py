@@ -10,6 +10,11 @@ Benchmarks:
   3rd token of a 400-token output, with the fake Ollama streaming at a fixed
   50 tokens/s, against a full re-run of the same job (what the Go `wl infer
   verify` always does, and what a correct claim costs). Target: >= 20x.
+- worker: a board of 20 jobs behind a slow wl (every call takes 1.0 s, as on
+  the DoltHub API) and an Ollama taking 2.0 s per job; jobs per minute and
+  the Ollama busy fraction (time generating / wall time) of `work --once`
+  against a shell loop of `run` per job (measured over 5 jobs: its rate is
+  the same for every job). Target: busy fraction >= 0.9 with `work`.
 """
 
 import os
@@ -72,7 +77,60 @@ def bench_early_exit(folder):
             ("early exit speed-up", "%.0fx" % (f / e), "target >= 20x: %s" % ("met" if f / e >= 20 else "NOT MET"))]
 
 
-BENCHMARKS = [("early exit on a false claim", bench_early_exit)]
+def bench_worker(folder, jobs=20, loop_jobs=5, wl_call=1.0, generation=2.0):
+    ollama = fakes.FakeOllama()
+    ollama.piece_chars, ollama.piece_delay = 4, generation / 20  # 20 tokens per job
+    ollama.start()
+    try:
+        board = fakes.FakeBoard(folder, rig="bob")
+        for command in ("browse", "status", "claim", "done", "unclaim"):
+            board.fail(command, delay=wl_call)  # every call waits, then succeeds
+        env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address,
+                   XDG_STATE_HOME=os.path.join(folder, "state"))
+
+        def add(n):
+            ids = []
+            for i in range(n):
+                prompt = "job %d" % len(board.load()["items"])
+                ollama.outputs[("llama3.2:1b", prompt)] = "".join(" w%02d" % k for k in range(20))
+                ids.append(board.add(wl_infer.encode_job(wl_infer.make_job(prompt, "llama3.2:1b", max_tokens=64))))
+            return ids
+
+        def generating(since):
+            return sum(s["end"] - s["start"] for s in ollama.streams[since:])
+
+        loop = add(loop_jobs)
+        start = time.perf_counter()
+        for item_id in loop:
+            timed(["run", item_id, "-q"], env, 0)
+        loop_wall = time.perf_counter() - start
+        loop_busy = generating(0) / loop_wall
+        since = len(ollama.streams)
+        add(jobs)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, WL_INFER, "work", "--once", "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        work_wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit("bench: work exited %d: %s" % (proc.returncode, proc.stderr.decode().strip()))
+        import json
+
+        doc = json.loads(proc.stdout)
+        if doc["done"] != jobs:
+            raise SystemExit("bench: work did %d of %d jobs: %s" % (doc["done"], jobs, proc.stderr.decode()))
+        work_busy = generating(since) / work_wall
+    finally:
+        ollama.stop()
+    return [("`run` per job in a loop (%d jobs)" % loop_jobs, "%.1f/min" % (loop_jobs * 60 / loop_wall),
+             "Ollama busy %.2f" % loop_busy),
+            ("`work --once` (%d jobs)" % jobs, "%.1f/min" % (jobs * 60 / work_wall),
+             "Ollama busy %.2f (work's own figure: %.2f); target >= 0.9: %s" % (
+                 work_busy, doc["servers"][0]["busy_fraction"], "met" if work_busy >= 0.9 else "NOT MET")),
+            ("speed-up", "%.1fx" % (loop_wall / loop_jobs / (work_wall / jobs)),
+             "wl %.1f s per call, %.1f s per generation" % (wl_call, generation))]
+
+
+BENCHMARKS = [("early exit on a false claim", bench_early_exit), ("worker busy fraction", bench_worker)]
 
 
 def main():

@@ -3223,7 +3223,7 @@ def demo():
             sys.stdout.flush()
             proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(base_env, FAKE_WL_RIG=rig),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-            sys.stdout.write(proc.stdout + proc.stderr)
+            sys.stdout.write(proc.stderr + proc.stdout)  # as a terminal shows them: the log first
             print("[exit %d]" % proc.returncode)
             return proc.stdout
 
@@ -3259,6 +3259,18 @@ def demo():
         step("bob", "what is kept on this box", "spool")
         step("bob", "the next run claims again and submits the kept result, without generating again",
              "run", item_id)
+
+        ollama.near_ties.clear()  # back to the worker's own hardware
+        ollama.outputs[("llama3.2:1b", "What is 1+1? Answer in one sentence.")] = "1 + 1 equals 2."
+        for prompt, model, max_tokens in (("Name a colour.", "llama3.2:1b", 32), ("Say hi.", "llama3.2:1b", 16),
+                                          ("Bonjour ?", "mistral:7b", 32), ("Write a novel.", "llama3.2:1b", 0)):
+            job = wl_infer.encode_job(wl_infer.make_job(prompt, model, max_tokens=max_tokens))
+            board.wl("post", "--title=infer: " + prompt, "--type=inference", "--description=" + job, rig="alice")
+        step("bob", "the open jobs on the board", "list")
+        step("bob", "a worker takes every job it can do (one poll, for cron; `work` alone runs forever)",
+             "work", "--once")
+        step("alice", "the poster verifies every completion in review and accepts the verified ones",
+             "audit", "--accept", "--reject")
     ollama.stop()
 
 
