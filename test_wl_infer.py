@@ -2744,6 +2744,19 @@ class WorkerTest(WorkTest):
         starts = [c["start"] for c in self.board.calls() if c["argv"][:2] == ["claim", poison]]
         self.assertGreater(starts[2] - starts[1], starts[1] - starts[0])
 
+    def test_a_result_wl_would_not_take_is_kept_and_submitted_next_time_without_generating(self):
+        item_id = self.add()
+        self.board.fail("done", message='wanted item "%s" is not claimed by "bob" or does not exist' % item_id,
+                        times=1)
+        code, out, err = self.work("--max-jobs", "2", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertIn("failed %s: wl done failed: wanted item" % item_id, err)
+        self.assertIn("the result is kept in", err)
+        self.assertIn("done %s (the kept result, submitted without generating again)" % item_id, err)
+        self.assertEqual(self.status(item_id), "in_review")
+        self.assertEqual(self.generated("what is 1+1"), 1)
+        self.assertEqual([j["result"] for j in json.loads(out)["jobs"]], ["failed", "done"])
+
     def test_wl_failing_for_a_while_is_backed_off_and_said_then_work_resumes(self):
         item_id = self.add()
         self.board.fail("browse", message="dial tcp: lookup www.dolthub.com: no such host", times=2)

@@ -1950,7 +1950,8 @@ class Worker(object):
             self.cond.wait_for(lambda: self.stopping, seconds)
 
     def jobs_in_flight(self):
-        return [r["run"] for r in self.jobs if r["result"] is None]
+        with self.cond:
+            return [r["run"] for r in self.jobs if r["result"] is None]
 
     # -- claiming ----------------------------------------------------------------
     def claim_loop(self):
@@ -1986,7 +1987,7 @@ class Worker(object):
                 return self.candidates.pop(0)
             if self.polls and self.args.once:
                 return None
-            if self.polls and not self.found:  # nothing to do: idle, with jitter
+            if self.polls and not self.found and not self.failing:  # nothing to do: idle, with jitter
                 import random
 
                 self.pause(self.args.interval * random.uniform(0.8, 1.2))
@@ -2025,7 +2026,7 @@ class Worker(object):
                 self.candidates.append((run, servers))
             elif reason and self.skip_logged.get(item["id"]) != reason:
                 if item["id"] not in self.skip_logged:
-                    self.counts["skipped"] += 1
+                    self.count("skipped")
                 self.skip_logged[item["id"]] = reason
                 self.log("skipped %s (%s)" % (item["id"], reason))
         self.found = bool(self.candidates)
@@ -2082,13 +2083,14 @@ class Worker(object):
             run.attempt(run.claim)
         except (UserError, Interrupted) as exc:
             if run.phase == "claiming" and getattr(run.cause, "conflict", False):
-                self.counts["lost"] += 1
+                self.count("lost")
                 self.log("lost %s to another worker (%s)" % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s" % (run.id, exc))
                 self.remember_failure(run)
             return False
-        self.jobs.append({"run": run, "result": None, "error": None})
+        with self.cond:
+            self.jobs.append({"run": run, "result": None, "error": None})
         self.log("claimed %s %s" % (run.id, run.job["model"]))
         return True
 
@@ -2142,15 +2144,15 @@ class Worker(object):
                 self.job_failed(run, exc)
                 continue
             tokens = run.gen.eval_count if run.gen else 0
-            self.counts["done"] += 1
-            self.counts["tokens"] += tokens
+            self.count("done")
+            self.count("tokens", tokens)
             rate = run.evidence.get("tokens_per_s")
             self.log("done %s %s" % (run.id, "%s%s" % (_tokens(tokens), " %.1f tok/s" % rate if rate else "")
                                      if run.gen else "(the kept result, submitted without generating again)"))
             self.finish(run, "done")
 
     def job_failed(self, run, exc):
-        self.counts["failed"] += 1
+        self.count("failed")
         self.log("failed %s: %s" % (run.id, exc))
         self.remember_failure(run)
         self.finish(run, "failed", str(exc))
@@ -2162,9 +2164,14 @@ class Worker(object):
         self.failures[run.id] = [count, self.clock() + self.args.interval * 2 ** count]
 
     def finish(self, run, result, error=None):
-        for record in self.jobs:
-            if record["run"] is run:
-                record["result"], record["error"] = result, error
+        with self.cond:
+            for record in self.jobs:
+                if record["run"] is run:
+                    record["result"], record["error"] = result, error
+
+    def count(self, what, n=1):
+        with self.cond:  # the threads share the counts
+            self.counts[what] += n
 
     def summary(self):
         wall = self.clock() - self.start
