@@ -3016,6 +3016,20 @@ class TerminalSafetyTest(CliTest):
         self.assertIn("is not an Ollama model name", self.cli_safe("run", bad, code=2)[2])
 
 
+    def test_board_wide_commands_list_work_and_audit(self):
+        prompt = "p" + self.EVIL
+        self.ollama.outputs[("llama3.2:1b", prompt)] = "out" + self.EVIL
+        run = self.board.add(wl_infer.encode_job(wl_infer.make_job(prompt, "llama3.2:1b", max_tokens=64)))
+        self.board.add(_MODEL % json.dumps("llama" + self.EVIL))  # skipped by work, listed as undecodable
+        self.board.add("not json " + self.EVIL)
+        self.board.add(wl_infer.encode_job(wl_infer.make_job("q", "m" + "\u202e" * 3, max_tokens=64)))
+        self.assertIn("\\x1b]0;pwned", self.cli_safe("list")[1])
+        self.assertIn('"llama\\u001b]0;pwned', self.cli_safe("work", "--once")[2])
+        self.assertEqual(self.board.item(run)["status"], "in_review")
+        self.board.update(lambda s: s["items"][run]["completion"].__setitem__("evidence", "bad " + self.EVIL))
+        self.assertIn("\\x1b]0;pwned", self.cli_safe("audit", code=2)[1])
+
+
 class ProgressTest(CliTest):
     def test_progress_line_only_on_a_terminal(self):
         import pty
