@@ -3026,8 +3026,8 @@ class TerminalSafetyTest(CliTest):
         self.assertIn("\\x1b]0;pwned", self.cli_safe("list")[1])
         self.assertIn('"llama\\u001b]0;pwned', self.cli_safe("work", "--once")[2])
         self.assertEqual(self.board.item(run)["status"], "in_review")
-        self.board.update(lambda s: s["items"][run]["completion"].__setitem__("evidence", "bad " + self.EVIL))
-        self.assertIn("\\x1b]0;pwned", self.cli_safe("audit", code=2)[1])
+        self.board.fail("status", message="boom" + self.EVIL, times=1)
+        self.assertIn("boom\\x1b]0;pwned", self.cli_safe("audit", code=2)[1])
 
 
 class ProgressTest(CliTest):
