@@ -90,7 +90,7 @@ def bench_worker(folder, jobs=20, loop_jobs=5, wl_call=1.0, generation=2.0):
 
         def add(n):
             ids = []
-            for i in range(n):
+            for _ in range(n):
                 prompt = "job %d" % len(board.load()["items"])
                 ollama.outputs[("llama3.2:1b", prompt)] = "".join(" w%02d" % k for k in range(20))
                 ids.append(board.add(wl_infer.encode_job(wl_infer.make_job(prompt, "llama3.2:1b", max_tokens=64))))

@@ -77,6 +77,7 @@ class FakeOllama(object):
     drop = True                       close /api/generate connections unanswered
     endless = text                    a model that never stops: streams this token forever
     gate = threading.Event()          every stream waits for it before its final message
+    gates[i] = threading.Event()      the same, for the i-th stream only (counting from 0)
     thinking[(model, prompt)] = text  a thinking model: streamed as `thinking` first
     logprobs_supported = False        an older server: ignores logprobs/top_logprobs
     logprob_shift = x                 add x to every logprob (other weights, same text)
@@ -103,6 +104,7 @@ class FakeOllama(object):
         self.drop = False
         self.endless = None
         self.gate = None
+        self.gates = {}
         self.thinking = {}
         self.logprobs_supported = True
         self.logprob_shift = 0.0
@@ -130,8 +132,9 @@ class FakeOllama(object):
 
     def stop(self):
         self.released.set()
-        if self.gate is not None:
-            self.gate.set()
+        for gate in [self.gate] + list(self.gates.values()):
+            if gate is not None:
+                gate.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -311,6 +314,7 @@ class _OllamaHandlerMixin(object):
         fake = self.fake
         record = {"prompt": prompt, "sent": 0, "start": time.time(), "end": None, "ended": threading.Event()}
         with fake.lock:
+            record["gate"] = fake.gates.get(len(fake.streams), fake.gate)
             fake.streams.append(record)
         try:
             self._stream_lines(name, thoughts, tokens, logprobs, reason, count, record)
@@ -359,9 +363,9 @@ class _OllamaHandlerMixin(object):
                     obj["logprobs"] = next(entries)
                 send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
                 record["sent"] += 1
-            if fake.gate is not None:
+            if record["gate"] is not None:
                 send(b"", final=True)
-                fake.gate.wait(60)
+                record["gate"].wait(60)
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -2740,9 +2744,11 @@ class WorkerTest(WorkTest):
         self.assertEqual(err.count("failed %s: Ollama at" % poison), 3, err)
         self.assertIn("segmentation fault (HTTP 500); the claim on %s was released" % poison, err)
         self.assertEqual((self.status(poison), self.status(good)), ("open", "in_review"))
-        # each retry waited longer than the one before (interval x 2, then x 4)
-        starts = [c["start"] for c in self.board.calls() if c["argv"][:2] == ["claim", poison]]
-        self.assertGreater(starts[2] - starts[1], starts[1] - starts[0])
+        # each retry waits longer than the one before: --interval x 2, then x 4
+        for fragment in ("failure 1 of 3: tried again in 0.1 s at the earliest",
+                         "failure 2 of 3: tried again in 0.2 s at the earliest",
+                         "failure 3 of 3: not tried again by this worker"):
+            self.assertEqual(err.count(fragment), 1, err)
 
     def test_a_result_wl_would_not_take_is_kept_and_submitted_next_time_without_generating(self):
         item_id = self.add()
@@ -2811,40 +2817,45 @@ class WorkerTest(WorkTest):
     def test_two_servers_each_generate_one_job_at_a_time(self):
         other = FakeOllama().start()
         self.addCleanup(other.stop)
-        for ollama in (self.ollama, other):
-            ollama.piece_delay = 0.02  # a generation takes far longer than a claim
-        for flags in (["--ollama", self.ollama.address, "--ollama", other.address], []):
+        for flags, env in ((["--ollama", self.ollama.address, "--ollama", other.address], None),
+                           ([], self.env(OLLAMA_HOST="%s,%s" % (self.ollama.address, other.address)))):
+            for ollama in (self.ollama, other):
+                ollama.gate = threading.Event()  # each server's first job holds until both have one
             ids = [self.add("job %d" % i) for i in range(4)]
-            env = self.env(OLLAMA_HOST="%s,%s" % (self.ollama.address, other.address))
-            code, out, err = self.work("--once", "--json", *flags, env=env)
+            before = [len(o.streams) for o in (self.ollama, other)]
+            proc = self.start("--once", "--json", *flags, env=env)
+            wait_for(lambda before=before: all(len(o.streams) > n and not o.streams[n]["ended"].is_set()
+                                               for o, n in zip((self.ollama, other), before)),
+                     "a generation on each server at once")
+            for ollama in (self.ollama, other):
+                ollama.gate.set()
+            code, out, err = self.finish(proc)
             self.assertEqual(code, 0, err)
             self.assertEqual([self.status(i) for i in ids], ["in_review"] * 4)
-            self.assertEqual([s["jobs"] for s in json.loads(out)["servers"]], [2, 2])
+            self.assertEqual(sum(s["jobs"] for s in json.loads(out)["servers"]), 4)
         for ollama in (self.ollama, other):
             streams = sorted(ollama.streams, key=lambda s: s["start"])
-            self.assertEqual(len(streams), 4)
             for a, b in zip(streams, streams[1:]):
                 self.assertLessEqual(a["end"], b["start"], "two generations at once on one server")
 
     def test_board_calls_overlap_generation_with_at_most_one_job_claimed_ahead(self):
-        self.ollama.piece_delay = 0.02
-        self.board.fail("claim", delay=0.2)  # a slow board: each call takes 0.2 s, then succeeds
-        self.board.fail("done", delay=0.2)
+        self.ollama.gates = {0: threading.Event(), 1: threading.Event()}
         ids = [self.add("job %d" % i) for i in range(4)]
-        code, out, err = self.work("--once", "--json")
+        proc = self.start("--once", "--json")
+        # job 1 is claimed while job 0 is still generating ...
+        wait_for(lambda: self.claims() == ids[:2] and len(self.ollama.streams) == 1, "a claim during a generation")
+        self.ollama.gates[0].set()
+        # ... and job 0 is submitted while job 1 generates
+        wait_for(lambda: self.status(ids[0]) == "in_review", "a submission during a generation")
+        self.assertEqual((len(self.ollama.streams), self.ollama.streams[1]["ended"].is_set()), (2, False))
+        self.ollama.gates[1].set()
+        code, out, err = self.finish(proc)
         self.assertEqual(code, 0, err)
         self.assertEqual([self.status(i) for i in ids], ["in_review"] * 4)
-        calls = [c for c in self.board.calls() if c["argv"][0] in ("claim", "done")]
-        streams = self.ollama.streams
-
-        def overlaps(call):
-            return any(s["start"] < call["end"] and call["start"] < s["end"] for s in streams)
-
-        self.assertTrue(any(overlaps(c) for c in calls if c["argv"][0] == "claim"), "no claim during a generation")
-        self.assertTrue(any(overlaps(c) for c in calls if c["argv"][0] == "done"), "no done during a generation")
+        calls = [c for c in self.board.calls() if c["argv"][0] == "claim"]
         for call in calls:  # when a claim ends, every job claimed before it is generating already
-            claimed = len([c for c in calls if c["argv"][0] == "claim" and c["end"] <= call["end"]])
-            started = len([s for s in streams if s["start"] <= call["end"]])
+            claimed = len([c for c in calls if c["end"] <= call["end"]])
+            started = len([s for s in self.ollama.streams if s["start"] <= call["end"]])
             self.assertLessEqual(claimed - started, 1, "more than one job claimed ahead")
 
 

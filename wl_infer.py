@@ -2086,8 +2086,7 @@ class Worker(object):
                 self.count("lost")
                 self.log("lost %s to another worker (%s)" % (run.id, run.cause))
             else:
-                self.log("claim of %s failed: %s" % (run.id, exc))
-                self.remember_failure(run)
+                self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
             return False
         with self.cond:
             self.jobs.append({"run": run, "result": None, "error": None})
@@ -2153,15 +2152,18 @@ class Worker(object):
 
     def job_failed(self, run, exc):
         self.count("failed")
-        self.log("failed %s: %s" % (run.id, exc))
-        self.remember_failure(run)
+        self.log("failed %s: %s; %s" % (run.id, exc, self.remember_failure(run)))
         self.finish(run, "failed", str(exc))
 
     def remember_failure(self, run):
         """A job that fails is tried again later, at most JOB_TRIES times in
         all, so a poison job cannot keep the worker spinning."""
         count = self.failures.get(run.id, [0])[0] + 1
-        self.failures[run.id] = [count, self.clock() + self.args.interval * 2 ** count]
+        delay = self.args.interval * 2 ** count
+        self.failures[run.id] = [count, self.clock() + delay]
+        if count >= JOB_TRIES:
+            return "failure %d of %d: not tried again by this worker" % (count, JOB_TRIES)
+        return "failure %d of %d: tried again in %s at the earliest" % (count, JOB_TRIES, _seconds(delay))
 
     def finish(self, run, result, error=None):
         with self.cond:
