@@ -1097,12 +1097,8 @@ class Wl(object):
             except OSError as exc:
                 raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
             try:
-                stdout, stderr = proc.communicate(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                _stop_group(proc)
-                raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
-                              "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
-            except BaseException:  # a signal that is not held: stop wl and what it started
+                stdout, stderr = self._wait(proc, command)
+            except BaseException:  # a signal that is not held, or the time limit: stop wl and what it started
                 _stop_group(proc)
                 raise
         out = stdout.decode("utf-8", "replace")
@@ -1111,6 +1107,23 @@ class Wl(object):
             raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode),
                           conflict=any(c in (err or "") for c in _WL_CONFLICTS))
         return out
+
+    def _wait(self, proc, command):
+        """wl's output, waiting in slices: CPython runs a signal handler only
+        between bytecodes, so a signal landing just as a long wait resumes
+        would otherwise go unnoticed until wl ends (a second Ctrl-C ignored
+        for the whole call)."""
+        import subprocess
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return proc.communicate(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
+                                  "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
 
     def post(self, title, description):
         return parse_posted_id(self.call(
