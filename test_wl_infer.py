@@ -2733,8 +2733,11 @@ class WorkerTest(WorkTest):
         poison, good = self.add("poison"), self.add("good")
         self.ollama.fail_prompts["poison"] = (500, "llama runner process has terminated: signal: segmentation fault")
         proc = self.start()
-        wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by this worker)" % poison),
-                 "the worker to give up on the poison job")
+        try:
+            wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by this worker)" % poison),
+                     "the worker to give up on the poison job")
+        except AssertionError:
+            raise AssertionError("no give-up; wl calls %s; log %s" % (self.board.started(), proc.log.lines))
         proc.send_signal(signal.SIGTERM)
         code, out, err = self.finish(proc)
         self.assertEqual(code, 0, err)

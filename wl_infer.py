@@ -1900,6 +1900,7 @@ class Worker(object):
         self.skip_logged = {}  # id -> reason, so a skip is logged once
         self.failures = {}  # id -> [failures, not before (clock)]
         self.taken = 0
+        self.held = set()  # IDs of the jobs this worker has in hand, from its claim to their outcome
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}
         self.jobs = []  # one record per job taken
         self.start = self.clock()
@@ -2058,6 +2059,9 @@ class Worker(object):
         """(JobRun checked for its claim, servers that can run it, None), or
         (None, None, why not); why is None for a job to retry later."""
         args, failed = self.args, self.failures.get(item["id"])
+        with self.cond:
+            if item["id"] in self.held:  # released a moment ago; its failure is being recorded
+                return None, None, None
         if failed and failed[0] >= JOB_TRIES:
             return None, None, "failed %d times; not tried again by this worker" % failed[0]
         if failed and failed[1] > self.clock():
@@ -2092,6 +2096,8 @@ class Worker(object):
 
     def take(self, run):
         """Claim; a claim someone else made first is normal: log it, move on."""
+        with self.cond:
+            self.held.add(run.id)
         try:
             run.attempt(run.claim)
         except (UserError, Interrupted) as exc:
@@ -2100,6 +2106,8 @@ class Worker(object):
                 self.log("lost %s to another worker (%s)" % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
+            with self.cond:
+                self.held.discard(run.id)
             return False
         with self.cond:
             self.jobs.append({"run": run, "result": None, "error": None})
@@ -2166,7 +2174,7 @@ class Worker(object):
     def job_failed(self, run, exc):
         self.count("failed")
         self.log("failed %s: %s; %s" % (run.id, exc, self.remember_failure(run)))
-        self.finish(run, "failed", str(exc))
+        self.finish(run, "failed", str(exc))  # only now may a poll take the job again
 
     def remember_failure(self, run):
         """A job that fails is tried again later, at most JOB_TRIES times in
@@ -2180,6 +2188,7 @@ class Worker(object):
 
     def finish(self, run, result, error=None):
         with self.cond:
+            self.held.discard(run.id)
             for record in self.jobs:
                 if record["run"] is run:
                     record["result"], record["error"] = result, error
