@@ -1923,6 +1923,9 @@ class Worker(object):
         seen = 0
         while any(t.is_alive() for t in threads):
             threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
+            if SIGNALS.aborting():  # at each wake-up: a generation may still have been connecting
+                for server in self.servers:
+                    server.ollama.cancel()
             if SIGNALS.received == seen:
                 continue
             seen = SIGNALS.received
@@ -1933,8 +1936,6 @@ class Worker(object):
             elif seen == 2:
                 self.log("aborting: stopping the generation in flight and releasing its claim")
                 self.stop()
-                for server in self.servers:
-                    server.ollama.cancel()
             else:  # a third: out now
                 held = ", ".join(r.id for r in self.jobs_in_flight()) or "none"
                 raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
