@@ -1923,23 +1923,22 @@ class Worker(object):
         seen = 0
         while any(t.is_alive() for t in threads):
             threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
-            if SIGNALS.aborting():  # at each wake-up: a generation may still have been connecting
+            if SIGNALS.received != seen:
+                seen = SIGNALS.received
+                if seen == 1:
+                    self.log("stopping: no new jobs; the job in flight finishes and is submitted "
+                             "(a second signal aborts it)")
+                    self.stop()
+                elif seen == 2:
+                    self.log("aborting: stopping the generation in flight and releasing its claim")
+                else:  # a third: out now
+                    held = ", ".join(r.id for r in self.jobs_in_flight()) or "none"
+                    raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
+                                      "with `wl status ID` and release them with `wl unclaim ID`" % held)
+            if SIGNALS.aborting():  # at every wake-up: a generation may still have been connecting
+                self.stop()  # first, so that no server starts another job
                 for server in self.servers:
                     server.ollama.cancel()
-            if SIGNALS.received == seen:
-                continue
-            seen = SIGNALS.received
-            if seen == 1:
-                self.log("stopping: no new jobs; the job in flight finishes and is submitted "
-                         "(a second signal aborts it)")
-                self.stop()
-            elif seen == 2:
-                self.log("aborting: stopping the generation in flight and releasing its claim")
-                self.stop()
-            else:  # a third: out now
-                held = ", ".join(r.id for r in self.jobs_in_flight()) or "none"
-                raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
-                                  "with `wl status ID` and release them with `wl unclaim ID`" % held)
         if self.fatal is not None:
             raise self.fatal
         return self.summary()
