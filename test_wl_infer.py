@@ -855,6 +855,17 @@ class FakeBoard(object):
         with open(path) as f:
             return [pid for pid in (int(line) for line in f) if _alive(pid)]
 
+    def stop_calls(self):
+        """Kill every fake wl process still running (one a test left behind on purpose)."""
+        path = self.state_path + ".started"
+        with open(path) as f:
+            for pid in [json.loads(line)["pid"] for line in f if line.endswith("\n")]:
+                if _alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
     def started(self):
         """The commands of every call started so far, finished or not."""
         path = self.state_path + ".started"
@@ -2816,6 +2827,23 @@ class WorkerTest(WorkTest):
         self.assertIn("the claim on %s was released and the job is open again" % item_id, err)
         self.assertEqual(self.status(item_id), "open")
         self.assertIn("work: 0 done, 1 failed", out)
+
+    def test_a_third_signal_exits_at_once_naming_the_claims_that_may_be_held(self):
+        item_id = self.add()
+        self.ollama.stall_after = 2
+        self.board.fail("unclaim", delay=60, times=1)  # the release after the abort hangs
+        self.addCleanup(self.board.stop_calls)  # wl_infer leaves it running, as it says
+        proc = self.start()
+        wait_for(self.ollama.generating.is_set, "the generation")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.log.has("stopping: no new jobs"), "the first signal to be taken")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "unclaim" in self.board.started(), "the release")
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = self.finish(proc)
+        self.assertEqual(code, 130, err)
+        self.assertIn("wl_infer: interrupted; stopped at once: jobs that may still be claimed by you: %s; "
+                      "check them with `wl status ID` and release them with `wl unclaim ID`" % item_id, err)
 
     def test_two_servers_each_generate_one_job_at_a_time(self):
         other = FakeOllama().start()
