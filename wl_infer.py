@@ -1881,6 +1881,10 @@ class Server(object):
 
 
 class Worker(object):
+    """`work`: polls the board, takes the eligible jobs in order and runs
+    each through JobRun, overlapping the wl calls with generation. Never
+    more than one job is claimed ahead of its generation (`ready`)."""
+
     def __init__(self, ctx, args):
         import collections
         import threading
