@@ -1906,7 +1906,8 @@ class Worker(object):
         self.taken = 0
         self.held = set()  # IDs of the jobs this worker has in hand, from its claim to their outcome
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}
-        self.jobs = []  # one record per job taken
+        self.jobs = []  # {"id", "result", "error"} per job taken, for the summary
+        self.records = {}  # JobRun in hand -> its record (a finished JobRun, with its output, is let go)
         self.start = self.clock()
 
     def log(self, message):
@@ -1936,7 +1937,7 @@ class Worker(object):
                 elif seen == 2:
                     self.log("aborting: stopping the generation in flight and releasing its claim")
                 else:  # a third: out now
-                    held = ", ".join(r.id for r in self.jobs_in_flight()) or "none"
+                    held = ", ".join(self.jobs_in_flight()) or "none"
                     raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
                                       "with `wl status ID` and release them with `wl unclaim ID`" % held)
             if SIGNALS.aborting():  # at every wake-up: a generation may still have been connecting
@@ -1969,7 +1970,7 @@ class Worker(object):
 
     def jobs_in_flight(self):
         with self.cond:
-            return [r["run"] for r in self.jobs if r["result"] is None]
+            return sorted(self.held)
 
     # -- claiming ----------------------------------------------------------------
     def claim_loop(self):
@@ -2114,7 +2115,8 @@ class Worker(object):
                 self.held.discard(run.id)
             return False
         with self.cond:
-            self.jobs.append({"run": run, "result": None, "error": None})
+            self.records[run] = {"id": run.id, "result": None, "error": None}
+            self.jobs.append(self.records[run])
         self.log("claimed %s %s" % (run.id, run.job["model"]))
         return True
 
@@ -2193,9 +2195,9 @@ class Worker(object):
     def finish(self, run, result, error=None):
         with self.cond:
             self.held.discard(run.id)
-            for record in self.jobs:
-                if record["run"] is run:
-                    record["result"], record["error"] = result, error
+            record = self.records.pop(run, None)
+            if record is not None:
+                record["result"], record["error"] = result, error
 
     def count(self, what, n=1):
         with self.cond:  # the threads share the counts
@@ -2212,8 +2214,7 @@ class Worker(object):
             servers.append({"url": s.url, "jobs": s.jobs, "busy_s": round(s.busy, 3), "busy_fraction": round(busy, 3)})
             text.append("  Ollama at %s: %d job%s, busy %.0f%% (%s generating)" % (
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
-        doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[
-            {"id": r["run"].id, "result": r["result"], "error": r["error"]} for r in self.jobs])
+        doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[dict(r) for r in self.jobs])
         return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, text)
 
 
