@@ -78,11 +78,16 @@ class FakeOllama(object):
     endless = text                    a model that never stops: streams this token forever
     gate = threading.Event()          every stream waits for it before its final message
     gates[i] = threading.Event()      the same, for the i-th stream only (counting from 0)
+    burst = True                      as fast as loopback allows: a stream is rendered once
+                                      (kept for the same request) and written 64 KB at a time,
+                                      still one HTTP chunk per line as Ollama flushes each token
     thinking[(model, prompt)] = text  a thinking model: streamed as `thinking` first
     logprobs_supported = False        an older server: ignores logprobs/top_logprobs
     logprob_shift = x                 add x to every logprob (other weights, same text)
     near_ties[i] = (token, margin)    token i's runner-up and its distance in nats
                                       (default: "~", 3.0 nats below: a clear winner)
+    requests                          one record per request: method, path, body, and
+                                      `start` and `end` of its handling (time.time())
     streams                           one record per streamed generate: its prompt,
                                       pieces sent, `start` and `end` (time.time()),
                                       and `ended` once the handler is done
@@ -105,6 +110,8 @@ class FakeOllama(object):
         self.endless = None
         self.gate = None
         self.gates = {}
+        self.burst = False
+        self.rendered = {}  # burst: the framed stream per request body
         self.thinking = {}
         self.logprobs_supported = True
         self.logprob_shift = 0.0
@@ -223,9 +230,21 @@ class _OllamaHandlerMixin(object):
         except ValueError as exc:
             return exc
 
+    def handle_one_request(self):
+        self.current = None
+        super(_OllamaHandlerMixin, self).handle_one_request()
+        if self.current is not None:
+            self.current["end"] = time.time()
+
+    def parse_request(self):  # the request line has arrived: its handling starts
+        self.started = time.time()
+        return super(_OllamaHandlerMixin, self).parse_request()
+
     def _record(self, body):
+        self.current = {"method": self.command, "path": self.path, "body": body, "start": self.started,
+                        "end": None}
         with self.fake.lock:
-            self.fake.requests.append({"method": self.command, "path": self.path, "body": body})
+            self.fake.requests.append(self.current)
 
     def do_GET(self):
         self._record(None)
@@ -276,6 +295,9 @@ class _OllamaHandlerMixin(object):
         top = body.get("top_logprobs", 0)
         if self.fake.logprobs_supported and (type(top) is not int or not 0 <= top <= 20):
             return self._json(400, {"error": "top_logprobs must be between 0 and 20"})
+        key = json.dumps(body, sort_keys=True)
+        if self.fake.burst and key in self.fake.rendered:
+            return self._send_rendered(self.fake.rendered[key])
         prompt = body.get("prompt", "")
         chunks, reason = self.fake.chunks_for(body["model"], prompt, body.get("options"))
         thinking = self.fake.thinking.get((body["model"], prompt), "")
@@ -302,7 +324,44 @@ class _OllamaHandlerMixin(object):
             if logprobs is not None:
                 final["logprobs"] = [entry for entries in logprobs for entry in entries]
             return self._json(200, final)
+        if self.fake.burst:
+            self.fake.rendered[key] = self._render(name, thoughts, [text for text, _ in chunks], logprobs,
+                                                   reason, count)
+            return self._send_rendered(self.fake.rendered[key])
         self._stream(name, prompt, thoughts, [text for text, _ in chunks], logprobs, reason, count)
+
+    def _render(self, name, thoughts, tokens, logprobs, reason, count):
+        """The whole stream of a burst, framed: one HTTP chunk per line."""
+        class Sink(object):
+            def __init__(self):
+                self.data = bytearray()
+
+            def write(self, data):
+                self.data.extend(data)
+
+            def flush(self):
+                pass
+
+        wfile, self.wfile = self.wfile, Sink()
+        try:
+            self._stream_lines(name, thoughts, tokens, logprobs, reason, count, {"sent": 0, "gate": None},
+                               headers=False)
+            return bytes(self.wfile.data)
+        finally:
+            self.wfile = wfile
+
+    def _send_rendered(self, data):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(0, len(data), 65536):
+                self.wfile.write(data[i:i + 65536])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.close_connection = True
 
     def _final(self, name, response, reason, count):
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
@@ -322,12 +381,13 @@ class _OllamaHandlerMixin(object):
             record["end"] = time.time()
             record["ended"].set()
 
-    def _stream_lines(self, name, thoughts, tokens, logprobs, reason, count, record):
+    def _stream_lines(self, name, thoughts, tokens, logprobs, reason, count, record, headers=True):
         fake = self.fake
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        if headers:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
         pending = bytearray()
 
         def send(line, final=False):
@@ -1304,7 +1364,7 @@ class CodecTest(unittest.TestCase):
         with open(WL_INFER, encoding="utf-8") as f:
             source = f.read()
         ast.parse(source, feature_version=(3, 8))
-        self.assertTrue(source.startswith("#!/usr/bin/env python3\n"))
+        self.assertTrue(source.startswith("#!/bin/sh\n"))  # see LauncherTest
         self.assertTrue(os.access(WL_INFER, os.X_OK))
         for newer in (".removeprefix(", ".removesuffix(", "strict=True"):
             self.assertNotIn(newer, source)
@@ -2073,6 +2133,78 @@ class SignalTest(CliTest):
         self.assertEqual(proc.returncode, 130, err)
         [item_id] = self.board.load()["items"]
         self.assertIn(b"wl_infer: interrupted; the job was posted before stopping: " + item_id.encode(), err)
+
+
+class LauncherTest(CliTest):
+    """`./wl_infer.py` as users run it: /bin/sh hands it to python3 through
+    the bytecode cache. Everything else in the suite runs `python3 wl_infer.py`."""
+
+    def setUp(self):
+        super(LauncherTest, self).setUp()
+        self.home = os.path.join(self.tmp.name, "install")
+        bin_dir = os.path.join(self.tmp.name, "bin")
+        os.makedirs(self.home)
+        os.makedirs(bin_dir)
+        self.exe = os.path.join(self.home, "wl_infer.py")
+        import shutil
+
+        shutil.copy2(WL_INFER, self.exe)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python3"))  # the interpreter under test
+        self.path = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+    def launch(self, *args, stdin=None, cwd=None, exe=None):
+        env = self.env(PATH=self.path)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        proc = subprocess.run([exe or self.exe] + list(args), input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, cwd=cwd or self.tmp.name, timeout=120)
+        return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+    def test_runs_through_the_bytecode_cache_with_the_same_result(self):
+        self.assertEqual(self.launch("--version"), (0, "wl_infer %s\n" % wl_infer.__version__, ""))
+        cache = os.path.join(self.home, "__pycache__")
+        self.assertEqual(os.listdir(cache), ["wl_infer.%s.pyc" % sys.implementation.cache_tag])
+        self.assertEqual(self.launch("--version"), (0, "wl_infer %s\n" % wl_infer.__version__, ""))
+        self.assertError(self.launch("status", "nope"), "argument ID: 'nope' is not a wl item ID")
+
+    def test_arguments_stdin_and_exit_code_pass_through_untouched(self):
+        prompt = "it's \"quoted\" $HOME `id` * ; \\n\n  two spaces ✓"
+        code, out, err = self.launch("post", "--prompt", prompt, "--model", "llama3.2:1b", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(wl_infer.decode_job(self.board.item(json.loads(out)["id"])["description"])["prompt"], prompt)
+        code, out, err = self.launch("post", "--prompt", "-", "--model", "llama3.2:1b", "--json",
+                                     stdin="from stdin\n".encode())
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["job"]["prompt"], "from stdin\n")
+        self.assertError(self.launch("post", "--prompt", "", "--model", "llama3.2:1b"))
+
+    def test_the_working_directory_cannot_shadow_a_standard_module(self):
+        cwd = os.path.join(self.tmp.name, "cwd")
+        os.makedirs(cwd)
+        for name in ("json", "argparse", "subprocess"):
+            with open(os.path.join(cwd, name + ".py"), "w") as f:
+                f.write("raise SystemExit('the working directory was imported from')\n")
+        item_id = self.board.add(self.job())
+        code, out, err = self.launch("status", item_id, "--json", cwd=cwd)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["id"], item_id)
+
+    def test_a_symlink_without_the_py_suffix_works(self):
+        link = os.path.join(self.tmp.name, "bin", "wl_infer")
+        os.symlink(self.exe, link)
+        self.assertEqual(self.launch("--version", exe=link), (0, "wl_infer %s\n" % wl_infer.__version__, ""))
+
+    def test_a_signal_reaches_python_and_the_claim_is_released(self):
+        item_id = self.board.add(self.job())
+        self.ollama.stall_after = 2
+        env = self.env(PATH=self.path)
+        proc = subprocess.Popen([self.exe, "run", item_id], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        wait_for(lambda: self.ollama.streams and self.ollama.streams[0]["sent"] >= 2, "the stalled stream")
+        proc.send_signal(signal.SIGINT)  # the process is python itself: sh exec'd it
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertEqual(self.board.item(item_id)["status"], "open")
+        self.assertEqual(self.board.commands(), ["post", "status", "claim", "unclaim"])
 
 
 class VerifyFaultTest(CliTest):

@@ -1,5 +1,21 @@
-#!/usr/bin/env python3
-"""wl_infer: verifiable LLM inference jobs on the Wasteland wanted board.
+#!/bin/sh
+# Run as ./wl_infer.py, this file starts as a shell script whose one command
+# re-runs it with python3 through Python's bytecode cache (__pycache__/ beside
+# this file): a script run the usual way is compiled on every start (~40 ms).
+# To Python the command is a string that does nothing: `python3 wl_infer.py`
+# works as usual. -c puts the working directory first on sys.path; it is
+# dropped, so no file there can stand in for a standard module.
+''''exec python3 -c '
+import importlib.machinery, os, sys, types
+del sys.argv[0], sys.path[0]
+path = os.path.realpath(sys.argv[0])
+loader = importlib.machinery.SourceFileLoader("__main__", path)
+module = types.ModuleType("__main__")
+module.__file__, module.__loader__ = path, loader
+sys.modules["__main__"] = module
+exec(loader.get_code("__main__"), module.__dict__)
+' "$0" "$@"  # '''
+__doc__ = """wl_infer: verifiable LLM inference jobs on the Wasteland wanted board.
 
 Posters put inference jobs (prompt, model, seed, max tokens) on the board,
 workers run them on their own Ollama with deterministic settings and submit
@@ -2608,17 +2624,119 @@ _count.__name__ = "positive integer"
 _tags.__name__ = "comma-separated list of models"
 
 
-def build_parser():
+def _post_arguments(p):
+    p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
+    p.add_argument("--model", required=True, metavar="TAG", help="Ollama model, e.g. llama3.2:1b")
+    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
+    p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
+                   help="token limit (default 0: the model's default)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the local model's digest in the job (pinned by default when present)")
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+
+def _run_arguments(p):
+    p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+
+def _verify_arguments(p):
+    p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("--strict", action="store_true",
+                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
+
+
+def _status_arguments(p):
+    p.add_argument("id", type=_item_id, metavar="ID")
+
+
+def _list_arguments(p):
+    p.add_argument("--status", choices=("open", "claimed", "in_review", "completed", "all"), default="open",
+                   help="which jobs (default open)")
+    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
+    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N jobs (default 50)")
+
+
+def _audit_arguments(p):
+    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
+    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N items (default 50)")
+    p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
+    p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
+    p.add_argument("--strict", action="store_true",
+                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+
+def _work_arguments(p):
+    p.add_argument("--models", type=_tags, metavar="TAG,...", help="only jobs for these models")
+    p.add_argument("--once", action="store_true", help="one poll: run what is eligible, then exit (for cron)")
+    p.add_argument("--max-jobs", type=_count, metavar="N", help="exit after taking N jobs")
+    p.add_argument("--interval", type=_positive, default=30.0, metavar="SECONDS",
+                   help="seconds between polls when idle (default 30, with jitter)")
+    p.add_argument("--max-tokens-cap", type=_count, default=4096, metavar="N",
+                   help="skip jobs whose max_tokens is above N (default 4096)")
+    p.add_argument("--allow-uncapped", action="store_true",
+                   help="take jobs with max_tokens 0 (the model's default, no limit)")
+    p.add_argument("--max-prompt-bytes", type=_count, default=32768, metavar="N",
+                   help="skip jobs whose prompt is longer (default 32768)")
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+
+def _spool_arguments(p):
+    p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
+
+
+COMMAND_ARGUMENTS = [  # name, one-line help, adds the command's own options
+    ("post", "post an inference job", _post_arguments),
+    ("run", "claim a job, run it on the local Ollama, submit the result", _run_arguments),
+    ("verify", "check a completion and re-run its job", _verify_arguments),
+    ("status", "show a job, its claim and its completion", _status_arguments),
+    ("list", "list inference jobs on the board (one wl browse)", _list_arguments),
+    ("audit", "verify every completion in review", _audit_arguments),
+    ("work", "take jobs for the local models, forever (a worker)", _work_arguments),
+    ("spool", "list finished results kept on disk because wl did not take them", _spool_arguments),
+]
+
+
+def _help_width():
+    """The width argparse gets from shutil.get_terminal_size (less its 2 columns), without shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns - 2
+
+
+def build_parser(only=None):
+    """The parser; with `only`, the parser for that command alone (cheaper to build)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super(Parser, self).__init__(formatter_class=Formatter, **kwargs)
+
         def error(self, message):  # one line, our prefix, exit 2 (see main)
             raise UserError("%s (see `wl_infer.py %s--help`)"
                             % (message, (self.prog.split(" ", 1)[1] + " ") if " " in self.prog else ""))
 
+    class Formatter(argparse.HelpFormatter):
+        # argparse makes one per argument added, and its default width costs
+        # an import of shutil (with bz2 and lzma) and a terminal query each
+        def __init__(self, prog):
+            super(Formatter, self).__init__(prog, width=width)
+
+    width = _help_width()
+
     # Shared options are accepted before and after the command name: they are
     # on both parsers with SUPPRESS defaults, and defaults are filled in later.
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common = Parser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--wasteland", metavar="ORG/DB", help="wasteland to use (passed to every wl call)")
     common.add_argument("--local-db", action="store_true", help="use wl's local Dolt clone (passed to wl)")
     common.add_argument("--wl", metavar="PATH", help="wl executable (default: $WL_BIN, else wl on PATH)")
@@ -2636,71 +2754,35 @@ def build_parser():
     parser = Parser(prog="wl_infer", parents=[common],
                     description="Verifiable LLM inference jobs on the Wasteland wanted board.",
                     epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.")
-    parser.add_argument("--version", action="version", version="wl_infer " + __version__)
+    class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
+        def __call__(self, parser, namespace, values, option_string=None):
+            _emit(sys.stdout, "wl_infer %s\n" % __version__)
+            parser.exit()
+
+    parser.add_argument("--version", action=Version, nargs=0, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("post", parents=[common], help="post an inference job")
-    p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin")
-    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
-    p.add_argument("--model", required=True, metavar="TAG", help="Ollama model, e.g. llama3.2:1b")
-    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
-    p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
-                   help="token limit (default 0: the model's default)")
-    p.add_argument("--no-pin", action="store_true",
-                   help="do not pin the local model's digest in the job (pinned by default when present)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
-
-    p = sub.add_parser("run", parents=[common], help="claim a job, run it on the local Ollama, submit the result")
-    p.add_argument("id", type=_item_id, metavar="ID")
-    p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
-
-    p = sub.add_parser("verify", parents=[common], help="check a completion and re-run its job")
-    p.add_argument("id", type=_item_id, metavar="ID")
-    p.add_argument("--strict", action="store_true",
-                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
-
-    p = sub.add_parser("status", parents=[common], help="show a job, its claim and its completion")
-    p.add_argument("id", type=_item_id, metavar="ID")
-
-    p = sub.add_parser("list", parents=[common], help="list inference jobs on the board (one wl browse)")
-    p.add_argument("--status", choices=("open", "claimed", "in_review", "completed", "all"), default="open",
-                   help="which jobs (default open)")
-    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
-    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N jobs (default 50)")
-
-    p = sub.add_parser("audit", parents=[common], help="verify every completion in review")
-    p.add_argument("--model", metavar="TAG", help="only jobs for this model")
-    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N items (default 50)")
-    p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
-    p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
-    p.add_argument("--strict", action="store_true",
-                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
-
-    p = sub.add_parser("work", parents=[common], help="take jobs for the local models, forever (a worker)")
-    p.add_argument("--models", type=_tags, metavar="TAG,...", help="only jobs for these models")
-    p.add_argument("--once", action="store_true", help="one poll: run what is eligible, then exit (for cron)")
-    p.add_argument("--max-jobs", type=_count, metavar="N", help="exit after taking N jobs")
-    p.add_argument("--interval", type=_positive, default=30.0, metavar="SECONDS",
-                   help="seconds between polls when idle (default 30, with jitter)")
-    p.add_argument("--max-tokens-cap", type=_count, default=4096, metavar="N",
-                   help="skip jobs whose max_tokens is above N (default 4096)")
-    p.add_argument("--allow-uncapped", action="store_true",
-                   help="take jobs with max_tokens 0 (the model's default, no limit)")
-    p.add_argument("--max-prompt-bytes", type=_count, default=32768, metavar="N",
-                   help="skip jobs whose prompt is longer (default 32768)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
-
-    p = sub.add_parser("spool", parents=[common],
-                       help="list finished results kept on disk because wl did not take them")
-    p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
+    for name, help_text, add_arguments in COMMAND_ARGUMENTS:
+        if only in (None, name):
+            add_arguments(sub.add_parser(name, parents=[common], help=help_text))
     return parser
 
 
 def parse_args(argv):
-    args = build_parser().parse_args(argv)
+    # Building all eight command parsers is a fifth of start-up, so only the
+    # command named is built. A parser with that command alone parses exactly
+    # as the full one whenever it succeeds; top-level help and every error
+    # come from the full parser, so they list all commands.
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command is not None and any(a.startswith(("-h", "--h")) for a in argv[:argv.index(command)]):
+        command = None  # help asked of the top level
+    try:
+        args = build_parser(command).parse_args(argv)
+    except UserError:
+        if command is None:
+            raise
+        args = build_parser().parse_args(argv)  # raises the full parser's error
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
                 "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
                 "json": False, "quiet": False}
