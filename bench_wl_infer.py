@@ -1,24 +1,45 @@
 #!/usr/bin/env python3
 """Benchmarks for wl_infer.py (`make bench`), against the fakes of the test module.
 
-Every figure is a ratio against a baseline measured in the same run, on the
-same machine: these boxes are noisy, so absolute times are printed for
-information only and nothing here is a pass/fail timing test.
+Every timing is a median over repeated runs, shown with its spread (the
+interquartile range) and as a ratio against a baseline measured in the same
+run, on the same machine: these boxes are noisy, so nothing here is a
+pass/fail timing test. The one thing that fails the benchmark (exit 1) is a
+command making more wl calls than its floor: those counts are exact.
 
-Benchmarks:
-- early exit: time to a MISMATCH verdict for a claim that diverges at the
-  3rd token of a 400-token output, with the fake Ollama streaming at a fixed
-  50 tokens/s, against a full re-run of the same job (what the Go `wl infer
-  verify` always does, and what a correct claim costs). Target: >= 20x.
-- worker: a board of 20 jobs behind a slow wl (every call takes 1.0 s, as on
-  the DoltHub API) and an Ollama taking 2.0 s per job; jobs per minute and
-  the Ollama busy fraction (time generating / wall time) of `work --once`
-  against a shell loop of `run` per job (measured over 5 jobs: its rate is
-  the same for every job). Target: busy fraction >= 0.9 with `work`.
+`python3 bench_wl_infer.py` prints a table with each target beside its
+figure; `--json` prints the same figures as one JSON object, a key per row
+(and "machine"), each row with median_s, baseline_median_s, ratio and n.
+
+Rows:
+- start-up: `./wl_infer.py --version` as a user runs it (through the
+  bytecode cache) against `python3 -c pass` with the same interpreter;
+  target <= 1.3x. For information: the same without the cache, and both
+  again in a venv of the same interpreter without site-packages.
+- own cost per command: `status`, `verify` and `run` against fakes that
+  answer at once, less the time inside the fake wl processes (from their
+  log, plus their interpreter start measured alone) and inside the fake
+  Ollama (from its request log), less start-up; target < 50 ms.
+- wl calls per command, from the fake wl's log: post 1, status 1, verify 1,
+  run 3, list 1, audit 1 + 1 per item, work 1 browse per poll + 2 per job.
+- memory: peak RSS of `run` for a 60,000-character output streamed one
+  character per token, against `--version`; target < 2x.
+- streaming client: characters/s that Ollama.generate takes from a fake
+  Ollama (in another process) sending as fast as loopback allows, 4
+  characters per token with logprobs, against a bare http.client line
+  reader of the same stream; target > 1 MB/s of response text.
+- early exit: time to a MISMATCH for a claim that diverges at the 3rd
+  token of 400 (fake Ollama at 50 tokens/s) against a full re-run (what the
+  Go `wl infer verify` always does); target >= 20x.
+- worker: 30 jobs behind a slow wl (0.25 s per call) and Ollama (0.5 s per
+  job): jobs/min and Ollama busy fraction of `work --once` against a shell
+  loop of `run` per job; target busy >= 0.9.
 """
 
+import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,70 +51,366 @@ sys.path.insert(0, HERE)
 import test_wl_infer as fakes  # noqa: E402
 import wl_infer  # noqa: E402
 
-WL_INFER = os.path.join(HERE, "wl_infer.py")
+MODEL = "llama3.2:1b"
 
 
-def timed(argv, env, expect):
-    """Seconds for one wl_infer.py run, as a user's shell sees it."""
+# =============================================================================
+# Measuring
+# =============================================================================
+
+
+class Setup(object):
+    """wl_infer.py installed as a user has it: a copy in its own folder
+    (its __pycache__ lands there), run as ./wl_infer.py by /bin/sh with
+    the benchmark's interpreter first on PATH as python3."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.exe = os.path.join(folder, "install", "wl_infer.py")
+        os.makedirs(os.path.dirname(self.exe))
+        shutil.copy2(os.path.join(HERE, "wl_infer.py"), self.exe)
+        self.bin = os.path.join(folder, "bin")
+        os.makedirs(self.bin)
+        os.symlink(sys.executable, os.path.join(self.bin, "python3"))
+        self.env = dict(os.environ, PATH=self.bin + os.pathsep + os.environ.get("PATH", ""),
+                        XDG_STATE_HOME=os.path.join(folder, "state"))
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # the cache is the point
+        self.run(["--version"])  # writes the cache
+
+    def run(self, argv, env=None, expect=0):
+        """Seconds for one run, as a user's shell sees it."""
+        start = time.perf_counter()
+        proc = subprocess.run([self.exe] + argv, env=env or self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != expect:
+            raise SystemExit("bench: wl_infer.py %s exited %d, expected %d: %s"
+                             % (" ".join(argv), proc.returncode, expect, proc.stderr.decode().strip()))
+        return elapsed
+
+
+def run_argv(argv, env, expect=0):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, WL_INFER] + argv, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
     if proc.returncode != expect:
-        raise SystemExit("bench: %s exited %d, expected %d: %s"
-                         % (" ".join(argv), proc.returncode, expect, proc.stderr.decode().strip()))
+        raise SystemExit("bench: %s exited %d: %s" % (" ".join(argv), proc.returncode, proc.stderr.decode()))
     return elapsed
 
 
-def bench_early_exit(folder):
-    tokens, rate = 400, 50.0
-    ollama = fakes.FakeOllama()
-    ollama.piece_chars, ollama.piece_delay = 4, 1.0 / rate
-    prompt = "write 400 tokens"
-    text = "".join(" w%02d" % (i % 100) for i in range(tokens))  # 400 tokens of 4 characters
-    ollama.outputs[("llama3.2:1b", prompt)] = text
-    ollama.start()
+def interleaved(n, **measures):
+    """Each measure run n times, round-robin, so drifts in machine load
+    fall on all of them alike: {name: [seconds, ...]}."""
+    found = {name: [] for name in measures}
+    for _ in range(n):
+        for name, measure in measures.items():
+            found[name].append(measure())
+    return found
+
+
+def spread(samples):
+    """(low, high): the interquartile range, or min and max for few samples."""
+    if len(samples) >= 4:
+        q = statistics.quantiles(samples, n=4)
+        return q[0], q[2]
+    return min(samples), max(samples)
+
+
+def ms(seconds):
+    return "%.1f ms" % (seconds * 1e3)
+
+
+def timing(samples, fmt=ms):
+    low, high = spread(samples)
+    return "%s (%s-%s)" % (fmt(statistics.median(samples)), fmt(low).split()[0], fmt(high).split()[0])
+
+
+def row(title, samples=None, baseline=None, ratio=None, target=None, met=None, figure=None, base_figure="",
+        n=None, **extra):
+    """One row: its figures for JSON, and `_shown`, its cells in the table."""
+    found = {"title": title, "median_s": statistics.median(samples) if samples else None,
+             "spread_s": list(spread(samples)) if samples else None,
+             "baseline_median_s": statistics.median(baseline) if baseline else None,
+             "ratio": None if ratio is None else round(ratio, 3), "n": len(samples or []) if n is None else n,
+             "target": target, "met": met}
+    found.update(extra)
+    found["_shown"] = (figure or (timing(samples) if samples else ""), base_figure,
+                       "" if ratio is None else "%.2fx" % ratio)
+    return found
+
+
+# A child's ru_maxrss also counts the memory it had before exec: a copy of
+# (or, with vfork, the very) memory of the process that started it. So the
+# measured run is started by this small process, not by the benchmark.
+PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
     try:
-        board = fakes.FakeBoard(folder, rig="bob")
-        env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address)
-        job = wl_infer.make_job(prompt, "llama3.2:1b")
-
-        def completed(output):
-            item_id = board.add(wl_infer.encode_job(job))
-            evidence = wl_infer.encode_evidence(wl_infer.make_evidence(job, output))
-            for argv in (("claim", item_id), ("done", item_id, "--evidence=" + evidence)):
-                assert board.wl(*argv, rig="carol").returncode == 0
-            return item_id
-
-        forged = completed(text[:8] + " xxx" + text[12:])  # the 3rd token differs
-        honest = completed(text)
-        early = [timed(["verify", forged, "-q"], env, 1) for _ in range(5)]
-        full = [timed(["verify", honest, "-q"], env, 0) for _ in range(2)]
+        os.execve(sys.argv[1], sys.argv[1:], os.environ)
     finally:
-        ollama.stop()
-    e, f = statistics.median(early), statistics.median(full)
-    return [("verify: claim diverging at token 3 of %d (%g tok/s)" % (tokens, rate), "%.3f s" % e, "median of 5"),
-            ("verify: full re-run of %d tokens (the Go behaviour)" % tokens, "%.3f s" % f, "median of 2"),
-            ("early exit speed-up", "%.0fx" % (f / e), "target >= 20x: %s" % ("met" if f / e >= 20 else "NOT MET"))]
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
+"""
 
 
-def bench_worker(folder, jobs=20, loop_jobs=5, wl_call=1.0, generation=2.0):
-    ollama = fakes.FakeOllama()
-    ollama.piece_chars, ollama.piece_delay = 4, generation / 20  # 20 tokens per job
-    ollama.start()
+def peak_rss_kb(argv, env):
+    """The peak resident memory of one run, in KB; the run must succeed."""
+    proc = subprocess.run([sys.executable, "-S", "-c", PEAK_RSS] + argv, env=env, stdout=subprocess.PIPE,
+                          universal_newlines=True)
+    kb, code = proc.stdout.split()
+    if code != "0":
+        raise SystemExit("bench: %s exited %s" % (" ".join(argv), code))
+    return int(kb)
+
+
+# =============================================================================
+# Rows
+# =============================================================================
+
+
+def bench_startup(setup, n=30):
+    found = interleaved(n, base=lambda: run_argv([sys.executable, "-c", "pass"], setup.env),
+                        cached=lambda: setup.run(["--version"]),
+                        uncached=lambda: run_argv([sys.executable, setup.exe, "--version"],
+                                                  dict(setup.env, PYTHONDONTWRITEBYTECODE="1")))
+    base, cached = statistics.median(found["base"]), statistics.median(found["cached"])
+    rows = {"startup": row("start-up: ./wl_infer.py --version", found["cached"], found["base"], cached / base,
+                           "<= 1.3x", cached / base <= 1.3, base_figure="%s python3 -c pass" % ms(base)),
+            "startup_uncached": row("  python3 wl_infer.py --version (compiled each time)", found["uncached"],
+                                    found["base"], statistics.median(found["uncached"]) / base)}
+    venv = os.path.join(setup.folder, "venv")
+    made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    if made.returncode != 0:  # e.g. Debian without python3-venv
+        return dict(rows, startup_clean=row("  in a venv without site-packages: no venv module here"))
+    python = os.path.join(venv, "bin", "python3")
+    env = dict(setup.env, PATH=os.path.dirname(python) + os.pathsep + setup.env["PATH"])
+    clean = interleaved(n, base=lambda: run_argv([python, "-c", "pass"], env),
+                        cached=lambda: setup.run(["--version"], env=env))
+    base = statistics.median(clean["base"])
+    rows["startup_clean"] = row("  the same in a venv without site-packages", clean["cached"], clean["base"],
+                                statistics.median(clean["cached"]) / base,
+                                base_figure="%s python3 -c pass" % ms(base))
+    return rows
+
+
+class Fakes(object):
+    """A fake board and an in-process fake Ollama that answers at once
+    (unless told otherwise), with what the model says for each prompt."""
+
+    def __init__(self, setup):
+        self.board = fakes.FakeBoard(setup.folder, rig="bob")
+        self.ollama = fakes.FakeOllama().start()
+        self.env = dict(setup.env, WL_BIN=self.board.exe, OLLAMA_HOST=self.ollama.address)
+
+    def add(self, prompt, max_tokens=0):
+        return self.board.add(wl_infer.encode_job(wl_infer.make_job(prompt, MODEL, max_tokens=max_tokens)))
+
+    def output(self, prompt):
+        return self.ollama.outputs.get((MODEL, prompt)) or fakes.default_output(MODEL, prompt)
+
+    def completed(self, prompt, output=None, rig="carol"):
+        """An in_review item whose evidence (of `output`, else the model's own) another rig submitted."""
+        item_id = self.add(prompt)
+        text = self.output(prompt) if output is None else output
+        evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(prompt, MODEL), text))
+        for argv in (("claim", item_id), ("done", item_id, "--evidence=" + evidence)):
+            assert self.board.wl(*argv, rig=rig).returncode == 0
+        return item_id
+
+    def stop(self):
+        self.ollama.stop()
+
+
+def fake_wl_process_cost(board, item_id, n=10):
+    """(before, after): the seconds a fake wl process spends outside its own
+    log's start..end, as its caller sees it (interpreter start, exit)."""
+    before, after = [], []
+    for _ in range(n):
+        start = time.time()
+        subprocess.run([board.exe, "status", item_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        end = time.time()
+        call = board.calls()[-1]
+        before.append(call["start"] - start)
+        after.append(end - call["end"])
+    return statistics.median(before), statistics.median(after)
+
+
+def bench_overhead(setup, startup, n=10):
+    """Own cost per command, and the wl calls every command made."""
+    fake = Fakes(setup)
     try:
-        board = fakes.FakeBoard(folder, rig="bob")
+        board = fake.board
+        status_id, verify_id = fake.completed("status me"), fake.completed("verify me")
+        run_ids = [fake.add("run me %d" % i) for i in range(n)]
+        before, after = fake_wl_process_cost(board, status_id)
+        rows, counts = {}, {}
+
+        def own(argv):
+            """Wall time less the time inside the fakes; counts the wl calls made."""
+            calls, requests = len(board.calls()), len(fake.ollama.requests)
+            wall = setup.run(argv, env=fake.env)
+            made = board.calls()[calls:]
+            in_wl = sum(before + c["end"] - c["start"] + after for c in made)
+            in_ollama = sum(r["end"] - r["start"] for r in fake.ollama.requests[requests:])
+            counts.setdefault(argv[0], []).append([c["argv"][0] for c in made])
+            return wall - in_wl - in_ollama
+
+        def count(argv):
+            calls = len(board.calls())
+            setup.run(argv, env=fake.env)
+            counts[argv[0]] = [[c["argv"][0] for c in board.calls()[calls:]]]
+
+        queue = list(run_ids)
+        found = interleaved(n, status=lambda: own(["status", status_id]), verify=lambda: own(["verify", verify_id]),
+                            run=lambda: own(["run", queue.pop(0)]))
+        for command, samples in found.items():
+            above = statistics.median(samples) - startup
+            rows["overhead_" + command] = row(
+                "own cost: %s, above start-up" % command, samples, None, None, "< 50 ms", above < 0.050,
+                figure="%s (%s total)" % (ms(above), timing(samples)), base_figure="start-up %s" % ms(startup),
+                above_startup_s=above)
+        fake_note = "fake wl process %s before its log, %s after" % (ms(before), ms(after))
+        rows["overhead_verify"]["note"] = fake_note
+        # the other commands, counted once
+        def waiting(status):
+            return len([i for i in board.load()["items"].values() if i["status"] == status])
+
+        count(["post", "--prompt", "posted", "--model", MODEL])
+        count(["list"])
+        reviewed = waiting("in_review")
+        count(["audit"])
+        for i in range(3):
+            fake.add("work %d" % i)
+        jobs = waiting("open")
+        count(["work", "--once"])
+    finally:
+        fake.stop()
+    floors = {"post": (1, "1"), "status": (1, "1"), "verify": (1, "1"), "run": (3, "3: status, claim, done"),
+              "list": (1, "1"), "audit": (1 + reviewed, "1 + 1 per item (%d)" % reviewed),
+              "work": (1 + 2 * jobs, "1 browse + 2 per job (%d jobs)" % jobs)}
+    for command, (floor, shown) in floors.items():
+        worst = max(len(calls) for calls in counts[command])
+        rows["wl_calls_" + command] = row(
+            "wl calls: %s" % command, None, None, worst / floor, "<= %d" % floor, worst <= floor,
+            figure="%d%s" % (worst, " (%s)" % ", ".join(counts[command][-1]) if worst <= 3 else ""),
+            base_figure="floor " + shown, n=len(counts[command]), count=worst, floor=floor)
+    return rows
+
+
+def bench_memory(setup, chars=60000, n=3):
+    fake = Fakes(setup)
+    try:
+        fake.ollama.piece_chars, fake.ollama.burst = 1, True
+        text = "".join("abcdefghij"[i % 10] for i in range(chars))
+        prompt = "a long answer"
+        fake.ollama.outputs[(MODEL, prompt)] = text
+        ids = [fake.add(prompt) for _ in range(n)]
+        wl_infer.Ollama(fake.ollama.address).generate(wl_infer.make_job(prompt, MODEL))  # rendered once
+
+        runs = [peak_rss_kb([setup.exe, "run", item_id, "-q"], fake.env) for item_id in ids]
+        versions = [peak_rss_kb([setup.exe, "--version"], fake.env) for _ in range(n)]
+    finally:
+        fake.stop()
+    ratio = statistics.median(runs) / statistics.median(versions)
+    return {"memory": row("memory: peak RSS of run, %d chars in 1-char tokens" % chars, None, None, ratio, "< 2x",
+                          ratio < 2, figure="%.1f MB" % (statistics.median(runs) / 1024.0),
+                          base_figure="%.1f MB --version" % (statistics.median(versions) / 1024.0),
+                          peak_rss_kb=statistics.median(runs), baseline_peak_rss_kb=statistics.median(versions),
+                          runs=runs)}
+
+
+FAKE_SERVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_wl_infer
+ollama = test_wl_infer.FakeOllama()
+ollama.burst, ollama.piece_chars = True, 4
+ollama.outputs[(sys.argv[2], "fast")] = sys.stdin.readline().rstrip("\\n")
+ollama.start()
+print(ollama.address, flush=True)
+sys.stdin.read()
+"""
+
+
+def bench_streaming(setup, tokens=25000, n=5):
+    text = "".join(" w%02d" % (i % 100) for i in range(tokens))
+    server = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, HERE, MODEL], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        server.stdin.write(text + "\n")
+        server.stdin.flush()
+        ollama = wl_infer.Ollama(server.stdout.readline().strip())
+        job = wl_infer.make_job("fast", MODEL)
+        assert ollama.generate(job).text == text  # and the stream is rendered
+
+        def bare():
+            """What any client must at least do: take the body off the socket."""
+            resp = ollama._open("POST", "/api/generate", wl_infer.generate_request(job))
+            start = time.perf_counter()
+            while resp.read1():
+                pass
+            resp.close()
+            return time.perf_counter() - start
+
+        def timed(**kwargs):
+            start = time.perf_counter()
+            ollama.generate(job, **kwargs)
+            return time.perf_counter() - start
+
+        found = interleaved(n, bare=bare, run=timed, verify=lambda: timed(expected=text))
+    finally:
+        server.stdin.close()
+        server.wait()
+    rows = {}
+    for name, title in (("run", "streaming client (run)"), ("verify", "  comparing as it reads (verify)")):
+        rate = len(text) / statistics.median(found[name])
+        bare_rate = len(text) / statistics.median(found["bare"])
+        rows["stream_" + name] = row(
+            "%s: %d tokens of 4 chars" % (title, tokens), found[name], found["bare"], rate / bare_rate,
+            "> 1 MB/s", rate > 1e6, figure="%.0f KB/s, %.0f tok/s" % (rate / 1e3, rate / 4),
+            base_figure="%.0f KB/s bare reader" % (bare_rate / 1e3), chars_per_s=rate, tokens_per_s=rate / 4)
+    return rows
+
+
+def bench_early_exit(setup, tokens=400, rate=50.0):
+    fake = Fakes(setup)
+    try:
+        fake.ollama.piece_chars, fake.ollama.piece_delay = 4, 1.0 / rate
+        text = "".join(" w%02d" % (i % 100) for i in range(tokens))  # 400 tokens of 4 characters
+        fake.ollama.outputs[(MODEL, "write 400 tokens")] = text
+        forged = fake.completed("write 400 tokens", output=text[:8] + " xxx" + text[12:])  # the 3rd token differs
+        honest = fake.completed("write 400 tokens")
+        early = [setup.run(["verify", forged, "-q"], env=fake.env, expect=1) for _ in range(5)]
+        full = [setup.run(["verify", honest, "-q"], env=fake.env) for _ in range(2)]
+    finally:
+        fake.stop()
+    ratio = statistics.median(full) / statistics.median(early)
+    return {"early_exit": row("verify: MISMATCH at token 3 of %d (%g tok/s)" % (tokens, rate), early, full,
+                              1 / ratio, ">= 20x faster", ratio >= 20,
+                              base_figure="%s full re-run" % timing(full, lambda s: "%.2f s" % s),
+                              figure=timing(early, lambda s: "%.2f s" % s), speedup=ratio)}
+
+
+def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
+    fake = Fakes(setup)
+    try:
+        ollama, board = fake.ollama, fake.board
+        ollama.piece_chars, ollama.piece_delay = 4, generation / 20  # 20 tokens per job
         for command in ("browse", "status", "claim", "done", "unclaim"):
             board.fail(command, delay=wl_call)  # every call waits, then succeeds
-        env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=ollama.address,
-                   XDG_STATE_HOME=os.path.join(folder, "state"))
 
-        def add(n):
+        def add(count):
             ids = []
-            for _ in range(n):
+            for _ in range(count):
                 prompt = "job %d" % len(board.load()["items"])
-                ollama.outputs[("llama3.2:1b", prompt)] = "".join(" w%02d" % k for k in range(20))
-                ids.append(board.add(wl_infer.encode_job(wl_infer.make_job(prompt, "llama3.2:1b", max_tokens=64))))
+                ollama.outputs[(MODEL, prompt)] = "".join(" w%02d" % k for k in range(20))  # 20 tokens
+                ids.append(fake.add(prompt, max_tokens=64))
             return ids
 
         def generating(since):
@@ -102,49 +419,82 @@ def bench_worker(folder, jobs=20, loop_jobs=5, wl_call=1.0, generation=2.0):
         loop = add(loop_jobs)
         start = time.perf_counter()
         for item_id in loop:
-            timed(["run", item_id, "-q"], env, 0)
+            setup.run(["run", item_id, "-q"], env=fake.env)
         loop_wall = time.perf_counter() - start
         loop_busy = generating(0) / loop_wall
         since = len(ollama.streams)
         add(jobs)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, WL_INFER, "work", "--once", "--json"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run([setup.exe, "work", "--once", "--json"], env=fake.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
         work_wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit("bench: work exited %d: %s" % (proc.returncode, proc.stderr.decode().strip()))
-        import json
-
         doc = json.loads(proc.stdout)
         if doc["done"] != jobs:
             raise SystemExit("bench: work did %d of %d jobs: %s" % (doc["done"], jobs, proc.stderr.decode()))
         work_busy = generating(since) / work_wall
     finally:
-        ollama.stop()
-    return [("`run` per job in a loop (%d jobs)" % loop_jobs, "%.1f/min" % (loop_jobs * 60 / loop_wall),
-             "Ollama busy %.2f" % loop_busy),
-            ("`work --once` (%d jobs)" % jobs, "%.1f/min" % (jobs * 60 / work_wall),
-             "Ollama busy %.2f (work's own figure: %.2f); target >= 0.9: %s" % (
-                 work_busy, doc["servers"][0]["busy_fraction"], "met" if work_busy >= 0.9 else "NOT MET")),
-            ("speed-up", "%.1fx" % (loop_wall / loop_jobs / (work_wall / jobs)),
-             "wl %.1f s per call, %.1f s per generation" % (wl_call, generation))]
+        fake.stop()
+    per_job, loop_per_job = work_wall / jobs, loop_wall / loop_jobs
+    return {"worker": row("work --once: %d jobs (wl %g s/call, Ollama %g s/job)" % (jobs, wl_call, generation),
+                          [per_job], [loop_per_job], per_job / loop_per_job, "busy >= 0.9", work_busy >= 0.9,
+                          figure="%.1f jobs/min, busy %.2f" % (60 / per_job, work_busy),
+                          base_figure="%.1f jobs/min, busy %.2f run loop" % (60 / loop_per_job, loop_busy),
+                          busy_fraction=work_busy, reported_busy_fraction=doc["servers"][0]["busy_fraction"],
+                          baseline_busy_fraction=loop_busy, jobs=jobs, baseline_jobs=loop_jobs)}
 
 
-BENCHMARKS = [("early exit on a false claim", bench_early_exit), ("worker busy fraction", bench_worker)]
+# =============================================================================
+# Table and JSON
+# =============================================================================
 
 
-def main():
-    print("wl_infer %s benchmarks: Python %s on %s, %d CPUs" % (
-        wl_infer.__version__, platform.python_version(), platform.platform(terse=True), os.cpu_count() or 0))
-    for title, bench in BENCHMARKS:
-        with tempfile.TemporaryDirectory() as folder:
-            rows = bench(folder)
-        print("\n== %s" % title)
-        width = max(len(r[0]) for r in rows)
-        for name, value, note in rows:
-            print("  %-*s  %10s  %s" % (width, name, value, note))
+def machine():
+    return {"python": platform.python_version(), "platform": platform.platform(terse=True),
+            "cpus": os.cpu_count() or 0, "wl_infer": wl_infer.__version__}
+
+
+def table(rows):
+    shown = [(r["title"], r["_shown"][0], r["_shown"][1], r["_shown"][2],
+              "" if r.get("target") is None else "%s  %s" % (r["target"], "met" if r["met"] else "NOT MET"))
+             for r in rows.values()]
+    head = ("row", "figure (spread)", "baseline", "ratio", "target")
+    widths = [max(len(line[i]) for line in shown + [head]) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [head] + shown]
+    return "\n".join(lines)
+
+
+def main(argv):
+    want_json = "--json" in argv
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        setup = Setup(folder)
+        steps = [("start-up", lambda: bench_startup(setup)),
+                 ("own cost and wl calls", lambda: bench_overhead(setup, rows["startup"]["median_s"])),
+                 ("memory", lambda: bench_memory(setup)), ("streaming", lambda: bench_streaming(setup)),
+                 ("early exit", lambda: bench_early_exit(setup)), ("worker", lambda: bench_worker(setup))]
+        for name, step in steps:
+            if not want_json:
+                sys.stderr.write("bench: %s...\n" % name)
+            with tempfile.TemporaryDirectory(dir=folder) as own:
+                setup.folder = own
+                rows.update(step())
+    over = [key for key, r in rows.items() if key.startswith("wl_calls_") and not r["met"]]
+    if want_json:
+        doc = {"machine": machine()}
+        doc.update((key, {k: v for k, v in r.items() if k != "_shown"}) for key, r in rows.items())
+        print(json.dumps(doc, indent=2))
+    else:
+        m = machine()
+        print("wl_infer %s, Python %s on %s, %d CPUs; medians, spread = interquartile range"
+              % (m["wl_infer"], m["python"], m["platform"], m["cpus"]))
+        print(table(rows))
+    if over:
+        sys.stderr.write("bench: more wl calls than the floor: %s\n" % ", ".join(k[len("wl_calls_"):] for k in over))
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1288,15 +1288,18 @@ class CodecTest(unittest.TestCase):
     def test_tokens_are_placed_by_their_logprob_entries(self):
         gen = wl_infer.Generation()
         gen.add("ab", [{"token": "ab", "logprob": -0.1, "top_logprobs": [{"token": "ab", "logprob": -0.1}]}])
+        self.assertEqual(gen.entry_at(0), (-0.1, [("ab", -0.1)]))
         gen.add("cdef", [{"token": "cd", "logprob": -0.2}, {"token": "ef", "logprob": -0.3}])  # two tokens
+        self.assertEqual([gen.entry_at(i) for i in range(4)], [None, (-0.2, []), (-0.3, []), None])  # latest only
         gen.add("g", None)  # an older server: a piece is a token
         self.assertEqual(gen.token_ends, [2, 4, 6, 7])
         self.assertEqual([gen.token_at(i) for i in range(8)], [0, 0, 1, 1, 2, 2, 3, None])
-        self.assertEqual(gen.token_logprobs[0], (-0.1, [("ab", -0.1)]))
         self.assertIsNone(gen.chosen_logprobs())  # one token has none: not comparable
         self.assertEqual(gen.chosen_logprobs(3), [-0.1, -0.2, -0.3])
-        gen.add("h", [{"token": "h", "logprob": float("nan")}, "junk"])  # malformed entries are no data
-        self.assertEqual(gen.token_logprobs[-2:], [None, None])
+        gen.add("hi", [{"token": "h", "logprob": float("nan")}, "junk"])  # malformed entries are no data
+        self.assertEqual(gen.chosen[-2:], [None, None])
+        self.assertEqual(gen.token_ends[-2:], [7, 9])  # the malformed entry places nothing
+        self.assertEqual([gen.entry_at(4), gen.entry_at(5)], [None, None])
 
     def test_not_json_or_not_an_object(self):
         for text, fragment in (("", "not valid JSON"), ("hello", "not valid JSON"), ("[1]", "got an array"),
@@ -1585,6 +1588,133 @@ class StreamingTest(OllamaClientTest):
         self.ollama.outputs[("llama3.2:1b", "slow")] = "x" * 12
         client = wl_infer.Ollama(self.ollama.address, timeout=0.4)
         self.assertEqual(client.generate(wl_infer.make_job("slow", "llama3.2:1b")).text, "x" * 12)
+
+
+class RawServer(object):
+    """One connection's worth of a server that sends exactly the bytes it is
+    given (the HTTP framing included) and closes: proxies and impostors."""
+
+    def __init__(self, response):
+        import socket
+
+        self.response = response
+        self.request = b""
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in self.request:
+                self.request += conn.recv(65536)
+            head, _, body = self.request.partition(b"\r\n\r\n")
+            length = int(([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+                           or [b"0"])[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+                self.request = head + b"\r\n\r\n" + body
+            conn.sendall(self.response)
+        self.listener.close()
+
+
+def ndjson(*objects):
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objects)
+
+
+def chunked(data, size=7, extension=b""):
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(data[i:i + size]), extension, data[i:i + size])
+                    for i in range(0, len(data), size))
+
+
+STREAM = ndjson({"response": "Hel", "done": False}, {"response": "lo ✓", "done": False},
+                {"response": "", "done": True, "done_reason": "stop", "eval_count": 2})
+OK_CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class HttpResponseTest(unittest.TestCase):
+    """The client's own HTTP/1.1 reading, against exact bytes on the wire."""
+
+    job = wl_infer.make_job("p", "llama3.2:1b")
+
+    def generate(self, response):
+        server = RawServer(response)
+        try:
+            return wl_infer.Ollama(server.address, timeout=5).generate(self.job), server
+        finally:
+            server.thread.join(10)
+
+    def fails(self, response, *fragments, call=None):
+        server = RawServer(response)
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            (call or (lambda ollama: ollama.generate(self.job)))(wl_infer.Ollama(server.address, timeout=5))
+        server.thread.join(10)
+        for fragment in fragments:
+            self.assertIn(fragment, str(ctx.exception))
+
+    def test_every_body_framing_a_proxy_may_use(self):
+        for name, response in (
+                ("chunked, extensions, trailers", OK_CHUNKED + chunked(STREAM, 5, b";x=1") + b"0\r\nX-T: 1\r\n\r\n"),
+                ("one chunk per line", OK_CHUNKED + b"".join(chunked(line + b"\n", 1 << 20)
+                                                             for line in STREAM.splitlines()) + b"0\r\n\r\n"),
+                ("Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(STREAM) + STREAM),
+                ("to the close (HTTP/1.0)", b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + STREAM),
+                ("after 100 Continue", b"HTTP/1.1 100 Continue\r\n\r\n" + OK_CHUNKED + chunked(STREAM) + b"0\r\n\r\n")):
+            with self.subTest(name):
+                gen, _ = self.generate(response)
+                self.assertEqual((gen.text, gen.chunks, gen.final["done_reason"]), ("Hello ✓", 2, "stop"))
+
+    def test_the_request_on_the_wire(self):
+        _, server = self.generate(OK_CHUNKED + chunked(STREAM) + b"0\r\n\r\n")
+        head, _, body = server.request.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        self.assertEqual(lines[0], "POST /api/generate HTTP/1.1")
+        self.assertIn("Host: " + server.address, lines)
+        self.assertIn("Connection: close", lines)
+        self.assertIn("Content-Length: %d" % len(body), lines)
+        self.assertEqual(json.loads(body), wl_infer.generate_request(self.job))
+        for base, host in (("https://example.com", "example.com"), ("http://example.com", "example.com"),
+                           ("[::1]:8080", "[::1]:8080"), ("http://bücher.example:80/x", "xn--bcher-kva.example")):
+            with self.subTest(base):
+                request = wl_infer.Ollama(base)._request("GET", "/api/tags", None).decode()
+                self.assertIn("\r\nHost: %s\r\n" % host, request)
+
+    def test_https_to_a_plain_http_server_is_a_clear_error(self):
+        ollama = FakeOllama().start()
+        self.addCleanup(ollama.stop)
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            wl_infer.Ollama("https://" + ollama.address, timeout=5).models()
+        self.assertIn("cannot reach Ollama at https://%s (" % ollama.address, str(ctx.exception))
+        self.assertIn("SSL", str(ctx.exception))
+
+    def test_an_address_with_spaces_or_control_characters_is_refused(self):
+        for base in ("http://127.0.0.1:11434/a b", "http://exa\tmple:1", "127.0.0.1:11434/x\r\nX-Evil: 1"):
+            with self.subTest(base):
+                with self.assertRaises(wl_infer.UserError) as ctx:
+                    wl_infer.Ollama(base)
+                self.assertIn("contains a space or a control character", str(ctx.exception))
+
+    def test_broken_answers_are_clear_errors(self):
+        body = b'{"models":[]}'
+        tags = lambda ollama: ollama.models()  # noqa: E731
+        self.fails(b"SSH-2.0-OpenSSH_9.2\r\n", "cannot reach Ollama at http://127.0.0.1:",
+                   "the answer is not HTTP: SSH-2.0-OpenSSH_9.2")
+        self.fails(b"", "the server closed the connection without answering")
+        self.fails(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "a header line over 65536 bytes")
+        self.fails(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 header lines")
+        self.fails(OK_CHUNKED + chunked(STREAM[:40]) + b"ff\r\nabc", "lost after",
+                   "the connection closed in the middle of a chunk")
+        self.fails(OK_CHUNKED + b"zz\r\n", "lost after 0 tokens: a chunk size that is not a hex number: zz")
+        self.fails(OK_CHUNKED + b"3\r\nabcd\r\n", "a chunk does not end where its size says")
+        self.fails(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body,
+                   "reading /api/tags from Ollama at http://127.0.0.1:", "the connection closed 87 bytes before "
+                   "the end of the body", call=tags)
+        error = b'{"error":"overloaded"}'
+        self.fails(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n%s" % (len(error), error),
+                   "Ollama at http://127.0.0.1:", ": overloaded (HTTP 503)", call=tags)
 
 
 # =============================================================================

@@ -449,7 +449,7 @@ def provenance(gen, model_digest, ollama_version, options):
     if type(ns) is int and ns > 0:
         found["eval_ms"] = int(round(ns / 1e6))
         found["tokens_per_s"] = round(gen.eval_count / (ns / 1e9), 2)
-    chosen = gen.chosen_logprobs(LOGPROB_TOKENS)
+    chosen = gen.chosen_logprobs()
     if chosen is not None:
         found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
     if gen.thinking:
@@ -524,11 +524,117 @@ def post_title(prompt, limit=60):
 
 
 # =============================================================================
-# Ollama client (HTTP API over http.client, streaming NDJSON)
+# Ollama client (HTTP/1.1 over a socket, streaming NDJSON)
 # =============================================================================
 
 DEFAULT_OLLAMA = "http://127.0.0.1:11434"
 MAX_LINE = 1 << 20  # one NDJSON line; anything longer is not a real token
+MAX_HEADER_LINE = 65536  # the limits http.client sets on a response's head
+MAX_HEADERS = 100
+
+
+class HttpError(Exception):
+    """A response that is not HTTP/1.x or ends early, in words."""
+
+
+class HttpResponse(object):
+    """One HTTP/1.x response off a socket: its status and headers, then its
+    body as it arrives (chunked, Content-Length, or up to the close).
+    http.client would do, but importing it takes longer (~20 ms: it brings
+    in email and ssl) than everything else a command does."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fp = sock.makefile("rb")
+        try:
+            self._head()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Closes the connection (the socket's descriptor stays open while its file is)."""
+        self.fp.close()
+        self.sock.close()
+
+    def _head(self):
+        self.status = 100
+        while 100 <= self.status < 200:  # an interim response (100 Continue) comes first
+            line = self.fp.readline(MAX_HEADER_LINE + 1)
+            if not line:
+                raise HttpError("the server closed the connection without answering")
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not (parts[1].isdigit()
+                                                                              and len(parts[1]) == 3):
+                raise HttpError("the answer is not HTTP: %s" % preview(line.decode("latin-1"), 60))
+            self.status = int(parts[1])
+            self.headers = self._fields("header")
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()  # Ollama streams so
+        length = self.headers.get("content-length", "")
+        self.left = int(length) if length.isdigit() and not self.chunked else None  # None: up to the close
+        self.chunk_left = 0
+        self.done = False
+
+    def _line(self, what):
+        line = self.fp.readline(MAX_HEADER_LINE + 1)
+        if not line:
+            raise HttpError("the connection closed in the middle of the %s" % what)
+        if len(line) > MAX_HEADER_LINE:
+            raise HttpError("a %s line over %d bytes" % (what, MAX_HEADER_LINE))
+        return line
+
+    def _fields(self, what):
+        """Header (or trailer) lines up to the empty one: {lower-case name: value}."""
+        fields = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line(what)
+            if not line.strip():
+                return fields
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        raise HttpError("more than %d %s lines" % (MAX_HEADERS, what))
+
+    def read1(self, size=65536):
+        """Some of the body, as soon as there is some; b"" at its end."""
+        if self.done:
+            return b""
+        if self.chunked:
+            if not self.chunk_left:
+                line = self._line("chunk size")
+                try:
+                    self.chunk_left = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise HttpError("a chunk size that is not a hex number: %s"
+                                    % preview(line.decode("latin-1"), 30))
+                if self.chunk_left <= 0:
+                    self._fields("trailer")
+                    self.done = True
+                    return b""
+            data = self.fp.read1(min(size, self.chunk_left))
+            if not data:
+                raise HttpError("the connection closed in the middle of a chunk")
+            self.chunk_left -= len(data)
+            if not self.chunk_left and self.fp.read(2) != b"\r\n":
+                raise HttpError("a chunk does not end where its size says")
+            return data
+        data = self.fp.read1(size if self.left is None else min(size, self.left))
+        if self.left is not None:
+            if self.left and not data:
+                raise HttpError("the connection closed %d bytes before the end of the body" % self.left)
+            self.left -= len(data)
+        self.done = not data or self.left == 0
+        return data
+
+    def read(self, limit):
+        """The body, or its first `limit` bytes."""
+        parts, size = [], 0
+        while size < limit:
+            data = self.read1(limit - size)
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts)
 
 
 def parse_ollama_host(value):
@@ -574,14 +680,20 @@ class Generation(object):
     """What one generate call produced. `text` is the answer; when the call
     compared the stream with an expected text and it diverged, `diverged_at`
     is the first differing character, `final` is None and the text stops
-    with the token that diverged. `too_long`: stopped at a byte limit."""
+    with the token that diverged. `too_long`: stopped at a byte limit.
+
+    Per token it keeps where the token ends; logprobs only for the first
+    LOGPROB_TOKENS tokens (all that evidence records) and the candidates only
+    for the latest piece (where a divergence is): a long answer streamed a
+    token at a time must not cost a parsed object per token."""
 
     def __init__(self):
         self.pieces = []
         self.text = ""
         self.chunks = 0  # stream objects received before the final one
         self.token_ends = []  # character offset after each answer token
-        self.token_logprobs = []  # per answer token: (logprob, [(token, logprob), ...]) or None
+        self.chosen = []  # the chosen token's logprob (None: not sent), first LOGPROB_TOKENS tokens
+        self.latest = (0, [])  # the latest piece: the index of its first token, its raw logprob entries
         self.thinking_pieces = []
         self.thinking = ""
         self.final = None
@@ -597,15 +709,22 @@ class Generation(object):
         """One answer piece and the logprob entries that came with it (a
         piece is normally one token; an entry's token text places it)."""
         start = self.token_ends[-1] if self.token_ends else 0
-        entries = [_logprob_entry(e) for e in logprobs] if isinstance(logprobs, list) and logprobs else [None]
-        end = start
-        for i, entry in enumerate(entries):
-            if i == len(entries) - 1:
-                end = start + len(piece)
-            elif entry is not None:
-                end = min(end + len(entry[2]), start + len(piece))
-            self.token_ends.append(end)
-            self.token_logprobs.append(entry and entry[:2])
+        first = len(self.token_ends)
+        entries = logprobs if type(logprobs) is list and logprobs else [None]
+        if len(entries) == 1:
+            self.token_ends.append(start + len(piece))
+        else:  # several tokens in one piece (byte fallback)
+            end = start
+            for entry in entries[:-1]:
+                parsed = _logprob_entry(entry)
+                if parsed is not None:
+                    end = min(end + len(parsed[2]), start + len(piece))
+                self.token_ends.append(end)
+            self.token_ends.append(start + len(piece))
+        for entry in entries[:max(0, LOGPROB_TOKENS - first)]:
+            logprob = entry.get("logprob") if type(entry) is dict else None
+            self.chosen.append(float(logprob) if _is_number(logprob) else None)
+        self.latest = (first, entries)
         self.pieces.append(piece)
 
     def token_at(self, offset):
@@ -618,9 +737,19 @@ class Generation(object):
     def token_start(self, index):
         return self.token_ends[index - 1] if index else 0
 
-    def chosen_logprobs(self, limit=None):
-        """The chosen tokens' logprobs, or None when the server sent none."""
-        chosen = [e[0] if e else None for e in self.token_logprobs[:limit]]
+    def entry_at(self, index):
+        """(logprob, [(candidate, logprob), ...]) of token `index` when it is
+        in the latest piece and the server sent a well-formed entry, else None."""
+        first, entries = self.latest
+        if index is None or not first <= index < first + len(entries):
+            return None
+        parsed = _logprob_entry(entries[index - first])
+        return parsed and parsed[:2]
+
+    def chosen_logprobs(self, limit=LOGPROB_TOKENS):
+        """The chosen tokens' logprobs (of the first `limit` tokens), or None
+        when the server left any out."""
+        chosen = self.chosen[:limit]
         if not chosen or None in chosen:
             return None
         return chosen
@@ -646,42 +775,64 @@ class Ollama(object):
         self.scheme, self.host, self.port, self.path = parse_ollama_host(base)
         self.url = _format_url(self.scheme, self.host, self.port, self.path)
         self.timeout = timeout
-        self.active = None  # the connection of the generation in flight, for cancel()
+        self.active = None  # the socket of the generation in flight, for cancel()
         if self.scheme not in ("http", "https"):
             raise UserError("Ollama address %s: scheme %r is not http or https" % (self.url, self.scheme))
+        if any(c <= " " or c == "\x7f" for c in self.host + self.path):
+            raise UserError("Ollama address %s contains a space or a control character" % printable(self.url))
+        try:
+            host = self.host if self.host.isascii() else self.host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise UserError("Ollama address %s: %s is not a valid host name" % (self.url, self.host))
+        if not self.path.isascii():
+            import urllib.parse
+
+            self.path = urllib.parse.quote(self.path, safe="/%")
+        shown = "[%s]" % host if ":" in host else host
+        default = 443 if self.scheme == "https" else 80
+        self.host_header = shown if self.port == default else "%s:%d" % (shown, self.port)
+
+    def _request(self, method, path, data):
+        head = ["%s %s%s HTTP/1.1" % (method, self.path, path), "Host: " + self.host_header,
+                "User-Agent: wl_infer/" + __version__, "Accept-Encoding: identity", "Connection: close"]
+        if data is not None:
+            head += ["Content-Type: application/json", "Content-Length: %d" % len(data)]
+        return "\r\n".join(head + ["", ""]).encode("ascii") + (data or b"")
 
     def _open(self, method, path, body=None, track=False):
-        """Send one request; return (connection, response) with a 2xx status,
+        """Send one request; return the response if its status is 2xx,
         else raise OllamaError carrying Ollama's own error text. `track`: the
         generation that cancel() stops."""
-        import http.client
         import socket
 
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
-        if track:
-            self.active = conn
+        sock = None
         try:
-            data = None if body is None else _dumps(body).encode("utf-8")
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, self.path + path, body=data, headers=headers)
-            resp = conn.getresponse()
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client: tokens come at once
+            if self.scheme == "https":
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            if track:
+                self.active = sock
+            sock.sendall(self._request(method, path, None if body is None else _dumps(body).encode("utf-8")))
+            resp = HttpResponse(sock)
         except socket.timeout:
-            conn.close()
+            _close(sock)
             raise OllamaError("Ollama at %s did not answer within %g s (--timeout); is it overloaded?"
                               % (self.url, self.timeout))
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+        except (OSError, HttpError) as exc:
+            _close(sock)
             raise OllamaError("cannot reach Ollama at %s (%s); start it with `ollama serve` "
                               "or point --ollama / OLLAMA_HOST at it" % (self.url, _reason(exc)))
         if not 200 <= resp.status < 300:
             try:
                 raw = resp.read(65536)
-            except (OSError, http.client.HTTPException):
+            except (OSError, HttpError):
                 raw = b""
-            conn.close()
+            resp.close()
             raise OllamaError(self._http_error(resp.status, raw, body))
-        return conn, resp
+        return resp
 
     def _http_error(self, status, raw, body):
         message = raw.decode("utf-8", "replace").strip()
@@ -694,15 +845,13 @@ class Ollama(object):
         return text
 
     def _get_json(self, path, body=None):
-        import http.client
-
-        conn, resp = self._open("POST" if body is not None else "GET", path, body)
+        resp = self._open("POST" if body is not None else "GET", path, body)
         try:
             raw = resp.read(16 << 20)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, HttpError) as exc:
             raise OllamaError("reading %s from Ollama at %s failed: %s" % (path, self.url, _reason(exc)))
         finally:
-            conn.close()
+            resp.close()
         doc = _json_object(raw.decode("utf-8", "replace"))
         if doc is None:
             raise OllamaError("Ollama at %s sent a response to %s that is not a JSON object" % (self.url, path))
@@ -733,21 +882,14 @@ class Ollama(object):
         the time of a few tokens. With `max_bytes`, stop reading once the
         output is longer (gen.too_long): a server that never stops costs
         at most that much."""
-        import http.client
         import socket
 
-        conn, resp = self._open("POST", "/api/generate", generate_request(job), track=True)
+        resp = self._open("POST", "/api/generate", generate_request(job), track=True)
         gen = Generation()
         matched = 0  # characters of `expected` confirmed so far
         size = 0  # bytes of output so far
         try:
-            while gen.final is None:
-                line = resp.readline(MAX_LINE + 1)
-                if not line:
-                    break
-                if len(line) > MAX_LINE:
-                    raise OllamaError("Ollama at %s sent a stream line over %d bytes; "
-                                      "this is not an Ollama server" % (self.url, MAX_LINE))
+            for line in self._lines(resp):
                 obj = self._stream_object(line, gen.chunks)
                 if obj is None:
                     continue
@@ -781,11 +923,11 @@ class Ollama(object):
             raise OllamaError("Ollama at %s sent nothing for %g s after %s (inactivity "
                               "timeout, --timeout); the server may be hung or overloaded"
                               % (self.url, self.timeout, _tokens(gen.chunks)))
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, HttpError) as exc:
             raise OllamaError("connection to Ollama at %s lost after %s: %s"
                               % (self.url, _tokens(gen.chunks), _reason(exc)))
         finally:
-            conn.close()  # mid-stream, this cancels the generation on the server
+            resp.close()  # mid-stream, this cancels the generation on the server
             self.active = None
         if gen.final is None and gen.diverged_at is None and not gen.too_long:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
@@ -798,12 +940,41 @@ class Ollama(object):
             gen.diverged_at = _common_prefix(gen.text, expected)  # the claim goes on past the end
         return gen
 
+    def _lines(self, resp):
+        """The stream's lines, without their newline. Read a block at a time
+        (one HTTP chunk, as Ollama sends one per token), not byte-wise like
+        readline: this loop is the ceiling on how fast a model can be read."""
+        pending = bytearray()  # the start of a line not yet ended
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                break
+            start, end = 0, data.find(b"\n")
+            while end >= 0:
+                if pending:
+                    pending += data[start:end]
+                    line, pending = bytes(pending), bytearray()
+                else:
+                    line = data[start:end]
+                if len(line) > MAX_LINE:
+                    pending = line
+                    break
+                yield line
+                start, end = end + 1, data.find(b"\n", end + 1)
+            else:
+                pending += data[start:]
+            if len(pending) > MAX_LINE:
+                raise OllamaError("Ollama at %s sent a stream line over %d bytes; "
+                                  "this is not an Ollama server" % (self.url, MAX_LINE))
+        if pending:
+            yield bytes(pending)
+
     def cancel(self):
         """Stop the generation in flight, from another thread: its socket is
         shut down, so its read fails at once (and Ollama cancels it)."""
         import socket
 
-        sock = getattr(self.active, "sock", None)
+        sock = self.active
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -851,6 +1022,14 @@ def _json_object(text):
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _close(sock):
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _reason(exc):
@@ -1736,7 +1915,7 @@ def diagnose(gen, job, evidence, digest, version):
                       "numerics; re-check with the worker's version" % (preview(claimed_version, 20), version),
                       claimed=claimed_version, local=version)
     token = gen.token_at(gen.diverged_at)
-    entry = gen.token_logprobs[token] if token is not None else None
+    entry = gen.entry_at(token)
     start = gen.token_start(token) if token is not None else gen.diverged_at
     chosen = gen.text[start:gen.token_ends[token]] if token is not None else ""
     runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
@@ -1764,7 +1943,7 @@ def diagnose(gen, job, evidence, digest, version):
 
 def logprob_check(gen, evidence):
     """Check 6, on identical text: the largest logprob difference, or None."""
-    ours, theirs = gen.chosen_logprobs(LOGPROB_TOKENS), evidence["logprobs"]
+    ours, theirs = gen.chosen_logprobs(), evidence["logprobs"]
     if ours is None or theirs is None:
         return _check("logprobs", None, "logprobs: not compared, %s has none"
                       % ("the evidence" if theirs is None else "this Ollama's re-run")), None
