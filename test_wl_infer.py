@@ -2593,6 +2593,19 @@ class MalformedInputTest(CliTest):
 
 
 class ErrorTest(CliTest):
+    def test_the_command_line_parses_as_one_complete_parser_would(self):
+        # only the named command's options are built; a command name that is an option's value is no command
+        self.assertError(self.cli("--wl", "run", "verify", "w-1"), "wl executable 'run' not found on PATH")
+        code, out, err = self.cli("--help", "run")  # the top level's help, every command listed
+        self.assertEqual(code, 0, err)
+        for name in wl_infer.COMMANDS:
+            self.assertIn("\n    %s " % name, out)
+        code, out, err = self.cli("run", "--help")
+        self.assertEqual(code, 0, err)
+        self.assertIn("--skip-claim", out)
+        self.assertError(self.cli("verify", "w-1", "--skip-claim"), "unrecognized arguments: --skip-claim")
+        self.assertError(self.cli(), "the following arguments are required: COMMAND")
+
     def test_missing_wl_executable(self):
         self.assertError(self.cli("status", "w-1", env=self.env(WL_BIN="", PATH="/nonexistent")),
                          "wl executable 'wl' not found on PATH")

@@ -221,9 +221,11 @@ def _loads(text):
 def _go_string(value):
     """Go's decoder turns unpaired UTF-16 surrogate escapes (\\ud800) into
     U+FFFD; Python keeps them, and they cannot even be UTF-8 encoded."""
-    if any("\ud800" <= ch <= "\udfff" for ch in value):
+    try:
+        value.encode("utf-8")  # fails on a surrogate: a scan at C speed
+        return value
+    except UnicodeEncodeError:
         return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
-    return value
 
 
 def _folds_to(key, name):
@@ -2893,8 +2895,9 @@ def _help_width():
     return columns - 2
 
 
-def build_parser(only=None):
-    """The parser; with `only`, the parser for that command alone (cheaper to build)."""
+def build_parser(complete=None):
+    """The parser. Every command is listed; only those in `complete` (all
+    when None) get their options: building them all is a fifth of start-up."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -2943,25 +2946,24 @@ def build_parser(only=None):
     sub.required = True
 
     for name, help_text, add_arguments in COMMAND_ARGUMENTS:
-        if only in (None, name):
+        if complete is None or name in complete:
             add_arguments(sub.add_parser(name, parents=[common], help=help_text))
+        else:  # for help and errors, which list the commands
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def parse_args(argv):
-    # Building all eight command parsers is a fifth of start-up, so only the
-    # command named is built. A parser with that command alone parses exactly
-    # as the full one whenever it succeeds; top-level help and every error
-    # come from the full parser, so they list all commands.
+    # Only the command named gets its options. Whenever that parse succeeds,
+    # the complete parser would give the same; errors (or a command name that
+    # was an option's value) go to the complete parser.
     command = next((a for a in argv if a in COMMANDS), None)
     if command is not None and any(a.startswith(("-h", "--h")) for a in argv[:argv.index(command)]):
         command = None  # help asked of the top level
     try:
-        args = build_parser(command).parse_args(argv)
+        args = build_parser([command] if command else []).parse_args(argv)
     except UserError:
-        if command is None:
-            raise
-        args = build_parser().parse_args(argv)  # raises the full parser's error
+        args = build_parser().parse_args(argv)
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
                 "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
                 "json": False, "quiet": False}
