@@ -2895,9 +2895,9 @@ def _help_width():
     return columns - 2
 
 
-def build_parser(complete=None):
-    """The parser. Every command is listed; only those in `complete` (all
-    when None) get their options: building them all is a fifth of start-up."""
+def build_parser(commands=None):
+    """The parser with these commands (all when None): building them all
+    costs more than the rest of a start."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -2946,22 +2946,20 @@ def build_parser(complete=None):
     sub.required = True
 
     for name, help_text, add_arguments in COMMAND_ARGUMENTS:
-        if complete is None or name in complete:
+        if commands is None or name in commands:
             add_arguments(sub.add_parser(name, parents=[common], help=help_text))
-        else:  # for help and errors, which list the commands
-            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def parse_args(argv):
-    # Only the command named gets its options. Whenever that parse succeeds,
-    # the complete parser would give the same; errors (or a command name that
-    # was an option's value) go to the complete parser.
+    # Only the command named is built (none for --version). Whenever that
+    # parse succeeds, the complete parser would give the same; top-level help,
+    # errors and a command name that was an option's value get the complete one.
     command = next((a for a in argv if a in COMMANDS), None)
-    if command is not None and any(a.startswith(("-h", "--h")) for a in argv[:argv.index(command)]):
-        command = None  # help asked of the top level
+    before = argv[:argv.index(command)] if command else argv
+    top_help = any(a.startswith(("-h", "--h")) for a in before)
     try:
-        args = build_parser([command] if command else []).parse_args(argv)
+        args = build_parser(None if top_help else [command] if command else []).parse_args(argv)
     except UserError:
         args = build_parser().parse_args(argv)
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
