@@ -33,7 +33,7 @@ import sys
 
 __version__ = "0.1.0"
 
-# Heavy modules (json, hashlib, http.client, subprocess, argparse) are
+# Heavy modules (json, hashlib, socket, subprocess, argparse) are
 # imported inside the functions that need them: start-up time is what a
 # user feels in a shell loop over the board.
 
@@ -790,6 +790,7 @@ class Ollama(object):
             import urllib.parse
 
             self.path = urllib.parse.quote(self.path, safe="/%")
+        self.address = host.encode("ascii")  # bytes: socket would import the idna codec for a str
         shown = "[%s]" % host if ":" in host else host
         default = 443 if self.scheme == "https" else 80
         self.host_header = shown if self.port == default else "%s:%d" % (shown, self.port)
@@ -809,7 +810,7 @@ class Ollama(object):
 
         sock = None
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = socket.create_connection((self.address, self.port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client: tokens come at once
             if self.scheme == "https":
                 import ssl
@@ -943,9 +944,9 @@ class Ollama(object):
         return gen
 
     def _lines(self, resp):
-        """The stream's lines, without their newline. Read a block at a time
-        (one HTTP chunk, as Ollama sends one per token), not byte-wise like
-        readline: this loop is the ceiling on how fast a model can be read."""
+        """The stream's lines, without their newline, read a block at a time
+        (an HTTP chunk: Ollama sends one per token) and split here. This loop
+        is the ceiling on how fast a model can be read (make bench)."""
         pending = bytearray()  # the start of a line not yet ended
         while True:
             data = resp.read1(65536)
