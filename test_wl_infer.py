@@ -1707,7 +1707,12 @@ class HttpResponseTest(unittest.TestCase):
         self.fails(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 header lines")
         self.fails(OK_CHUNKED + chunked(STREAM[:40]) + b"ff\r\nabc", "lost after",
                    "the connection closed in the middle of a chunk")
-        self.fails(OK_CHUNKED + b"zz\r\n", "lost after 0 tokens: a chunk size that is not a hex number: zz")
+        for size in (b"zz", b"-5", b"1_0", b""):
+            self.fails(OK_CHUNKED + size + b"\r\n0123456789abcdef\r\n0\r\n\r\n",
+                       "lost after 0 tokens: a chunk size that is not a hex number")
+        server = RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n" + body)  # "²": read to the close
+        self.assertEqual(wl_infer.Ollama(server.address, timeout=5).models(), {})
+        server.thread.join(10)
         self.fails(OK_CHUNKED + b"3\r\nabcd\r\n", "a chunk does not end where its size says")
         self.fails(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body,
                    "reading /api/tags from Ollama at http://127.0.0.1:", "the connection closed 87 bytes before "

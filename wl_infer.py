@@ -539,6 +539,10 @@ class HttpError(Exception):
     """A response that is not HTTP/1.x or ends early, in words."""
 
 
+def _is_decimal(text):
+    return text.isascii() and text.isdigit()  # isdigit alone takes "²"
+
+
 class HttpResponse(object):
     """One HTTP/1.x response off a socket: its status and headers, then its
     body as it arrives (chunked, Content-Length, or up to the close).
@@ -573,7 +577,7 @@ class HttpResponse(object):
             self.headers = self._fields("header")
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()  # Ollama streams so
         length = self.headers.get("content-length", "")
-        self.left = int(length) if length.isdigit() and not self.chunked else None  # None: up to the close
+        self.left = int(length) if _is_decimal(length) and not self.chunked else None  # None: up to the close
         self.chunk_left = 0
         self.done = False
 
@@ -603,12 +607,12 @@ class HttpResponse(object):
         if self.chunked:
             if not self.chunk_left:
                 line = self._line("chunk size")
-                try:
-                    self.chunk_left = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                digits = line.split(b";", 1)[0].strip()  # after a ";", extensions
+                if not digits or digits.strip(b"0123456789abcdefABCDEF"):
                     raise HttpError("a chunk size that is not a hex number: %s"
                                     % preview(line.decode("latin-1"), 30))
-                if self.chunk_left <= 0:
+                self.chunk_left = int(digits, 16)
+                if not self.chunk_left:
                     self._fields("trailer")
                     self.done = True
                     return b""
@@ -811,7 +815,6 @@ class Ollama(object):
         sock = None
         try:
             sock = socket.create_connection((self.address, self.port), timeout=self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client: tokens come at once
             if self.scheme == "https":
                 import ssl
 
@@ -2934,14 +2937,14 @@ def build_parser(commands=None):
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
-    parser = Parser(prog="wl_infer", parents=[common],
-                    description="Verifiable LLM inference jobs on the Wasteland wanted board.",
-                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.")
     class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
         def __call__(self, parser, namespace, values, option_string=None):
             _emit(sys.stdout, "wl_infer %s\n" % __version__)
             parser.exit()
 
+    parser = Parser(prog="wl_infer", parents=[common],
+                    description="Verifiable LLM inference jobs on the Wasteland wanted board.",
+                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.")
     parser.add_argument("--version", action=Version, nargs=0, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
