@@ -268,7 +268,6 @@ def bench_overhead(setup, n=10):
             calls = len(board.calls())
             setup.run(argv, env=fake.env)
             counts[argv[0]] = [[c["argv"][0] for c in board.calls()[calls:]]]
-            return len(board.calls()) - calls
 
         queue = list(run_ids)
         found = interleaved(n, startup=lambda: setup.run(["--version"], env=fake.env),
@@ -282,6 +281,7 @@ def bench_overhead(setup, n=10):
                 figure="%s of %s" % (ms(above), timing(samples)),
                 base_figure="start-up %s" % ms(statistics.median(startup)),
                 above_startup_s=above, fake_wl_start_and_exit_s=statistics.median(costs))
+
         # the other commands, counted once
         def waiting(status):
             return len([i for i in board.load()["items"].values() if i["status"] == status])
