@@ -79,23 +79,18 @@ class Setup(object):
         self.run(["--version"])  # writes the cache
 
     def run(self, argv, env=None, expect=0):
-        """Seconds for one run, as a user's shell sees it."""
-        start = time.perf_counter()
-        proc = subprocess.run([self.exe] + argv, env=env or self.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-        elapsed = time.perf_counter() - start
-        if proc.returncode != expect:
-            raise SystemExit("bench: wl_infer.py %s exited %d, expected %d: %s"
-                             % (" ".join(argv), proc.returncode, expect, proc.stderr.decode().strip()))
-        return elapsed
+        """Seconds for one ./wl_infer.py run, as a user's shell sees it."""
+        return run_argv([self.exe] + argv, env or self.env, expect)
 
 
 def run_argv(argv, env, expect=0):
+    """Seconds for one run of any command; it must exit with `expect`."""
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
     if proc.returncode != expect:
-        raise SystemExit("bench: %s exited %d: %s" % (" ".join(argv), proc.returncode, proc.stderr.decode()))
+        raise SystemExit("bench: %s exited %d, expected %d: %s"
+                         % (" ".join(argv), proc.returncode, expect, proc.stderr.decode().strip()))
     return elapsed
 
 
