@@ -1222,7 +1222,7 @@ class CodecTest(unittest.TestCase):
         evidence = wl_infer.make_evidence(job, "out", {
             "model_digest": "ab" * 32, "ollama_version": "0.12.11", "options": {"temperature": 0, "seed": 42},
             "done_reason": "stop", "eval_count": 2, "eval_ms": 40, "tokens_per_s": 50.0,
-            "logprobs": [-0.0001, 0.0], "thinking_hash": wl_infer.output_hash("t")})
+            "logprobs": [-0.0001, 0.0], "token_lengths": [2, 1], "thinking_hash": wl_infer.output_hash("t")})
         text = wl_infer.encode_evidence(evidence)
         go_part = wl_infer.encode_evidence(wl_infer.make_evidence(job, "out"))
         self.assertTrue(text.startswith(go_part[:-1] + ',"model_digest":'), text)
@@ -1237,7 +1237,10 @@ class CodecTest(unittest.TestCase):
                                      ("tokens_per_s", '"fast"', 'must be a number, got the string "fast"'),
                                      ("tokens_per_s", "1e999", "is out of range: 1e999"),
                                      ("logprobs", "{}", "must be an array of numbers, got an object"),
-                                     ("logprobs", "[0, true]", 'field "logprobs" element must be a number')):
+                                     ("logprobs", "[0, true]", 'field "logprobs" element must be a number'),
+                                     ("token_lengths", "[1, 2.0]", 'element must be an integer, got the number 2.0'),
+                                     ("token_lengths", "[1, -1]", "must not contain a negative length"),
+                                     ("token_lengths", '"3"', "must be an array of integers, got the string")):
             with self.subTest(key=key, value=value):
                 with self.assertRaises(wl_infer.JobError) as ctx:
                     wl_infer.decode_evidence(go_part[:-1] + ',"%s":%s}' % (key, value))
@@ -1780,7 +1783,8 @@ class EndToEndTest(CliTest):
         self.assertEqual(wl_infer.encode_evidence(go_view), GO_EVIDENCE)
         doc = json.loads(written)
         self.assertEqual(list(doc), ["output", "output_hash", "model", "seed", "model_digest", "ollama_version",
-                                     "options", "done_reason", "eval_count", "eval_ms", "tokens_per_s", "logprobs"])
+                                     "options", "done_reason", "eval_count", "eval_ms", "tokens_per_s", "logprobs",
+                                     "token_lengths"])
         self.assertEqual(json.loads(out), {"id": item_id, "evidence": doc, "resubmitted": False})
         request = self.ollama.generate_requests()
         self.assertEqual(request, [{"model": "llama3.2:1b", "prompt": "what is <b>1+1</b> & why", "stream": True,
@@ -1792,6 +1796,7 @@ class EndToEndTest(CliTest):
         self.assertEqual((doc["done_reason"], doc["eval_count"], doc["eval_ms"], doc["tokens_per_s"]),
                          ("stop", 6, 6, 1000.0))
         self.assertEqual(doc["logprobs"], [0, -0.05, -0.1, -0.15, -0.2, 0])
+        self.assertEqual(doc["token_lengths"], [3, 3, 3, 3, 3, 1])
 
     def test_thinking_is_hashed_not_submitted_and_old_servers_give_no_logprobs(self):
         self.ollama.thinking[("llama3.2:1b", "what is 1+1")] = "Let me think: one plus one."
@@ -2887,9 +2892,10 @@ class VerificationTest(CliTest):
         item_id = self.board.add(self.job())
         self.assertEqual(self.cli("run", item_id)[0], 0)
         doc = self.verify(item_id, code=0)
-        self.assertEqual(set(doc), {"id", "verdict", "checks", "cause", "diverged_at", "tokens_generated",
-                                    "logprob_max_diff", "expected_hash", "actual_hash", "job", "output",
-                                    "evidence", "local"})
+        self.assertEqual(set(doc), {"id", "verdict", "exact", "tolerance", "forced", "checks", "cause",
+                                    "diverged_at", "tokens_generated", "logprob_max_diff", "expected_hash",
+                                    "actual_hash", "job", "output", "evidence", "local"})
+        self.assertEqual((doc["verdict"], doc["exact"], doc["tolerance"], doc["forced"]), ("VERIFIED", True, 0, []))
         self.assertEqual([c["name"] for c in doc["checks"]],
                          ["decodes", "self-consistent", "binding", "local-model", "rerun", "logprobs"])
         self.assertTrue(all(c["ok"] is True and c["message"] for c in doc["checks"]), doc["checks"])
@@ -2913,9 +2919,9 @@ class VerificationTest(CliTest):
                 self.assertEqual(doc, json.loads(out)["evidence"])  # the report shows what was submitted
                 self.assertEqual(err, "wl_infer: warning: submitted without %s: the evidence would not fit "
                                  "wl's 65535-byte field with %s (verifiers will see them as not available)\n"
-                                 % (("logprobs", "it") if kept else
+                                 % (("logprobs, token_lengths", "them") if kept else
                                     ("model_digest, ollama_version, options, done_reason, eval_count, eval_ms, "
-                                     "tokens_per_s, logprobs", "them")))
+                                     "tokens_per_s, logprobs, token_lengths", "them")))
                 self.verify(item_id, code=0)
 
     def test_malformed_provenance_is_an_error_naming_the_field(self):

@@ -183,14 +183,16 @@ MAX_NESTING = 32  # JSON depth refused beyond this: no honest job or evidence ne
 MODEL_NAME_MAX = 200  # characters; Ollama names are far shorter
 LOGPROB_TOKENS = 1024  # evidence keeps the logprobs of the first this many tokens
 TOP_LOGPROBS = 2  # asked of Ollama: the chosen token and its runner-up, enough to see a near-tie
+TOLERANT_TOP_LOGPROBS = 5  # asked by tolerant verification: where to look for the claim's token
+MAX_TOP_LOGPROBS = 20  # Ollama's own limit: candidates beyond it are a server's garbage
 
 JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str))
 GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
 PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict), ("done_reason", str),
                      ("eval_count", int), ("eval_ms", int), ("tokens_per_s", float), ("logprobs", list),
-                     ("thinking_hash", str))
+                     ("token_lengths", "lengths"), ("thinking_hash", str))
 EVIDENCE_FIELDS = GO_EVIDENCE_FIELDS + PROVENANCE_FIELDS
-_ZERO = {str: "", int: 0, float: None, dict: None, list: None}  # absent / null
+_ZERO = {str: "", int: 0, float: None, dict: None, list: None, "lengths": None}  # absent / null
 
 
 class _JsonFloat(str):
@@ -341,10 +343,15 @@ def _decode_value(value, kind, what):
                        for x in items]
             options[_go_string(key)] = scalars if items is item else scalars[0]
         return options
-    # list: of numbers (logprobs)
+    # list: of numbers (logprobs); "lengths": of non-negative integers (token_lengths)
+    element = int if kind == "lengths" else float
     if not isinstance(value, list) or isinstance(value, _JsonObject):
-        raise JobError("%s must be an array of numbers, got %s" % (what, _describe_json(value)))
-    return [_decode_value(v, float, what + " element") for v in value]
+        raise JobError("%s must be an array of %s, got %s" % (
+            what, "integers" if element is int else "numbers", _describe_json(value)))
+    values = [_decode_value(v, element, what + " element") for v in value]
+    if element is int and any(v < 0 for v in values):
+        raise JobError("%s must not contain a negative length" % what)
+    return values
 
 
 def decode_job(text):
@@ -454,6 +461,9 @@ def provenance(gen, model_digest, ollama_version, options):
     chosen = gen.chosen_logprobs()
     if chosen is not None:
         found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
+        # where each token ends: a tolerant verifier takes the claimed token from here
+        ends = gen.token_ends[:len(chosen)]
+        found["token_lengths"] = [end - start for start, end in zip([0] + ends, ends)]
     if gen.thinking:
         found["thinking_hash"] = output_hash(gen.thinking)
     return found
@@ -473,10 +483,10 @@ def encode_evidence(evidence):
 
 def fit_evidence(evidence):
     """The evidence as submitted, within wl's field limit: logprobs go first,
-    then the rest of our additions; when Go's four keys alone are too big the
+    (with token_lengths), then the rest of our additions; when Go's four keys alone are too big the
     run fails rather than submit something wl would truncate or refuse."""
     encoded = encode_evidence(evidence)
-    for drop in (("logprobs",), [name for name, _ in PROVENANCE_FIELDS]):
+    for drop in (("logprobs", "token_lengths"), [name for name, _ in PROVENANCE_FIELDS]):
         if _size(encoded) <= FIELD_LIMIT:
             break
         evidence = dict((k, v) for k, v in evidence.items() if k not in drop)
@@ -505,11 +515,29 @@ def ollama_options(job):
     return options
 
 
-def generate_request(job):
+def generate_request(job, top=TOP_LOGPROBS):
     """Go's request plus logprobs (which do not change the text; servers
     that do not know the fields ignore them)."""
     return {"model": job["model"], "prompt": job["prompt"], "stream": True,
-            "options": ollama_options(job), "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+            "options": ollama_options(job), "logprobs": True, "top_logprobs": top}
+
+
+def continuation_request(job, rendered, text, budget, top=TOLERANT_TOP_LOGPROBS):
+    """The job's request continued after `text`: the prompt as the server
+    rendered it (its chat template applied) plus the text so far, sent raw
+    so that the model sees the same tokens; `budget`: tokens left (None: the
+    job sets no max)."""
+    request = dict(generate_request(job, top), prompt=rendered + text, raw=True)
+    if budget is not None:
+        request["options"] = dict(request["options"], num_predict=budget)
+    return request
+
+
+def render_request(job):
+    """Asks for the rendered prompt only (Ollama 0.11.5+). An older server
+    ignores the field and generates: at most one token, unstreamed."""
+    return {"model": job["model"], "prompt": job["prompt"], "stream": False,
+            "options": dict(ollama_options(job), num_predict=1), "_debug_render_only": True}
 
 
 def full_model_name(name):
@@ -691,12 +719,17 @@ class Generation(object):
     Per token it keeps where the token ends; logprobs only for the first
     LOGPROB_TOKENS tokens (all that evidence records) and the candidates only
     for the latest piece (where a divergence is): a long answer streamed a
-    token at a time must not cost a parsed object per token."""
+    token at a time must not cost a parsed object per token.
+
+    Tolerant verification continues a generation over several requests
+    (force(), then generate(..., into=gen)): `earlier` counts the tokens the
+    earlier requests generated."""
 
     def __init__(self):
         self.pieces = []
         self.text = ""
-        self.chunks = 0  # stream objects received before the final one
+        self.chunks = 0  # stream objects received before the final one (of the latest request)
+        self.earlier = 0  # tokens generated by earlier requests of this generation
         self.token_ends = []  # character offset after each answer token
         self.chosen = []  # the chosen token's logprob (None: not sent), first LOGPROB_TOKENS tokens
         self.latest = (0, [])  # the latest piece: the index of its first token, its raw logprob entries
@@ -709,7 +742,7 @@ class Generation(object):
     @property
     def eval_count(self):
         count = (self.final or {}).get("eval_count")
-        return count if type(count) is int else self.chunks
+        return self.earlier + (count if type(count) is int else self.chunks)
 
     def add(self, piece, logprobs):
         """One answer piece and the logprob entries that came with it (a
@@ -752,6 +785,17 @@ class Generation(object):
         parsed = _logprob_entry(entries[index - first])
         return parsed and parsed[:2]
 
+    def force(self, index, token, logprob):
+        """Put `token` (with its logprob) at token `index` in place of what
+        was generated there and after it: the next request continues from it."""
+        self.earlier = self.eval_count
+        start = self.token_start(index)
+        self.pieces = [self.text[:start]] if start else []
+        del self.token_ends[index:], self.chosen[index:]
+        self.chunks, self.final, self.diverged_at = 0, None, None
+        self.add(token, [{"token": token, "logprob": logprob}])
+        self.text = "".join(self.pieces)
+
     def chosen_logprobs(self, limit=LOGPROB_TOKENS):
         """The chosen tokens' logprobs (of the first `limit` tokens), or None
         when the server left any out."""
@@ -769,7 +813,7 @@ def _logprob_entry(entry):
     top = [(t["token"], float(t["logprob"])) for t in (tops if isinstance(tops, list) else [])
            if isinstance(t, dict) and isinstance(t.get("token"), str) and _is_number(t.get("logprob"))]
     token = entry.get("token")
-    return float(entry["logprob"]), top[:TOP_LOGPROBS], token if isinstance(token, str) else ""
+    return float(entry["logprob"]), top[:MAX_TOP_LOGPROBS], token if isinstance(token, str) else ""
 
 
 def _is_number(value):
@@ -880,19 +924,20 @@ class Ollama(object):
                 found[full_model_name(name)] = digest if isinstance(digest, str) else ""
         return found
 
-    def generate(self, job, on_token=None, expected=None, max_bytes=None):
+    def generate(self, job, on_token=None, expected=None, max_bytes=None, request=None, into=None):
         """Run the job, streaming; return a Generation. `on_token(n)` is
         called after each streamed token. With `expected`, stop reading at
         the first character that differs from it (closing the connection
         cancels the generation on the server): a false claim is refuted in
         the time of a few tokens. With `max_bytes`, stop reading once the
         output is longer (gen.too_long): a server that never stops costs
-        at most that much."""
+        at most that much. `request`: another body than the job's own (a
+        continuation), whose tokens go on after those of Generation `into`."""
         import socket
 
-        resp = self._open("POST", "/api/generate", generate_request(job), track=True)
-        gen = Generation()
-        matched = 0  # characters of `expected` confirmed so far
+        resp = self._open("POST", "/api/generate", request or generate_request(job), track=True)
+        gen = into or Generation()
+        matched = gen.token_ends[-1] if gen.token_ends else 0  # characters of `expected` confirmed so far
         size = 0  # bytes of output so far
         try:
             for line in self._lines(resp):
@@ -912,7 +957,7 @@ class Ollama(object):
                     break
                 gen.chunks += 1
                 if on_token:
-                    on_token(gen.chunks)
+                    on_token(gen.earlier + gen.chunks)
                 if max_bytes is not None and piece:  # counted only when there is a limit (run, not verify)
                     size += len(piece.encode("utf-8", "surrogatepass"))
                     if size > max_bytes:
@@ -945,6 +990,13 @@ class Ollama(object):
         if expected is not None and gen.diverged_at is None and gen.text != expected:
             gen.diverged_at = _common_prefix(gen.text, expected)  # the claim goes on past the end
         return gen
+
+    def rendered_prompt(self, job):
+        """The exact text this server feeds the model for the job's prompt,
+        or None when it cannot say (older than 0.11.5)."""
+        info = self._get_json("/api/generate", render_request(job)).get("_debug_info")
+        rendered = info.get("rendered_template") if isinstance(info, dict) else None
+        return rendered if isinstance(rendered, str) and rendered else None
 
     def _lines(self, resp):
         """The stream's lines, without their newline, read a block at a time
@@ -1523,15 +1575,6 @@ def job_of(item):
         raise JobError("%s: %s" % (item["id"], exc))
 
 
-def generate(ctx, job, expected=None):
-    """Re-run a job on the local Ollama with the progress line."""
-    progress = ctx.progress("generating with %s" % printable(job["model"]))
-    try:
-        return ctx.ollama.generate(job, progress, expected)
-    finally:
-        progress.clear()
-
-
 def find_model(models, name):
     """The digest of model `name` in {name: digest} (from /api/tags), or None."""
     wanted = full_model_name(name).lower()  # Ollama names are case-insensitive
@@ -1828,6 +1871,21 @@ def _kept_note(ctx, item_id, spooled, skip_claim, submittable=True):
 LOGPROB_TOLERANCE = 0.1  # nats: more, on identical text, is different numerics
 NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausible
 EXCERPT = 24  # characters shown on each side of a divergence
+DEFAULT_MAX_FORCED = 8  # near-tie steps a tolerant verification forces at most
+
+
+class Policy(object):
+    """How a re-run is judged. tolerance 0: exact (the claimed text must be
+    what this model generates). tolerance > 0: at most `max_forced` tokens
+    may be a candidate at most `tolerance` nats below the model's choice.
+    strict: same text with logprobs further apart than the larger of
+    LOGPROB_TOLERANCE and the tolerance is a MISMATCH."""
+
+    def __init__(self, strict=False, tolerance=0.0, max_forced=DEFAULT_MAX_FORCED):
+        self.strict, self.tolerance, self.max_forced = strict, tolerance, max_forced
+
+
+EXACT = Policy()
 
 
 def _check(name, ok, message):
@@ -1947,7 +2005,7 @@ def diagnose(gen, job, evidence, digest, version):
                   **details)
 
 
-def logprob_check(gen, evidence):
+def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
     """Check 6, on identical text: the largest logprob difference, or None."""
     ours, theirs = gen.chosen_logprobs(), evidence["logprobs"]
     if ours is None or theirs is None:
@@ -1955,19 +2013,19 @@ def logprob_check(gen, evidence):
                       % ("the evidence" if theirs is None else "this Ollama's re-run")), None
     pairs = list(zip(ours, theirs))
     diff = round(max([abs(round(a, 4) - b) for a, b in pairs] or [0.0]), 4)
-    if diff > LOGPROB_TOLERANCE:
+    if diff > limit:
         return _check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
                       "(different weights, quantisation or runtime)" % diff), diff
     return _check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens"
                   % (diff, len(pairs))), diff
 
 
-def verify_item(ctx, item, strict=False):
+def verify_item(ctx, item, policy=EXACT):
     """Verify an item's completion evidence: the cheap checks, then a re-run
     that stops at the first character that differs from the claim. Returns
     a result dict; verdict is VERIFIED or MISMATCH."""
     result = verify_cheaply(item)
-    return rerun_check(ctx, result, strict) if result["verdict"] is None else result
+    return rerun_check(ctx, result, policy) if result["verdict"] is None else result
 
 
 def verify_cheaply(item):
@@ -1984,40 +2042,139 @@ def verify_cheaply(item):
             "tokens_generated": 0, "logprob_max_diff": None, "expected_hash": evidence["output_hash"],
             "actual_hash": None, "output": None, "job": job, "evidence": evidence,
             "completed_by": completion["completed_by"], "local": {"model_digest": None, "ollama_version": None},
-            "checks": checks, "cause": cause}
+            "checks": checks, "cause": cause, "exact": None, "tolerance": 0.0, "forced": []}
 
 
-def rerun_check(ctx, result, strict=False):
+def rerun_check(ctx, result, policy=EXACT):
     """Re-run the job on the local Ollama, stopping at the first character
-    that differs from the claim; sets the verdict."""
+    that differs from the claim (tolerant: forcing near-ties); sets the verdict."""
     job, evidence = result["job"], result["evidence"]
-    result["verdict"] = "MISMATCH"
+    result["verdict"], result["tolerance"] = "MISMATCH", policy.tolerance
     models = ctx.ollama.models()
     digest = result["local"]["model_digest"] = require_local_model(models, job["model"], ctx.ollama.url)
     result["checks"].append(local_model_check(job, evidence, digest))
-    gen = generate(ctx, job, expected=evidence["output"])
+    gen, cause = rerun(ctx, result, policy)
+    forced = result["forced"]
     result["tokens_generated"], result["output"] = gen.eval_count, gen.text
     if gen.final is not None:
         result["actual_hash"] = output_hash(gen.text)
     if gen.diverged_at is not None:
         result["diverged_at"] = where = divergence(gen, evidence["output"])
-        result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s" % (
-            where["char"], where["token"], " (stopped after %s)" % _tokens(gen.chunks) if gen.final is None else "")))
-        version = local_version(ctx.ollama) if evidence["ollama_version"] else None
+        result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s%s" % (
+            where["char"], where["token"], " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None
+            else "", " after %s" % _steps(len(forced)) if forced else "")))
+        version = local_version(ctx.ollama) if evidence["ollama_version"] and not cause else None
         result["local"]["ollama_version"] = version
-        result["cause"] = diagnose(gen, job, evidence, digest, version)
+        result["cause"] = cause or diagnose(gen, job, evidence, digest, version)
         return result
-    result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s)"
-                                   % _tokens(gen.eval_count)))
-    check, result["logprob_max_diff"] = logprob_check(gen, evidence)
+    ending = gen.final.get("done_reason")
+    if forced and evidence["done_reason"] and ending != evidence["done_reason"]:
+        # one request makes the ending the same as the claim's; forced steps split it over several
+        message = "the re-run ends where the claimed output does, but for another reason (%s, the claim says %s)" \
+            % (preview(_dumps(ending), 20), preview(_dumps(evidence["done_reason"]), 20))
+        result["checks"].append(_check("rerun", False, message))
+        result["cause"] = _cause("different-ending", message)
+        return result
+    result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s%s)" % (
+        _tokens(gen.eval_count), ", forcing %s" % _steps(len(forced)) if forced else "")))
+    check, result["logprob_max_diff"] = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
     result["checks"].append(check)
     if check["ok"] is False:
-        if strict:
+        if policy.strict:
             result["cause"] = _cause("different-numerics", check["message"] + " (--strict)")
             return result
         ctx.warn(check["message"] + "; the text matches, so the verdict stands (--strict refuses this)")
-    result["verdict"] = "VERIFIED"
+    result["verdict"], result["exact"] = "VERIFIED", not forced
     return result
+
+
+# -- tolerant verification ------------------------------------------------------
+# At a divergence, the claim's token is looked up among the model's own top
+# candidates there. Within the tolerance it is forced: the generation goes on
+# from the rendered prompt plus the claim through that token (a raw request),
+# and must reproduce the rest of the claim. A forger picks at most
+# max_forced tokens, each among near-ties; the model decides everything else.
+
+
+def rerun(ctx, result, policy):
+    """The re-run of the result's job, compared with its claimed output:
+    (the Generation, a cause when the tolerance decided a MISMATCH, else None).
+    Forced steps go to result["forced"], a tolerance that cannot be applied
+    is a check (the verdict is then the exact one)."""
+    job, claim = result["job"], result["evidence"]["output"]
+    top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
+    progress = ctx.progress("generating with %s" % printable(job["model"]))
+    gen, request, rendered = None, None, None
+    try:
+        while True:
+            gen = ctx.ollama.generate(job, progress, claim, request=request or generate_request(job, top), into=gen)
+            if gen.diverged_at is None or not policy.tolerance:
+                return gen, None
+            step, cause, unavailable = near_tie_step(gen, result["evidence"], policy.tolerance)
+            if rendered is None and step is not None and not unavailable:
+                rendered = ctx.ollama.rendered_prompt(job)
+                if rendered is None:
+                    unavailable = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
+                                   "and later), so it cannot continue from the claimed text")
+            if unavailable:
+                result["checks"].append(_check("tolerance", None, "tolerance not applied: %s; the verdict is "
+                                                                  "the exact one" % unavailable))
+                return gen, None
+            if step is None:
+                return gen, cause
+            result["forced"].append(step)
+            if len(result["forced"]) > policy.max_forced:
+                return gen, _cause("too-many-divergences", "the claim leaves the model's greedy choice at more "
+                                   "than %s (--max-forced %d): more than near-tie noise"
+                                   % (_steps(policy.max_forced), policy.max_forced), forced=len(result["forced"]))
+            gen.force(step["token"], step["claimed"], step["logprob"])
+            budget = job["max_tokens"] - len(gen.token_ends) if job["max_tokens"] else None
+            if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
+                gen.final = {"done": True, "done_reason": "length"}
+                gen.diverged_at = None if gen.text == claim else _common_prefix(gen.text, claim)
+                return gen, None
+            request = continuation_request(job, rendered, gen.text, budget)
+    finally:
+        progress.clear()
+
+
+def near_tie_step(gen, evidence, tolerance):
+    """At the divergence: (step to force, None, None) when the claim goes on
+    with one of the model's candidates at most `tolerance` nats below its
+    choice; (None, cause, None) when it does not; (None, None, why) when the
+    re-run cannot tell (the exact verdict stands)."""
+    claim = evidence["output"]
+    token = gen.token_at(gen.diverged_at)
+    start = gen.token_start(token) if token is not None else None
+    if token is None or start >= len(claim):
+        return None, None, None  # one of the two ends here and the other goes on: no token to force
+    if gen.thinking:
+        return None, None, "the model thinks before it answers, and a continuation cannot include its thinking"
+    entry = gen.entry_at(token)
+    if entry is None or not entry[1]:
+        return None, None, "this Ollama returned no candidates (top_logprobs) at the divergence"
+    chosen = gen.text[start:gen.token_ends[token]]
+    best = max([entry[0]] + [lp for _, lp in entry[1]])
+    fits = [(text, lp) for text, lp in entry[1] if text and claim.startswith(text, start)]
+    where = "at token %d the claim has %s" % (token, preview(_dumps(claim[start:start + 12]), 24))
+    details = {"token": token, "rerun_token": chosen}
+    if not fits:
+        return None, _cause("different-output", "%s, which is none of the model's top %d candidates there: the output "
+                            "was not produced by this model and seed" % (where, len(entry[1])), gap=None,
+                            **details), None
+    lengths = evidence["token_lengths"] or []
+    length = lengths[token] if token < len(lengths) and sum(lengths[:token]) == start else None
+    text, logprob = next((c for c in fits if len(c[0]) == length), max(fits, key=lambda c: len(c[0])))
+    gap = round(best - logprob, 4) + 0.0
+    if gap > tolerance:
+        return None, _cause("different-output", "%s: %s, %.2f nats below the model's choice %s, beyond the tolerance "
+                            "of %g nats" % (where, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20),
+                                            tolerance), gap=gap, claimed_token=text, **details), None
+    return {"token": token, "char": start, "claimed": text, "rerun": chosen, "gap": gap, "logprob": logprob}, None, None
+
+
+def _steps(n):
+    return "1 near-tie step" if n == 1 else "%d near-tie steps" % n
 
 
 def _job_lines(job, indent="  "):
@@ -2499,7 +2656,7 @@ def cmd_run(ctx, args):
 
 
 def cmd_verify(ctx, args):
-    result = verify_item(ctx, ctx.wl.status(args.id), args.strict)
+    result = verify_item(ctx, ctx.wl.status(args.id), verify_policy(args))
     ok = result["verdict"] == "VERIFIED"
     return Report(EXIT_OK if ok else EXIT_MISMATCH, verify_document(result), verify_text(result))
 
@@ -2507,7 +2664,9 @@ def cmd_verify(ctx, args):
 def verify_text(result):
     ok = result["verdict"] == "VERIFIED"
     cause, where = result["cause"], result["diverged_at"]
-    if ok:
+    if ok and result["forced"]:
+        headline = "✓ VERIFIED (within tolerance %g nats: %s)" % (result["tolerance"], _steps(len(result["forced"])))
+    elif ok:
         headline = "✓ VERIFIED — the re-run produced the claimed output, hashes match"
     elif where is not None:
         headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause["kind"])
@@ -2520,6 +2679,10 @@ def verify_text(result):
             "  Checks:"] + _check_lines(result["checks"], "    ")
     if cause:
         text.append("  Cause:     %s: %s" % (cause["kind"], printable(cause["message"])))
+    for n, step in enumerate(result["forced"]):
+        text.append("%s token %d: the claim's %s, where the re-run chose %s (%.2f nats)" % (
+            "  Forced:   " if n == 0 else "            ", step["token"], preview(_dumps(step["claimed"]), 24),
+            preview(_dumps(step["rerun"]), 24), step["gap"]))
     if where is not None:
         text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
                  "    claimed: " + _excerpt(where, "claimed"),
@@ -2538,8 +2701,8 @@ def verify_text(result):
 def verify_document(result):
     """verify's --json document (audit prints one per item)."""
     doc = dict((k, result[k]) for k in (
-        "id", "verdict", "checks", "cause", "diverged_at", "tokens_generated", "logprob_max_diff",
-        "expected_hash", "actual_hash", "job", "output", "local"))
+        "id", "verdict", "exact", "tolerance", "forced", "checks", "cause", "diverged_at", "tokens_generated",
+        "logprob_max_diff", "expected_hash", "actual_hash", "job", "output", "local"))
     doc["evidence"] = evidence_document(result["evidence"])
     return doc
 
@@ -2668,6 +2831,7 @@ def cmd_list(ctx, args):
 def cmd_audit(ctx, args):
     """Verify every completion in review: the cheap checks of all first (a
     forged claim costs nothing), then the re-runs, shortest claim first."""
+    policy = verify_policy(args)
     rows = []  # per item: {"id", "result" (verify_item's), "error", "action"}
     for listed in board_items(ctx, "in_review", args.model, args.limit):
         row = {"id": listed["id"], "result": None, "error": None, "action": None}
@@ -2679,7 +2843,7 @@ def cmd_audit(ctx, args):
     pending = [r for r in rows if r["result"] and r["result"]["verdict"] is None]
     for row in sorted(pending, key=lambda r: len(r["result"]["evidence"]["output"])):
         try:
-            rerun_check(ctx, row["result"], args.strict)
+            rerun_check(ctx, row["result"], policy)
         except UserError as exc:
             row["result"], row["error"] = None, str(exc)
     for row in rows:
@@ -2699,7 +2863,9 @@ def cmd_audit(ctx, args):
 
 def _accept(ctx, item_id, result):
     try:
-        ctx.wl.accept(item_id, "verified by wl_infer: " + result["expected_hash"])
+        within = " within tolerance %g nats (%s)" % (result["tolerance"], _steps(len(result["forced"]))) \
+            if result["forced"] else ""
+        ctx.wl.accept(item_id, "verified by wl_infer%s: %s" % (within, result["expected_hash"]))
         return "accepted"
     except WlError as exc:
         if "cannot accept your own completion" not in str(exc):
@@ -2717,7 +2883,8 @@ def audit_report(rows):
         if result is not None:
             doc = dict(verify_document(result), action=row["action"], error=row["error"])
             cause = result["cause"]
-            table.append([item_id, preview(result["job"]["model"], 24), verdict, cause["kind"] if cause else "-",
+            table.append([item_id, preview(result["job"]["model"], 24), verdict, cause["kind"] if cause else
+                          "tolerance: %d forced" % len(result["forced"]) if result["forced"] else "-",
                           "%d" % result["tokens_generated"], row["action"] or ""])
             if cause:
                 notes.append("  %s: %s" % (item_id, printable(cause["message"])))
@@ -2795,6 +2962,13 @@ def _count(text):
     return value
 
 
+def _nats(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
 def _positive(text):
     value = float(text)
     if not 0 < value < float("inf"):  # also refuses nan
@@ -2805,6 +2979,7 @@ def _positive(text):
 _seed.__name__ = "64-bit integer seed"
 _max_tokens.__name__ = "non-negative integer"
 _positive.__name__ = "positive number of seconds"
+_nats.__name__ = "non-negative number of nats"
 _count.__name__ = "positive integer"
 _tags.__name__ = "comma-separated list of models"
 
@@ -2829,8 +3004,25 @@ def _run_arguments(p):
 
 def _verify_arguments(p):
     p.add_argument("id", type=_item_id, metavar="ID")
+    _policy_arguments(p)
+
+
+def _policy_arguments(p):
     p.add_argument("--strict", action="store_true",
-                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
+                   help="same text with logprobs more than %g nats (or the tolerance) apart is a MISMATCH"
+                   % LOGPROB_TOLERANCE)
+    p.add_argument("--tolerance", type=_nats, default=0.0, metavar="NATS",
+                   help="accept the claim's token where the model's own choice was at most NATS better "
+                   "(0.5 for mixed hardware; default 0: exact)")
+    p.add_argument("--max-forced", type=_max_tokens, metavar="N",
+                   help="with --tolerance: at most N such tokens (default %d)" % DEFAULT_MAX_FORCED)
+
+
+def verify_policy(args):
+    if args.max_forced is not None and not args.tolerance:
+        raise UserError("--max-forced needs --tolerance: exact verification forces nothing")
+    return Policy(args.strict, args.tolerance,
+                  DEFAULT_MAX_FORCED if args.max_forced is None else args.max_forced)
 
 
 def _status_arguments(p):
@@ -2849,8 +3041,7 @@ def _audit_arguments(p):
     p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N items (default 50)")
     p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
     p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
-    p.add_argument("--strict", action="store_true",
-                   help="same text with logprobs more than %g nats apart is a MISMATCH" % LOGPROB_TOLERANCE)
+    _policy_arguments(p)
     p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
 
 
