@@ -54,6 +54,74 @@ def default_output(model, prompt):
     return "Réponse de %s à « %s » : 42 ✓ — 答え 🙂" % (model, prompt[:40])
 
 
+def render_template(prompt):
+    """The fake models' chat template (Gemma's shape): the text a templated
+    request feeds the model, and what `_debug_render_only` answers."""
+    return "<start_of_turn>user\n%s<end_of_turn>\n<start_of_turn>model\n" % prompt
+
+
+BRANCH_WORDS = ("amber ", "basalt ", "cinder ", "delta ", "ember ", "fjord ", "gravel ", "harbor ")
+
+
+class ScriptedModel(object):
+    """A small deterministic "model" of one prompt, for tolerant
+    verification. Greedy decoding gives `text`, in tokens of `piece_chars`
+    characters; at token i the runner-up is ties.get(i, 3.0) nats below the
+    choice. Taking anything but the choice (forced through a raw prompt, or
+    flipped by "other hardware": FakeOllama.flips) leads into another
+    continuation, as deterministic, with near-ties at the same positions and
+    the same length in tokens."""
+
+    def __init__(self, text, ties=None, piece_chars=4):
+        self.main = [text[i:i + piece_chars] for i in range(0, len(text), piece_chars)]
+        self.ties = dict(ties or {})
+
+    def candidates(self, branch, index):
+        """[(token, logprob)], best first, at token `index` after the choices `branch`."""
+        if branch:
+            key = ("%s@%d" % (branch, index)).encode()
+            token = BRANCH_WORDS[zlib.crc32(key) % len(BRANCH_WORDS)]
+        else:
+            token = self.main[index]
+        runner_up = token.swapcase() if token.swapcase() != token else "~" + token
+        best = round(-0.05 * (index % 5), 6)
+        gap = self.ties.get(index, 3.0)
+        return [(token, best), (runner_up, best - gap)] + [("#%d" % k, best - gap - k) for k in range(1, 19)]
+
+    def state(self, text):
+        """(branch, index) after `text`, what a raw prompt adds to the
+        rendered one: the candidates it takes, longest first. Text off every
+        path is a branch of its own (a real model goes on from any text)."""
+        branch, index, at = "", 0, 0
+        while at < len(text) and index < len(self.main):
+            fits = [(len(t), -rank) for rank, (t, _) in enumerate(self.candidates(branch, index))
+                    if text.startswith(t, at)]
+            if not fits:
+                return "%s?%x" % (branch, zlib.crc32(text[at:].encode())), index
+            length, rank = max(fits)
+            branch += "/%d:%d" % (index, -rank) if rank else ""
+            at, index = at + length, index + 1
+        return branch, index
+
+    def generate(self, text, flips, limit):
+        """Greedy decoding after `text` (runner-ups at the token indexes in
+        `flips`), at most `limit` tokens when it is positive (Ollama's runner
+        stops at num_predict > 0, with "length" even where the text would
+        end): [(token, logprob, candidates)] and the done reason."""
+        branch, index = self.state(text)
+        tokens = []
+        while True:
+            if 0 < limit <= len(tokens):
+                return tokens, "length"
+            if index >= len(self.main):
+                return tokens, "stop"
+            candidates = self.candidates(branch, index)
+            rank = 1 if index in flips else 0
+            branch += "/%d:1" % index if rank else ""
+            tokens.append(candidates[rank] + (candidates,))
+            index += 1
+
+
 class FakeOllama(object):
     """A threaded HTTP server that behaves like Ollama's API (see
     ../shared/contracts/ollama-api.md). Scriptable attributes:
@@ -86,6 +154,13 @@ class FakeOllama(object):
     logprob_shift = x                 add x to every logprob (other weights, same text)
     near_ties[i] = (token, margin)    token i's runner-up and its distance in nats
                                       (default: "~", 3.0 nats below: a clear winner)
+    scripts[(model, prompt)] = ScriptedModel(...)   a model with near-ties and other
+                                      continuations; its raw prompts (the rendered
+                                      prompt plus text) go on from that text
+    flips = {i, ...}                  "other hardware": scripted models take the
+                                      runner-up at these token indexes
+    render_supported = False          an older server (before 0.11.5): ignores
+                                      `_debug_render_only` and generates
     requests                          one record per request: method, path, body, and
                                       `start` and `end` of its handling (time.time())
     streams                           one record per streamed generate: its prompt,
@@ -116,6 +191,9 @@ class FakeOllama(object):
         self.logprobs_supported = True
         self.logprob_shift = 0.0
         self.near_ties = {}
+        self.scripts = {}
+        self.flips = set()
+        self.render_supported = True
         self.streams = []
         self.version = "0.12.11"
         self.requests = []
@@ -179,16 +257,38 @@ class FakeOllama(object):
             if count > limit:
                 return kept, "length"  # a partial character held back is never sent
             kept.append(chunk)
-        return kept, "stop"
+        # Ollama's runner stops at num_predict before it would sample the end
+        return kept, "length" if 0 < limit <= count else "stop"
 
-    def logprobs_for(self, index, token, top):
+    def generation(self, body):
+        """What the model generates for a request: chunks [(text, [token
+        bytes])], the done reason, and per token (its logprob, its
+        candidates) when a scripted model made it (else None)."""
+        options = body.get("options") or {}
+        prompt = body.get("prompt", "")
+        fed = prompt if body.get("raw") is True else render_template(prompt)
+        for (model, scripted), script in self.scripts.items():
+            head = render_template(scripted)
+            if self.find(model) == self.find(body["model"]) and fed.startswith(head):
+                limit = options.get("num_predict", -1)
+                tokens, reason = script.generate(fed[len(head):], self.flips, limit if type(limit) is int else -1)
+                return ([(t, [t.encode("utf-8")]) for t, _, _ in tokens], reason,
+                        [(logprob, candidates) for _, logprob, candidates in tokens])
+        chunks, reason = self.chunks_for(body["model"], prompt, options)
+        return chunks, reason, None
+
+    def logprobs_for(self, index, token, top, scripted=None):
         """Ollama's logprob entry for answer token `index` (its bytes), with
-        `top` candidates. A token that is not whole UTF-8 shows as U+FFFD in
-        `token`, as Go's JSON encoder writes invalid bytes; `bytes` has them."""
+        `top` candidates (`scripted`: its logprob and candidates). A token
+        that is not whole UTF-8 shows as U+FFFD in `token`, as Go's JSON
+        encoder writes invalid bytes; `bytes` has them."""
         chosen = round(-0.05 * (index % 5) + self.logprob_shift, 6)
         runner_up, margin = self.near_ties.get(index, ("~", 3.0))
         candidates = [(token, chosen), (runner_up.encode("utf-8"), chosen - margin)]
         candidates += [(b"#%d" % k, chosen - margin - k) for k in range(1, max(top - 1, 0))]
+        if scripted:
+            chosen = scripted[0] + self.logprob_shift
+            candidates = [(t.encode("utf-8"), lp + self.logprob_shift) for t, lp in scripted[1]]
 
         def entry(raw, logprob):
             return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
@@ -295,11 +395,16 @@ class _OllamaHandlerMixin(object):
         top = body.get("top_logprobs", 0)
         if self.fake.logprobs_supported and (type(top) is not int or not 0 <= top <= 20):
             return self._json(400, {"error": "top_logprobs must be between 0 and 20"})
+        if body.get("raw") is True and any(body.get(k) for k in ("template", "system", "context")):
+            return self._json(400, {"error": "raw mode does not support template, system, or context"})
+        prompt = body.get("prompt", "")
+        if body.get("_debug_render_only") is True and self.fake.render_supported:
+            return self._json(200, {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": "",
+                                    "done": False, "_debug_info": {"rendered_template": render_template(prompt)}})
         key = json.dumps(body, sort_keys=True)
         if self.fake.burst and key in self.fake.rendered:
             return self._send_rendered(self.fake.rendered[key])
-        prompt = body.get("prompt", "")
-        chunks, reason = self.fake.chunks_for(body["model"], prompt, body.get("options"))
+        chunks, reason, scripted = self.fake.generation(body)
         thinking = self.fake.thinking.get((body["model"], prompt), "")
         thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
         logprobs = None  # per chunk: the entries of its tokens
@@ -314,7 +419,8 @@ class _OllamaHandlerMixin(object):
         if want_logprobs:
             index, logprobs = 0, []
             for _, tokens in chunks:
-                logprobs.append([self.fake.logprobs_for(index + k, t, top) for k, t in enumerate(tokens)])
+                logprobs.append([self.fake.logprobs_for(index + k, t, top, scripted and scripted[index + k])
+                                 for k, t in enumerate(tokens)])
                 index += len(tokens)
         count = sum(len(tokens) for _, tokens in chunks) + len(thoughts)
         if body.get("stream", True) is False:
@@ -2933,6 +3039,195 @@ class VerificationTest(CliTest):
         self.assertIn('✗ evidence does not decode: evidence field "logprobs" element must be a number', out)
 
 
+class TolerantVerificationTest(CliTest):
+    """verify/audit --tolerance: near-ties forced, everything else decided
+    by the model. The claims are made by `run` on "other hardware": the same
+    scripted model taking the runner-up at chosen near-ties."""
+
+    PROMPT = "tell me a story"
+    TEXT = "Once upon a time a small robot walked to the sea, and the waves sang back to it all night long. "
+
+    def claim(self, ties, flips, max_tokens=0, prompt=PROMPT):
+        """An in_review item whose evidence `run` made with `flips` taken."""
+        self.ollama.scripts[("llama3.2:1b", prompt)] = ScriptedModel(self.TEXT, ties)
+        item_id = self.board.add(self.job(prompt, max_tokens=max_tokens))
+        self.ollama.flips = set(flips)
+        try:
+            code, out, err = self.cli("run", item_id, "--json")
+        finally:
+            self.ollama.flips = set()
+        self.assertEqual(code, 0, err)
+        return item_id, json.loads(out)["evidence"]
+
+    def verify(self, item_id, *extra, code=1):
+        result = self.cli("verify", item_id, "--json", *extra)
+        self.assertEqual(result[0], code, result)
+        return json.loads(result[1])
+
+    def generated(self, since=0):
+        return [b for b in self.ollama.generate_requests()[since:] if not b.get("_debug_render_only")]
+
+    def test_honest_claim_from_other_hardware_is_verified_within_the_tolerance(self):
+        item_id, evidence = self.claim({5: 0.2, 12: 0.3}, {5, 12})
+        claim = evidence["output"]
+        self.assertNotEqual(claim, self.TEXT)  # the flips led elsewhere
+        exact = self.verify(item_id)
+        self.assertEqual((exact["verdict"], exact["exact"], exact["cause"]["kind"], exact["diverged_at"]["token"]),
+                         ("MISMATCH", None, "near-tie", 5))
+        before = len(self.ollama.generate_requests())
+        doc = self.verify(item_id, "--tolerance", "0.5", code=0)
+        self.assertEqual((doc["verdict"], doc["exact"], doc["tolerance"], doc["cause"]), ("VERIFIED", False, 0.5, None))
+        self.assertEqual([(s["token"], s["gap"]) for s in doc["forced"]], [(5, 0.2), (12, 0.3)])
+        main = ScriptedModel(self.TEXT).main
+        self.assertEqual(doc["forced"][0]["rerun"], main[5])
+        self.assertEqual(doc["forced"][0]["claimed"], main[5].swapcase())  # the runner-up the claim took
+        self.assertEqual(doc["actual_hash"], evidence["output_hash"])
+        self.assertEqual(doc["tokens_generated"], len(main))  # each diverging token replaced a forced one
+        requests = self.ollama.generate_requests()[before:]
+        self.assertEqual([bool(r.get("_debug_render_only")) for r in requests], [False, True, False, False])
+        self.assertEqual((requests[0]["top_logprobs"], "raw" in requests[0]), (5, False))
+        self.assertEqual(requests[1], {"model": "llama3.2:1b", "prompt": self.PROMPT, "stream": False,
+                                       "options": {"temperature": 0, "seed": 42, "num_predict": 1},
+                                       "_debug_render_only": True})
+        through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["claimed"])] for n in (0, 1)]
+        for request, text in zip(requests[2:], through):
+            self.assertEqual(request, dict(requests[0], prompt=render_template(self.PROMPT) + text, raw=True))
+        code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "✓ VERIFIED (within tolerance 0.5 nats: 2 near-tie steps)")
+        self.assertIn('  Forced:    token 5: the claim\'s "%s", where the re-run chose "%s" (0.20 nats)'
+                      % (main[5].swapcase(), main[5]), lines)
+        self.assertTrue(any(ln.strip().startswith("token 12: the claim's") for ln in lines), out)
+        self.assertIn("✓ re-run produced the claimed output (%d tokens, forcing 2 near-tie steps)" % len(main), out)
+
+    def test_a_forged_token_is_a_mismatch_even_with_tolerance(self):
+        main = ScriptedModel(self.TEXT).main
+        self.ollama.scripts[("llama3.2:1b", self.PROMPT)] = ScriptedModel(self.TEXT, {7: 0.1})
+        # "#4" is one of the model's candidates, but the sixth: outside the top 5
+        for forged in ("zzzz", "#4"):
+            with self.subTest(forged=forged):
+                output = "".join(main[:7]) + forged + "".join(main[8:])
+                doc = self.verify(self.completed(self.PROMPT, output=output), "--tolerance", "0.5")
+                self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["cause"]["token"], doc["cause"]["gap"]),
+                                 ("MISMATCH", "different-output", 7, None))
+                self.assertIn("none of the model's top 5 candidates", doc["cause"]["message"])
+                self.assertEqual(doc["forced"], [])
+
+    def test_a_runner_up_two_nats_down_is_a_mismatch(self):
+        item_id, _ = self.claim({7: 2.0}, {7})
+        doc = self.verify(item_id, "--tolerance", "0.5")
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token"], doc["cause"]["gap"]),
+                         ("different-output", 7, 2.0))
+        self.assertIn("2.00 nats below the model's choice", doc["cause"]["message"])
+        self.assertEqual(self.verify(item_id, "--tolerance", "2", code=0)["forced"][0]["gap"], 2.0)
+
+    def test_more_near_ties_than_max_forced_is_a_mismatch(self):
+        ties = dict((i, 0.1) for i in range(2, 20, 2))  # 9 of them
+        item_id, _ = self.claim(ties, set(ties))
+        doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["forced"], doc["diverged_at"]["token"]),
+                         ("too-many-divergences", 9, 18))
+        self.assertIn("--max-forced 8", doc["cause"]["message"])
+        doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
+        self.assertEqual(len(doc["forced"]), 9)
+        doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "0")
+        self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"]), ("too-many-divergences", 2))
+
+    def test_a_server_that_cannot_render_gives_the_exact_verdict_with_a_note(self):
+        item_id, _ = self.claim({5: 0.2}, {5})
+        self.ollama.render_supported = False  # older than 0.11.5: the field is ignored
+        doc = self.verify(item_id, "--tolerance", "0.5")
+        self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["forced"]), ("MISMATCH", "near-tie", []))
+        note = next(c for c in doc["checks"] if c["name"] == "tolerance")
+        self.assertIsNone(note["ok"])
+        self.assertIn("does not render prompts (`_debug_render_only`, Ollama 0.11.5 and later)", note["message"])
+        self.assertIn("the verdict is the exact one", note["message"])
+        render = self.ollama.generate_requests()[-1]
+        self.assertEqual((render["_debug_render_only"], render["stream"], render["options"]["num_predict"]),
+                         (True, False, 1))  # the old server generated: one token, not the whole answer
+        code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
+        self.assertEqual(code, 1, err)
+        self.assertIn("– tolerance not applied: this Ollama does not render prompts", out)
+
+    def test_the_token_budget_holds_across_forced_steps(self):
+        item_id, evidence = self.claim({5: 0.2, 12: 0.3}, {5, 12}, max_tokens=15)
+        self.assertEqual((evidence["eval_count"], evidence["done_reason"]), (15, "length"))
+        before = len(self.ollama.generate_requests())
+        doc = self.verify(item_id, "--tolerance", "0.5", code=0)
+        self.assertEqual(doc["tokens_generated"], 15)
+        self.assertEqual([r["options"].get("num_predict") for r in self.generated(before)], [15, 9, 2])
+        # the last token forced: the budget is spent, nothing more is asked (num_predict 0 has no limit)
+        item_id, evidence = self.claim({14: 0.2}, {14}, max_tokens=15, prompt="the end")
+        before = len(self.ollama.generate_requests())
+        doc = self.verify(item_id, "--tolerance", "0.5", code=0)
+        self.assertEqual(([s["token"] for s in doc["forced"]], len(self.generated(before))), ([14], 1))
+        # a claim that goes on past the budget is refuted
+        main = ScriptedModel(self.TEXT).main
+        job = wl_infer.make_job("the end", "llama3.2:1b", max_tokens=15)
+        longer = wl_infer.encode_evidence(wl_infer.make_evidence(job, evidence["output"] + main[15]))
+        item_id = self.board.add(wl_infer.encode_job(job))
+        self.board.wl("claim", item_id, rig="carol")
+        self.board.wl("done", item_id, "--evidence=" + longer, rig="carol")
+        doc = self.verify(item_id, "--tolerance", "0.5")
+        self.assertEqual((doc["verdict"], doc["diverged_at"]["char"]), ("MISMATCH", len(evidence["output"])))
+
+    def test_a_claim_that_ends_for_another_reason_is_a_mismatch(self):
+        item_id, evidence = self.claim({5: 0.2}, {5})
+        job = wl_infer.decode_job(self.board.item(item_id)["description"])
+        evidence = wl_infer.decode_evidence(json.dumps(evidence))
+        evidence["done_reason"] = "length"
+        other = self.board.add(wl_infer.encode_job(job))
+        self.board.wl("claim", other, rig="carol")
+        self.board.wl("done", other, "--evidence=" + wl_infer.encode_evidence(evidence), rig="carol")
+        doc = self.verify(other, "--tolerance", "0.5")
+        self.assertEqual(doc["cause"]["kind"], "different-ending")
+        self.assertIn('for another reason ("stop", the claim says "length")', doc["cause"]["message"])
+
+    def test_audit_uses_the_same_verification(self):
+        honest, _ = self.claim({5: 0.2, 12: 0.3}, {5, 12}, prompt="honest")
+        forged, _ = self.claim({7: 2.0}, {7}, prompt="forged")
+        self.board.wl("unclaim", honest)  # make them someone else's, so --accept may act
+        code, out, err = self.cli("audit", "--tolerance", "0.5", "--json")
+        self.assertEqual(code, 1, err)
+        docs = dict((d["id"], d) for d in json.loads(out))
+        for item_id, code in ((honest, 0), (forged, 1)):
+            alone = self.verify(item_id, "--tolerance", "0.5", code=code)
+            self.assertEqual(dict(docs[item_id], action=None, error=None), dict(alone, action=None, error=None))
+        self.assertEqual((docs[honest]["exact"], len(docs[honest]["forced"])), (False, 2))
+        code, out, err = self.cli("audit", "--tolerance", "0.5")
+        row = next(ln for ln in out.splitlines() if ln.startswith(honest)).split()
+        self.assertEqual(row[2:6], ["VERIFIED", "tolerance:", "2", "forced"])
+        self.assertIn("Audited 2 completions in review: 1 verified, 1 mismatched, 0 errors", out)
+
+    def test_options_are_checked(self):
+        item_id, _ = self.claim({5: 0.2}, {5})
+        self.assertError(self.cli("verify", item_id, "--max-forced", "3"), "--max-forced needs --tolerance")
+        self.assertError(self.cli("audit", "--max-forced", "3"), "--max-forced needs --tolerance")
+        for bad in ("-0.5", "nan", "inf", "lots"):
+            self.assertError(self.cli("verify", item_id, "--tolerance", bad), "--tolerance",
+                             "non-negative number of nats")
+        self.assertError(self.cli("verify", item_id, "--tolerance", "1", "--max-forced", "-1"), "--max-forced")
+
+    def test_the_claims_own_token_boundaries_choose_among_candidates(self):
+        gen = wl_infer.Generation()
+        gen.add("Hi", [{"token": "Hi", "logprob": 0.0}])
+        gen.add("Help", [{"token": "Help", "logprob": -0.1, "top_logprobs": [
+            {"token": "Help", "logprob": -0.1}, {"token": "Hell", "logprob": -0.2},
+            {"token": "Hello", "logprob": -0.3}, {"token": "Hx", "logprob": -0.05}]}])
+        gen.text, gen.diverged_at = "HiHelp", 5
+        evidence = {"output": "HiHello world", "token_lengths": None}
+        step, cause, why = wl_infer.near_tie_step(gen, evidence, 0.5)
+        self.assertEqual((step["token"], step["claimed"], step["rerun"], step["gap"]), (1, "Hello", "Help", 0.25))
+        evidence["token_lengths"] = [2, 4, 1]  # the worker's tokens: "Hi", "Hell", "o"
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5)[0]["claimed"], "Hell")
+        evidence["token_lengths"] = [3, 4]  # boundaries that do not agree are ignored
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5)[0]["claimed"], "Hello")
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.2)[1]["gap"], 0.25)
+        gen.thinking = "hmm"
+        self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, evidence, 0.5)[2])
+
+
 class StatusCommandTest(CliTest):
     def test_status_json_document(self):
         item_id = self.completed()
@@ -3515,6 +3810,35 @@ class FakeOllamaContractTest(OllamaClientTest):
         self.assertEqual((doc["done"], doc["done_reason"], doc["eval_count"]), (True, "length", 2))
         self.assertEqual(doc["response"], default_output("llama3.2:1b", "p")[:6])
 
+
+    def test_rendering_raw_prompts_and_a_scripted_model(self):
+        self.ollama.scripts[("llama3.2:1b", "s")] = ScriptedModel("abcdefghijkl", {1: 0.25}, piece_chars=3)
+        render = wl_infer.render_request(wl_infer.make_job("s", "llama3.2:1b"))
+        doc = self.client._get_json("/api/generate", render)
+        self.assertEqual(doc, {"model": "llama3.2:1b", "created_at": "2026-11-26T10:00:00Z", "response": "",
+                               "done": False, "_debug_info": {"rendered_template": render_template("s")}})
+        self.assertEqual(self.client.rendered_prompt(wl_infer.make_job("s", "llama3.2:1b")), render_template("s"))
+        self.ollama.render_supported = False  # an older server ignores the field and generates
+        doc = self.client._get_json("/api/generate", render)
+        self.assertEqual((doc["response"], doc["done_reason"], "_debug_info" in doc), ("abc", "length", False))
+        self.assertIsNone(self.client.rendered_prompt(wl_infer.make_job("s", "llama3.2:1b")))
+        body = dict(wl_infer.generate_request(wl_infer.make_job("s", "llama3.2:1b"), 5), stream=False)
+        doc = self.client._get_json("/api/generate", body)
+        self.assertEqual((doc["response"], doc["done_reason"]), ("abcdefghijkl", "stop"))
+        self.assertEqual([(t["token"], t["logprob"]) for t in doc["logprobs"][1]["top_logprobs"]],
+                         [("def", -0.05), ("DEF", -0.3), ("#1", -1.3), ("#2", -2.3), ("#3", -3.3)])
+        # raw: the rendered prompt and the same text continue alike; a runner-up leads elsewhere
+        raw = dict(body, raw=True, prompt=render_template("s") + "abc")
+        self.assertEqual(self.client._get_json("/api/generate", raw)["response"], "defghijkl")
+        raw["prompt"] = render_template("s") + "abcDEF"
+        other = self.client._get_json("/api/generate", raw)["response"]
+        self.assertEqual(len(other), 14)
+        self.assertTrue(set(other.split()) <= set(w.strip() for w in BRANCH_WORDS), other)
+        raw["options"] = dict(raw["options"], num_predict=2)  # exactly the tokens left: still "length"
+        self.assertEqual(self.client._get_json("/api/generate", raw)["done_reason"], "length")
+        with self.assertRaises(wl_infer.OllamaError) as ctx:
+            self.client._get_json("/api/generate", dict(raw, system="be brief"))
+        self.assertIn("raw mode does not support template, system, or context (HTTP 400)", str(ctx.exception))
 
     def test_byte_tokens_are_held_back_until_the_character_is_whole(self):
         self.ollama.byte_tokens = True
