@@ -32,6 +32,11 @@ Rows:
 - early exit: time to a MISMATCH for a claim that diverges at the 3rd
   token of 400 (fake Ollama at 50 tokens/s) against a full re-run (what the
   Go `wl infer verify` always does); target >= 20x.
+- tolerant verification: an honest 400-token claim made on "other
+  hardware" (3 near-ties flipped) verified with --tolerance 0.5, against an
+  exact verification of a same-hardware claim (fake Ollama at 400 tokens/s):
+  tokens generated (target: the claim's length; the forced steps cost
+  requests, not tokens), requests, and the wall-time ratio.
 - worker: 30 jobs behind a slow wl (0.25 s per call) and Ollama (0.5 s per
   job): jobs/min and Ollama busy fraction of `work --once` against a shell
   loop of `run` per job; target busy >= 0.9.
@@ -399,6 +404,41 @@ def bench_early_exit(setup, tokens=400, rate=50.0):
                               figure=timing(early, lambda s: "%.2f s" % s), speedup=speedup)}
 
 
+def bench_tolerance(setup, tokens=400, rate=400.0, ties=(100, 200, 300), n=5):
+    """An honest claim from "other hardware" (the scripted model took the
+    runner-up at 3 near-ties) verified with --tolerance 0.5, against the
+    exact verification of a claim made on the verifier's own hardware."""
+    fake = Fakes(setup)
+    try:
+        words = "".join(" w%02d" % (i % 100) for i in range(tokens))  # 400 tokens of 4 characters
+        model = fakes.ScriptedModel(words, dict((i, 0.3) for i in ties))
+        fake.ollama.scripts[(MODEL, "other hardware")] = fake.ollama.scripts[(MODEL, "same hardware")] = model
+        fake.ollama.piece_chars, fake.ollama.piece_delay = 4, 1.0 / rate
+        flipped = "".join(token for token, _, _ in model.generate("", set(ties), -1)[0])
+        other = fake.completed("other hardware", output=flipped)
+        same = fake.completed("same hardware", output=words)
+        before = len(fake.ollama.requests)
+        proc = subprocess.run([setup.exe, "verify", other, "--tolerance", "0.5", "--json"], env=fake.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        doc = json.loads(proc.stdout.decode("utf-8"))
+        assert doc["verdict"] == "VERIFIED" and len(doc["forced"]) == len(ties), proc.stderr
+        asked = [r["body"] for r in fake.ollama.requests[before:] if r["path"] == "/api/generate"]
+        found = interleaved(n, tolerant=lambda: setup.run(["verify", other, "--tolerance", "0.5", "-q"], env=fake.env),
+                            exact=lambda: setup.run(["verify", same, "-q"], env=fake.env))
+    finally:
+        fake.stop()
+    ratio = statistics.median(found["tolerant"]) / statistics.median(found["exact"])
+    generated = doc["tokens_generated"]
+    return {"tolerance": row("verify --tolerance 0.5: %d-token claim, %d near-ties (%g tok/s)"
+                             % (tokens, len(ties), rate), found["tolerant"], found["exact"], ratio,
+                             "tokens generated = claim's", generated == tokens,
+                             figure="%s, %d tokens generated, %d requests" % (
+                                 timing(found["tolerant"], lambda v: "%.2f s" % v), generated, len(asked)),
+                             base_figure="%s exact, 1 request" % timing(found["exact"], lambda v: "%.2f s" % v),
+                             tokens_generated=generated, claim_tokens=tokens, requests=len(asked),
+                             forced=len(doc["forced"]))}
+
+
 def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
     fake = Fakes(setup)
     try:
@@ -475,7 +515,8 @@ def main(argv):
         steps = [("start-up", lambda: bench_startup(setup)),
                  ("own cost and wl calls", lambda: bench_overhead(setup)),
                  ("memory", lambda: bench_memory(setup)), ("streaming", lambda: bench_streaming(setup)),
-                 ("early exit", lambda: bench_early_exit(setup)), ("worker", lambda: bench_worker(setup))]
+                 ("early exit", lambda: bench_early_exit(setup)), ("tolerance", lambda: bench_tolerance(setup)),
+                 ("worker", lambda: bench_worker(setup))]
         for name, step in steps:
             if not want_json:
                 sys.stderr.write("bench: %s...\n" % name)

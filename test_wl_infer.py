@@ -3126,13 +3126,15 @@ class TolerantVerificationTest(CliTest):
         ties = dict((i, 0.1) for i in range(2, 20, 2))  # 9 of them
         item_id, _ = self.claim(ties, set(ties))
         doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["forced"], doc["diverged_at"]["token"]),
-                         ("too-many-divergences", 9, 18))
-        self.assertIn("--max-forced 8", doc["cause"]["message"])
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token"],
+                          doc["diverged_at"]["token"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
+        self.assertIn("at token 18 the claim takes a near-tie (0.10 nats) for the 9th time, more than --max-forced 8 "
+                      "allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
         self.assertEqual(len(doc["forced"]), 9)
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "0")
-        self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"]), ("too-many-divergences", 2))
+        self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"], doc["forced"]),
+                         ("too-many-divergences", 2, []))
 
     def test_a_server_that_cannot_render_gives_the_exact_verdict_with_a_note(self):
         item_id, _ = self.claim({5: 0.2}, {5})

@@ -1998,7 +1998,8 @@ def diagnose(gen, job, evidence, digest, version):
         else "nothing more")
     if margin <= NEAR_TIE or took_runner_up:
         return _cause("near-tie", where + ": %s consistent with benign floating-point differences across "
-                      "hardware or batching" % ("the runner-up," if took_runner_up else "a close call,"), **details)
+                      "hardware or batching; verify --tolerance %g checks whether the rest of the claim follows"
+                      % ("the runner-up," if took_runner_up else "a close call,", NEAR_TIE), **details)
     caveat = "" if claimed_digest else (" (the evidence records no model digest, so other weights "
                                         "are not ruled out)")
     return _cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
@@ -2122,11 +2123,13 @@ def rerun(ctx, result, policy):
                 return gen, None
             if step is None:
                 return gen, cause
+            if len(result["forced"]) >= policy.max_forced:
+                return gen, _cause("too-many-divergences", "at token %d the claim takes a near-tie (%.2f nats) "
+                                   "for the %s time, more than --max-forced %d allows: more than near-tie noise"
+                                   % (step["token"], step["gap"], _ordinal(len(result["forced"]) + 1),
+                                      policy.max_forced), token=step["token"], gap=step["gap"],
+                                   near_ties=len(result["forced"]) + 1)
             result["forced"].append(step)
-            if len(result["forced"]) > policy.max_forced:
-                return gen, _cause("too-many-divergences", "the claim leaves the model's greedy choice at more "
-                                   "than %s (--max-forced %d): more than near-tie noise"
-                                   % (_steps(policy.max_forced), policy.max_forced), forced=len(result["forced"]))
             gen.force(step["token"], step["claimed"], step["logprob"])
             budget = job["max_tokens"] - len(gen.token_ends) if job["max_tokens"] else None
             if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
@@ -2156,21 +2159,27 @@ def near_tie_step(gen, evidence, tolerance):
     chosen = gen.text[start:gen.token_ends[token]]
     best = max([entry[0]] + [lp for _, lp in entry[1]])
     fits = [(text, lp) for text, lp in entry[1] if text and claim.startswith(text, start)]
-    where = "at token %d the claim has %s" % (token, preview(_dumps(claim[start:start + 12]), 24))
     details = {"token": token, "rerun_token": chosen}
     if not fits:
-        return None, _cause("different-output", "%s, which is none of the model's top %d candidates there: the output "
-                            "was not produced by this model and seed" % (where, len(entry[1])), gap=None,
+        return None, _cause("different-output", "at token %d the claim goes on with %s, which is none of the model's "
+                            "top %d candidates there: the output was not produced by this model and seed"
+                            % (token, preview(_dumps(claim[start:start + 12]), 24), len(entry[1])), gap=None,
                             **details), None
     lengths = evidence["token_lengths"] or []
     length = lengths[token] if token < len(lengths) and sum(lengths[:token]) == start else None
     text, logprob = next((c for c in fits if len(c[0]) == length), max(fits, key=lambda c: len(c[0])))
     gap = round(best - logprob, 4) + 0.0
     if gap > tolerance:
-        return None, _cause("different-output", "%s: %s, %.2f nats below the model's choice %s, beyond the tolerance "
-                            "of %g nats" % (where, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20),
-                                            tolerance), gap=gap, claimed_token=text, **details), None
-    return {"token": token, "char": start, "claimed": text, "rerun": chosen, "gap": gap, "logprob": logprob}, None, None
+        return None, _cause("different-output", "at token %d the claim has %s, %.2f nats below the model's choice %s: "
+                            "beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
+                            % (token, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
+                            gap=gap, claimed_token=text, **details), None
+    return {"token": token, "char": start, "claimed": text, "rerun": chosen, "gap": gap,
+            "logprob": round(logprob, 4) + 0.0}, None, None
+
+
+def _ordinal(n):
+    return "%d%s" % (n, "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
 
 
 def _steps(n):
