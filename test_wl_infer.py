@@ -3932,6 +3932,17 @@ def demo():
         ollama.outputs[("llama3.2:1b", "What is 1+1? Answer in one sentence.")] = "1 + 1 equals 3."
         step("carol", "an honest worker whose hardware flipped a near-tie: a MISMATCH, diagnosed", "verify", item_id)
 
+        story = "Tell me a story."
+        ollama.scripts[("llama3.2:1b", story)] = ScriptedModel(TolerantVerificationTest.TEXT, {5: 0.21, 12: 0.34})
+        out = step("alice", "a longer job", "post", "--prompt", story, "--model", "llama3.2:1b")
+        story_id = out.split("\n")[0].split()[-1]
+        ollama.flips = {5, 12}  # bob's hardware takes the runner-up at two near-ties
+        step("bob", "a worker on other hardware runs it", "run", story_id)
+        ollama.flips = set()
+        step("carol", "exact verification on carol's hardware: a MISMATCH at the first near-tie", "verify", story_id)
+        step("carol", "tolerant verification: the near-ties are taken, the rest must follow from the model",
+             "verify", story_id, "--tolerance", "0.5")
+
         out = step("alice", "another job", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b")
         item_id = out.split("\n")[0].split()[-1]
         board.fail("done", message="push rejected: upstream changed (non-fast-forward)", times=3)
