@@ -3132,9 +3132,20 @@ class TolerantVerificationTest(CliTest):
                       "allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
         self.assertEqual(len(doc["forced"]), 9)
+        before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "0")
         self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"], doc["forced"]),
                          ("too-many-divergences", 2, []))
+        self.assertEqual(len(self.ollama.generate_requests()), before + 1)  # nothing rendered for nothing
+
+    def test_ollama_failing_in_a_continuation_is_an_error_with_its_text(self):
+        item_id, evidence = self.claim({5: 0.2}, {5})
+        main = ScriptedModel(self.TEXT).main
+        raw = render_template(self.PROMPT) + "".join(main[:5]) + main[5].swapcase()
+        self.ollama.fail_prompts[raw] = (500, "llama runner process has terminated: signal: killed")
+        self.assertError(self.cli("verify", item_id, "--tolerance", "0.5"),
+                         "llama runner process has terminated: signal: killed (HTTP 500)")
+        self.assertEqual(self.generated()[-1]["prompt"], raw)
 
     def test_a_server_that_cannot_render_gives_the_exact_verdict_with_a_note(self):
         item_id, _ = self.claim({5: 0.2}, {5})

@@ -2112,8 +2112,14 @@ def rerun(ctx, result, policy):
             if gen.diverged_at is None or not policy.tolerance:
                 return gen, None
             step, cause, unavailable = near_tie_step(gen, result["evidence"], policy.tolerance)
-            if rendered is None and step is not None and not unavailable:
-                rendered = ctx.ollama.rendered_prompt(job)
+            if step is not None and len(result["forced"]) >= policy.max_forced:
+                return gen, _cause("too-many-divergences", "at token %d the claim takes a near-tie (%.2f nats) "
+                                   "for the %s time, more than --max-forced %d allows: more than near-tie noise"
+                                   % (step["token"], step["gap"], _ordinal(len(result["forced"]) + 1),
+                                      policy.max_forced), token=step["token"], gap=step["gap"],
+                                   near_ties=len(result["forced"]) + 1)
+            if step is not None and rendered is None:
+                rendered = ctx.ollama.rendered_prompt(job)  # asked once, and only when needed
                 if rendered is None:
                     unavailable = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
                                    "and later), so it cannot continue from the claimed text")
@@ -2123,12 +2129,6 @@ def rerun(ctx, result, policy):
                 return gen, None
             if step is None:
                 return gen, cause
-            if len(result["forced"]) >= policy.max_forced:
-                return gen, _cause("too-many-divergences", "at token %d the claim takes a near-tie (%.2f nats) "
-                                   "for the %s time, more than --max-forced %d allows: more than near-tie noise"
-                                   % (step["token"], step["gap"], _ordinal(len(result["forced"]) + 1),
-                                      policy.max_forced), token=step["token"], gap=step["gap"],
-                                   near_ties=len(result["forced"]) + 1)
             result["forced"].append(step)
             gen.force(step["token"], step["claimed"], step["logprob"])
             budget = job["max_tokens"] - len(gen.token_ends) if job["max_tokens"] else None
