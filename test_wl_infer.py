@@ -3048,12 +3048,12 @@ class TolerantVerificationTest(CliTest):
     TEXT = "Once upon a time a small robot walked to the sea, and the waves sang back to it all night long. "
 
     def claim(self, ties, flips, max_tokens=0, prompt=PROMPT):
-        """An in_review item whose evidence `run` made with `flips` taken."""
+        """An in_review item whose evidence carol's `run` made with `flips` taken."""
         self.ollama.scripts[("llama3.2:1b", prompt)] = ScriptedModel(self.TEXT, ties)
         item_id = self.board.add(self.job(prompt, max_tokens=max_tokens))
         self.ollama.flips = set(flips)
         try:
-            code, out, err = self.cli("run", item_id, "--json")
+            code, out, err = self.cli("run", item_id, "--json", env=self.env(FAKE_WL_RIG="carol"))
         finally:
             self.ollama.flips = set()
         self.assertEqual(code, 0, err)
@@ -3200,7 +3200,6 @@ class TolerantVerificationTest(CliTest):
     def test_audit_uses_the_same_verification(self):
         honest, _ = self.claim({5: 0.2, 12: 0.3}, {5, 12}, prompt="honest")
         forged, _ = self.claim({7: 2.0}, {7}, prompt="forged")
-        self.board.wl("unclaim", honest)  # make them someone else's, so --accept may act
         code, out, err = self.cli("audit", "--tolerance", "0.5", "--json")
         self.assertEqual(code, 1, err)
         docs = dict((d["id"], d) for d in json.loads(out))
@@ -3212,6 +3211,11 @@ class TolerantVerificationTest(CliTest):
         row = next(ln for ln in out.splitlines() if ln.startswith(honest)).split()
         self.assertEqual(row[2:6], ["VERIFIED", "tolerance:", "2", "forced"])
         self.assertIn("Audited 2 completions in review: 1 verified, 1 mismatched, 0 errors", out)
+        code, out, err = self.cli("audit", "--tolerance", "0.5", "--accept")
+        accept = next(c["argv"] for c in self.board.calls() if c["argv"][:2] == ["accept", honest])
+        self.assertIn("--message=verified by wl_infer within tolerance 0.5 nats (2 near-tie steps): "
+                      + docs[honest]["expected_hash"], accept)
+        self.assertEqual(self.board.item(honest)["status"], "completed")
 
     def test_options_are_checked(self):
         item_id, _ = self.claim({5: 0.2}, {5})
