@@ -1159,6 +1159,7 @@ MALFORMED_EVIDENCE = [
     (_EVIDENCE % '"tokens_per_s":1e999', 'evidence field "tokens_per_s" is out of range: 1e999'),
     (_EVIDENCE % '"options":{"a":{"b":1}}', 'evidence field "options" key "a" must be a number, string'),
     (_EVIDENCE % '"logprobs":[-0.1,"x"]', 'evidence field "logprobs" element must be a number'),
+    (_EVIDENCE % '"token_lengths":[3,-1]', 'evidence field "token_lengths" must not contain a negative length'),
     (_EVIDENCE % ('"x":' + "[" * 33 + "]" * 33), "evidence nests arrays or objects more than 32 deep"),
     (_EVIDENCE % ('"x":' + "[" * 30000 + "]" * 30000), "evidence nests arrays or objects more than 32 deep"),
     (_EVIDENCE % ('"pad":"%s"' % ("x" * 70000)), "evidence is 70158 bytes, over wl's 65535-byte field limit"),
