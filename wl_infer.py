@@ -482,9 +482,10 @@ def encode_evidence(evidence):
 
 
 def fit_evidence(evidence):
-    """The evidence as submitted, within wl's field limit: logprobs go first,
-    (with token_lengths), then the rest of our additions; when Go's four keys alone are too big the
-    run fails rather than submit something wl would truncate or refuse."""
+    """The evidence as submitted, within wl's field limit: logprobs (with
+    token_lengths) go first, then the rest of our additions; when Go's four
+    keys alone are too big the run fails rather than submit something wl
+    would truncate or refuse."""
     encoded = encode_evidence(evidence)
     for drop in (("logprobs", "token_lengths"), [name for name, _ in PROVENANCE_FIELDS]):
         if _size(encoded) <= FIELD_LIMIT:
@@ -796,6 +797,12 @@ class Generation(object):
         self.add(token, [{"token": token, "logprob": logprob}])
         self.text = "".join(self.pieces)
 
+    def compare_end(self, expected):
+        """Once the generation has ended without diverging: where it leaves
+        `expected` if that goes on past its end."""
+        if self.diverged_at is None and self.text != expected:
+            self.diverged_at = _common_prefix(self.text, expected)
+
     def chosen_logprobs(self, limit=LOGPROB_TOKENS):
         """The chosen tokens' logprobs (of the first `limit` tokens), or None
         when the server left any out."""
@@ -987,8 +994,8 @@ class Ollama(object):
         # becomes U+FFFD as Go decodes it (Python never merges adjacent ones)
         gen.text = _go_string("".join(gen.pieces))
         gen.thinking = _go_string("".join(gen.thinking_pieces))
-        if expected is not None and gen.diverged_at is None and gen.text != expected:
-            gen.diverged_at = _common_prefix(gen.text, expected)  # the claim goes on past the end
+        if expected is not None:
+            gen.compare_end(expected)
         return gen
 
     def rendered_prompt(self, job):
@@ -2134,7 +2141,7 @@ def rerun(ctx, result, policy):
             budget = job["max_tokens"] - len(gen.token_ends) if job["max_tokens"] else None
             if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
                 gen.final = {"done": True, "done_reason": "length"}
-                gen.diverged_at = None if gen.text == claim else _common_prefix(gen.text, claim)
+                gen.compare_end(claim)
                 return gen, None
             request = continuation_request(job, rendered, gen.text, budget)
     finally:
