@@ -887,7 +887,8 @@ def fake_wl_main(argv, state_path):
             sys.stderr.buffer.write(message.encode("utf-8"))
             wl.out, code = [], 1
         _save_state(state_path, state)
-    sys.stdout.buffer.write("".join(line + "\n" for line in wl.out).encode("utf-8"))
+    # surrogateescape: a description stored with bytes that are not UTF-8 is printed as those bytes
+    sys.stdout.buffer.write("".join(line + "\n" for line in wl.out).encode("utf-8", "surrogateescape"))
     with open(state_path + ".log", "a") as log:
         log.write(json.dumps({"argv": argv, "rig": rig, "start": started, "end": time.time(), "exit": code}) + "\n")
     return code
@@ -1085,6 +1086,7 @@ MALFORMED_JOBS = [
     (_SEED % '{"v":42}', 'job field "seed" must be an integer, got an object'),
     (_SEED % "9223372036854775808", 'job field "seed" is out of the 64-bit integer range'),
     (_SEED % "-9223372036854775809", 'job field "seed" is out of the 64-bit integer range'),
+    (_SEED % ("1" * 5000), 'job field "seed" is out of the 64-bit integer range: 1111'),
     ('{"prompt":"what is 1+1","model":"llama3.2:1b"}', 'job field "seed" is missing'),
     (_SEED % '1,"Seed":"1"', 'job field "seed" must be an integer, got the string "1"'),
     (_EXTRA % '"max_tokens":-1', 'job field "max_tokens" must not be negative, got -1'),
@@ -1157,6 +1159,8 @@ MALFORMED_EVIDENCE = [
     (_EVIDENCE % '"seed":"42"', 'evidence field "seed" must be an integer, got the string "42"'),
     (_EVIDENCE % '"eval_count":NaN', "evidence is not valid JSON"),
     (_EVIDENCE % '"tokens_per_s":1e999', 'evidence field "tokens_per_s" is out of range: 1e999'),
+    (_EVIDENCE % ('"tokens_per_s":2' + "0" * 308), 'evidence field "tokens_per_s" is out of range: 2000'),
+    (_EVIDENCE % ('"logprobs":[-0.5,2%s]' % ("0" * 308)), 'evidence field "logprobs" element is out of range'),
     (_EVIDENCE % '"options":{"a":{"b":1}}', 'evidence field "options" key "a" must be a number, string'),
     (_EVIDENCE % '"logprobs":[-0.1,"x"]', 'evidence field "logprobs" element must be a number'),
     (_EVIDENCE % '"token_lengths":[3,-1]', 'evidence field "token_lengths" must not contain a negative length'),
@@ -1271,9 +1275,43 @@ class CodecTest(unittest.TestCase):
                          {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9, "model_digest": ""})
         # Go's simple folding: U+017F (long s) folds to s, U+212A (Kelvin) to k
         self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}')["seed"], 3)
+        # Python's folding takes the dotless i for i; Go's never does, so this key pins nothing
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":1,"model_d\u0131gest":"%s"}'
+                                             % ("a" * 64))["model_digest"], "")
         self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m","seed":1}')["prompt"], "b")
         self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m","seed":1}')["prompt"], "c")
         self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m","seed":1}')["prompt"], "p")
+
+    def test_an_integer_of_any_length_is_read_as_go_reads_it(self):
+        # Python's int() refuses over 4,300 digits; Go reads the document and ignores an unknown key
+        job = wl_infer.decode_job('{"prompt":"p","model":"m","seed":1,"x":%s}' % ("1" * 5000))
+        self.assertEqual((job["prompt"], job["seed"]), ("p", 1))
+        with self.assertRaises(wl_infer.JobError) as ctx:
+            wl_infer.decode_job('{"prompt":"p","model":"m","seed":%s}' % ("1" * 5000))
+        self.assertIn('job field "seed" is out of the 64-bit integer range: 1111', str(ctx.exception))
+        # one of our float keys given an integer beyond float64: Go refuses it, and so do we (no OverflowError)
+        for key, value in (("tokens_per_s", "2" + "0" * 308), ("logprobs", "[-0.5,2%s]" % ("0" * 308))):
+            with self.subTest(key=key), self.assertRaises(wl_infer.JobError) as ctx:
+                wl_infer.decode_evidence(GO_EVIDENCE[:-1] + ',"%s":%s}' % (key, value))
+            self.assertIn('evidence field "%s' % key, str(ctx.exception))
+            self.assertIn("is out of range: 2000", str(ctx.exception))
+
+    def test_bytes_that_are_not_utf8_are_one_replacement_character_each_and_counted_as_given(self):
+        def from_wl(raw):  # as wl_infer reads wl's output
+            return raw.decode("utf-8", "surrogateescape")
+
+        for raw, prompt in ((b"\xe2\x82", "\ufffd\ufffd"), (b"a\xf0\x9f\x98b", "a\ufffd\ufffd\ufffdb"),
+                            (b"\xc0\xaf\xed\xa0\x80\xff", "\ufffd" * 6), (b"ok \xe2\x9c\x93", "ok \u2713")):
+            with self.subTest(raw=raw):
+                job = wl_infer.decode_job(from_wl(b'{"prompt":"%s","model":"m","seed":1}' % raw))
+                self.assertEqual(job["prompt"], prompt)
+        # the size limit counts the bytes wl gave, not the replacement characters (3 bytes each)
+        document = b'{"prompt":"%s","model":"m","seed":1}'
+        self.assertEqual(len(wl_infer.decode_job(from_wl(document % (b"\xff" * 30000)))["prompt"]), 30000)
+        over = document % (b"\xff" * (65536 - len(document) + 2))
+        with self.assertRaises(wl_infer.JobError) as ctx:
+            wl_infer.decode_job(from_wl(over))
+        self.assertIn("job is 65536 bytes, over wl's 65535-byte field limit", str(ctx.exception))
 
     def test_null_leaves_zero_value_in_evidence_like_go_but_a_job_refuses_it(self):
         self.assertEqual(wl_infer.decode_evidence('{"output":"o","output_hash":"h","model":"m","seed":null}')["seed"],
@@ -3608,6 +3646,44 @@ class AuditTest(CliTest):
         self.assertIn("%s: error: %s: evidence does not decode" % (broken, broken), out)
         self.assertEqual(set(self.board.commands(rig=self.rig)), {"browse", "status"})
         self.assertEqual(self.cli("audit", "--model", "mistral:7b")[1], "No inference completions in review.\n")
+
+
+class GoDecodingTest(CliTest):
+    """Bytes from wl that are not UTF-8, read through the real command line
+    as Go's wl infer reads them."""
+
+    def plant(self, item_id, **fields):
+        """Set an item's description or evidence to text with such bytes
+        (surrogateescape: the fake wl prints them back as the raw bytes)."""
+        def change(state):
+            item = state["items"][item_id]
+            if "description" in fields:
+                item["description"] = fields["description"].decode("utf-8", "surrogateescape")
+            if "evidence" in fields:
+                item["completion"]["evidence"] = fields["evidence"].decode("utf-8", "surrogateescape")
+        self.board.update(change)
+
+    def test_each_byte_that_is_not_utf8_is_one_replacement_character(self):
+        item_id = self.board.add(self.job())
+        self.plant(item_id, description=b'{"prompt":"\xe2\x82","model":"llama3.2:1b","seed":1}')
+        code, out, err = self.cli("status", item_id, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["job"]["prompt"], "\ufffd\ufffd")
+        # the size limit counts the bytes wl printed: 30,000 of them are 90,000 after replacement
+        self.plant(item_id, description=b'{"prompt":"%s","model":"llama3.2:1b","seed":1}' % (b"\xff" * 30000))
+        code, out, err = self.cli("status", item_id, "--json")
+        self.assertEqual(json.loads(out)["job"]["prompt"], "\ufffd" * 30000)
+        # evidence hashed over such bytes does not hold together as Go reads it: refuted without a re-run
+        item_id = self.completed()
+        output = b"a\xf0\x9f\x98b"
+        self.plant(item_id, evidence=b'{"output":"%s","output_hash":"sha256:%s","model":"llama3.2:1b","seed":42}'
+                   % (output, hashlib.sha256(output).hexdigest().encode()))
+        code, out, err = self.cli("verify", item_id, "--json")
+        self.assertEqual(code, 1, err)
+        doc = json.loads(out)
+        self.assertEqual((doc["cause"]["kind"], doc["evidence"]["output"]), ("inconsistent-evidence", "a\ufffd" * 1
+                                                                             + "\ufffd\ufffdb"))
+        self.assertEqual(self.ollama.generate_requests(), [])
 
 
 class TerminalSafetyTest(CliTest):

@@ -28,6 +28,7 @@ job/evidence codec; Ollama client; wl driver; result spool; commands;
 command line.
 """
 
+import json
 import os
 import sys
 
@@ -195,9 +196,18 @@ EVIDENCE_FIELDS = GO_EVIDENCE_FIELDS + PROVENANCE_FIELDS
 _ZERO = {str: "", int: 0, float: None, dict: None, list: None, "lengths": None}  # absent / null
 
 
-class _JsonFloat(str):
-    """A JSON number with a fraction or exponent, kept as its source text so
-    an error can show exactly what the document said (42.0 is not an int)."""
+class _JsonNumber(str):
+    """A JSON number kept as its source text, so an error can show exactly
+    what the document said."""
+
+
+class _JsonFloat(_JsonNumber):
+    """A number with a fraction or exponent (42.0 is not an int)."""
+
+
+class _JsonBigInt(_JsonNumber):
+    """An integer too long for any int64 field. Python's int() refuses
+    over 4,300 digits, where Go reads the document (and ignores the key)."""
 
 
 class _JsonObject(list):
@@ -209,20 +219,20 @@ def _reject_constant(name):
     raise ValueError("invalid JSON value %s" % name)
 
 
-def _loads(text):
-    import json
+def _json_int(digits):
+    return int(digits) if len(digits) <= 20 else _JsonBigInt(digits)  # int64: 19 digits and a sign
 
-    return json.loads(
-        text,
-        object_pairs_hook=_JsonObject,
-        parse_float=_JsonFloat,
-        parse_constant=_reject_constant,
-    )
+
+def _loads(text):
+    return json.loads(text, object_pairs_hook=_JsonObject, parse_float=_JsonFloat, parse_int=_json_int,
+                      parse_constant=_reject_constant)
 
 
 def _go_string(value):
-    """Go's decoder turns unpaired UTF-16 surrogate escapes (\\ud800) into
-    U+FFFD; Python keeps them, and they cannot even be UTF-8 encoded."""
+    """A string as Go holds it. wl's output is read with surrogateescape,
+    one lone surrogate per byte that is not UTF-8, and JSON's \\ud800
+    escapes decode to lone surrogates too; Go turns each of both into one
+    U+FFFD (Python's "replace" would give one for a truncated sequence)."""
     try:
         value.encode("utf-8")  # fails on a surrogate: a scan at C speed
         return value
@@ -230,12 +240,18 @@ def _go_string(value):
         return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
 
 
+# Go matches a key to a field by exact name, else by folding: ASCII case,
+# and the two non-ASCII letters whose fold reaches ASCII (ſ for s, K for k).
+# Python's case folding would also take the dotless ı for i; Go's does not.
+_GO_FOLDS = {"\u017f": "s", "\u212a": "k"}
+
+
 def _folds_to(key, name):
-    """Go matches a JSON key to a struct field by exact name, else by
-    Unicode simple case folding (so "Prompt" and "ſeed" match)."""
+    """Whether JSON key `key` selects our (ASCII) field `name` as Go's decoder would."""
     if len(key) != len(name):
         return False
-    return all(k == n or k.lower().upper() == n.upper() for k, n in zip(key, name))
+    return all(k == n or (k.isascii() and k.lower() == n.lower()) or _GO_FOLDS.get(k) == n.lower()
+               for k, n in zip(key, name))
 
 
 def _describe_json(value):
@@ -245,8 +261,8 @@ def _describe_json(value):
         return "an array"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, _JsonFloat):
-        return "the number %s" % value
+    if isinstance(value, _JsonNumber):
+        return "the number %s" % preview(value, 40)
     if isinstance(value, int):
         return "the number %d" % value
     if isinstance(value, str):
@@ -318,18 +334,17 @@ def _decode_value(value, kind, what):
             raise JobError("%s must be a string, got %s" % (what, _describe_json(value)))
         return _go_string(value)
     if kind is int:
+        if isinstance(value, _JsonBigInt):
+            raise JobError("%s is out of the 64-bit integer range: %s" % (what, preview(value, 40)))
         if type(value) is not int:
             raise JobError("%s must be an integer, got %s" % (what, _describe_json(value)))
         if not INT64_MIN <= value <= INT64_MAX:
             raise JobError("%s is out of the 64-bit integer range: %d" % (what, value))
         return value
     if kind is float:
-        if type(value) is not int and not isinstance(value, _JsonFloat):
+        if type(value) is not int and not isinstance(value, _JsonNumber):
             raise JobError("%s must be a number, got %s" % (what, _describe_json(value)))
-        number = float(value)
-        if number in (float("inf"), float("-inf")):
-            raise JobError("%s is out of range: %s" % (what, value))
-        return number
+        return _finite(value, what)
     if kind is dict:  # Ollama options: flat, values scalars or arrays of scalars (`stop`)
         if not isinstance(value, _JsonObject):
             raise JobError("%s must be an object, got %s" % (what, _describe_json(value)))
@@ -339,8 +354,8 @@ def _decode_value(value, kind, what):
             if any(isinstance(x, list) for x in items):
                 raise JobError("%s key %s must be a number, string, boolean or array of those"
                                % (what, preview(_dumps(key), 40)))
-            scalars = [float(x) if isinstance(x, _JsonFloat) else _go_string(x) if isinstance(x, str) else x
-                       for x in items]
+            scalars = [_finite(x, what) if isinstance(x, _JsonNumber) else _go_string(x) if isinstance(x, str)
+                       else x for x in items]
             options[_go_string(key)] = scalars if items is item else scalars[0]
         return options
     # list: of numbers (logprobs); "lengths": of non-negative integers (token_lengths)
@@ -352,6 +367,18 @@ def _decode_value(value, kind, what):
     if element is int and any(v < 0 for v in values):
         raise JobError("%s must not contain a negative length" % what)
     return values
+
+
+def _finite(value, what):
+    """A JSON number as a float, refused as Go refuses it beyond float64's range."""
+    number = float(str(value)) if isinstance(value, _JsonNumber) else value
+    try:
+        number = float(number)
+    except OverflowError:  # an int too big for a float
+        number = float("inf")
+    if number in (float("inf"), float("-inf")):
+        raise JobError("%s is out of range: %s" % (what, preview(str(value), 40)))
+    return number
 
 
 def decode_job(text):
@@ -498,7 +525,11 @@ def fit_evidence(evidence):
 
 
 def _size(text):
-    return len(text.encode("utf-8"))
+    """Bytes on the wire: a lone surrogate from surrogateescape is the one byte wl gave."""
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a surrogate from a JSON escape: never on the wire raw
+        return len(text.encode("utf-8", "surrogatepass"))
 
 
 def check_field_size(text, what, advice):
@@ -1361,9 +1392,11 @@ class Wl(object):
             except BaseException:  # a signal that is not held, or the time limit: stop wl and what it started
                 _stop_group(proc)
                 raise
-        out = stdout.decode("utf-8", "replace")
+        # bytes that are not UTF-8 are kept (surrogateescape): a field's size
+        # is what wl gave, and the codec turns each into U+FFFD as Go does
+        out = stdout.decode("utf-8", "surrogateescape")
         if proc.returncode != 0:
-            err = wl_error_text(stderr.decode("utf-8", "replace"), out)
+            err = wl_error_text(stderr.decode("utf-8", "replace"), _go_string(out))
             raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode),
                           conflict=any(c in (err or "") for c in _WL_CONFLICTS))
         return out
@@ -1454,7 +1487,7 @@ def spool_write(item, model_digest, evidence):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, ensure_ascii=False)
+            json.dump(doc, f)  # ASCII: \u escapes keep the bytes wl gave that are not UTF-8
             f.flush()
             os.fsync(f.fileno())
         path = spool_path(item["id"])
