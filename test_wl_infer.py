@@ -1515,7 +1515,7 @@ class CodecTest(unittest.TestCase):
         with open(WL_INFER, encoding="utf-8") as f:
             source = f.read()
         ast.parse(source, feature_version=(3, 8))
-        self.assertTrue(source.startswith("#!/bin/sh\n"))  # see LauncherTest
+        self.assertTrue(source.startswith("#!/usr/bin/env python3\n"))  # see InstallTest
         self.assertTrue(os.access(WL_INFER, os.X_OK))
         for newer in (".removeprefix(", ".removesuffix(", "strict=True"):
             self.assertNotIn(newer, source)
@@ -1783,8 +1783,9 @@ STREAM = ndjson({"response": "Hel", "done": False}, {"response": "lo ✓", "done
 OK_CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-class HttpResponseTest(unittest.TestCase):
-    """The client's own HTTP/1.1 reading, against exact bytes on the wire."""
+class HttpWireTest(unittest.TestCase):
+    """The client (http.client, with our limits and words) against exact
+    bytes on the wire: proxies, impostors and broken servers."""
 
     job = wl_infer.make_job("p", "llama3.2:1b")
 
@@ -1824,11 +1825,11 @@ class HttpResponseTest(unittest.TestCase):
         self.assertIn("Connection: close", lines)
         self.assertIn("Content-Length: %d" % len(body), lines)
         self.assertEqual(json.loads(body), wl_infer.generate_request(self.job))
-        for base, host in (("https://example.com", "example.com"), ("http://example.com", "example.com"),
-                           ("[::1]:8080", "[::1]:8080"), ("http://bücher.example:80/x", "xn--bcher-kva.example")):
-            with self.subTest(base):
-                request = wl_infer.Ollama(base)._request("GET", "/api/tags", None).decode()
-                self.assertIn("\r\nHost: %s\r\n" % host, request)
+        # a base path that is not ASCII goes out percent-encoded
+        server = RawServer(OK_CHUNKED + chunked(STREAM) + b"0\r\n\r\n")
+        wl_infer.Ollama("http://%s/b\u00fcro/" % server.address, timeout=5).generate(self.job)
+        server.thread.join(10)
+        self.assertTrue(server.request.startswith(b"POST /b%C3%BCro/api/generate HTTP/1.1\r\n"), server.request[:60])
 
     def test_https_to_a_plain_http_server_is_a_clear_error(self):
         ollama = FakeOllama().start()
@@ -1851,17 +1852,21 @@ class HttpResponseTest(unittest.TestCase):
         self.fails(b"SSH-2.0-OpenSSH_9.2\r\n", "cannot reach Ollama at http://127.0.0.1:",
                    "the answer is not HTTP: SSH-2.0-OpenSSH_9.2")
         self.fails(b"", "the server closed the connection without answering")
-        self.fails(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "a header line over 65536 bytes")
-        self.fails(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 header lines")
+        self.fails(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
+                   "got more than 65536 bytes when reading header line")
+        self.fails(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "got more than 100 headers")
         self.fails(OK_CHUNKED + chunked(STREAM[:40]) + b"ff\r\nabc", "lost after",
-                   "the connection closed in the middle of a chunk")
-        for size in (b"zz", b"-5", b"1_0", b""):
+                   "the chunked body is broken or cut short")
+        for size in (b"zz", b""):
             self.fails(OK_CHUNKED + size + b"\r\n0123456789abcdef\r\n0\r\n\r\n",
-                       "lost after 0 tokens: a chunk size that is not a hex number")
+                       "lost after 0 tokens: the chunked body is broken or cut short")
+        for size in (b"-5", b"1_0"):  # http.client takes these as sizes; what follows is then no stream
+            self.fails(OK_CHUNKED + size + b"\r\n0123456789abcdef\r\n0\r\n\r\n",
+                       "sent a stream line that is not a JSON object after 0 tokens")
         server = RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n" + body)  # "²": read to the close
         self.assertEqual(wl_infer.Ollama(server.address, timeout=5).models(), {})
         server.thread.join(10)
-        self.fails(OK_CHUNKED + b"3\r\nabcd\r\n", "a chunk does not end where its size says")
+        self.fails(OK_CHUNKED + b"3\r\nabcd\r\n", "the chunked body is broken or cut short")
         self.fails(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + body,
                    "reading /api/tags from Ollama at http://127.0.0.1:", "the connection closed 87 bytes before "
                    "the end of the body", call=tags)
@@ -2420,12 +2425,13 @@ class SignalTest(CliTest):
         self.assertIn(b"wl_infer: interrupted; the job was posted before stopping: " + item_id.encode(), err)
 
 
-class LauncherTest(CliTest):
-    """`./wl_infer.py` as users run it: /bin/sh hands it to python3 through
-    the bytecode cache. Everything else in the suite runs `python3 wl_infer.py`."""
+class InstallTest(CliTest):
+    """`./wl_infer.py` as users run it (its `#!/usr/bin/env python3` finds
+    the interpreter under test first on PATH), and through a symlink on
+    PATH. Everything else in the suite runs `python3 wl_infer.py`."""
 
     def setUp(self):
-        super(LauncherTest, self).setUp()
+        super(InstallTest, self).setUp()
         self.home = os.path.join(self.tmp.name, "install")
         bin_dir = os.path.join(self.tmp.name, "bin")
         os.makedirs(self.home)
@@ -2438,16 +2444,16 @@ class LauncherTest(CliTest):
         self.path = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
     def launch(self, *args, stdin=None, cwd=None, exe=None):
-        env = self.env(PATH=self.path)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
         proc = subprocess.run([exe or self.exe] + list(args), input=stdin, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, cwd=cwd or self.tmp.name, timeout=120)
+                              stderr=subprocess.PIPE, env=self.env(PATH=self.path), cwd=cwd or self.tmp.name,
+                              timeout=120)
         return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
 
-    def test_runs_through_the_bytecode_cache_with_the_same_result(self):
-        self.assertEqual(self.launch("--version"), (0, "wl_infer %s\n" % wl_infer.__version__, ""))
-        cache = os.path.join(self.home, "__pycache__")
-        self.assertEqual(os.listdir(cache), ["wl_infer.%s.pyc" % sys.implementation.cache_tag])
+    def test_the_first_line_is_the_shebang_and_the_docstring_comes_next(self):
+        with open(WL_INFER, encoding="utf-8") as f:
+            source = f.read()
+        self.assertTrue(source.startswith('#!/usr/bin/env python3\n"""wl_infer: '), source[:80])
+        self.assertTrue(wl_infer.__doc__.startswith("wl_infer: "))
         self.assertEqual(self.launch("--version"), (0, "wl_infer %s\n" % wl_infer.__version__, ""))
         self.assertError(self.launch("status", "nope"), "argument ID: 'nope' is not a wl item ID")
 
@@ -2485,7 +2491,7 @@ class LauncherTest(CliTest):
         proc = subprocess.Popen([self.exe, "run", item_id], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         wait_for(lambda: self.ollama.streams and self.ollama.streams[0]["sent"] >= 2, "the stalled stream")
-        proc.send_signal(signal.SIGINT)  # the process is python itself: sh exec'd it
+        proc.send_signal(signal.SIGINT)  # env exec'd python: the signal reaches it
         out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 130, err)
         self.assertEqual(self.board.item(item_id)["status"], "open")

@@ -1,21 +1,5 @@
-#!/bin/sh
-# Run as ./wl_infer.py, this file starts as a shell script whose one command
-# re-runs it with python3 through Python's bytecode cache (__pycache__/ beside
-# this file): a script run the usual way is compiled on every start (~40 ms).
-# To Python the command is a string that does nothing: `python3 wl_infer.py`
-# works as usual. -c puts the working directory first on sys.path; it is
-# dropped, so no file there can stand in for a standard module.
-''''exec python3 -c '
-import importlib.machinery, os, sys, types
-del sys.argv[0], sys.path[0]
-path = os.path.realpath(sys.argv[0])
-loader = importlib.machinery.SourceFileLoader("__main__", path)
-module = types.ModuleType("__main__")
-module.__file__, module.__loader__ = path, loader
-sys.modules["__main__"] = module
-exec(loader.get_code("__main__"), module.__dict__)
-' "$0" "$@"  # '''
-__doc__ = """wl_infer: verifiable LLM inference jobs on the Wasteland wanted board.
+#!/usr/bin/env python3
+"""wl_infer: verifiable LLM inference jobs on the Wasteland wanted board.
 
 Posters put inference jobs (prompt, model, seed, max tokens) on the board,
 workers run them on their own Ollama with deterministic settings and submit
@@ -28,15 +12,25 @@ job/evidence codec; Ollama client; wl driver; result spool; commands;
 command line.
 """
 
+import argparse
+import bisect
+import collections
+import hashlib
 import json
 import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import urllib.parse
 
 __version__ = "0.1.0"
-
-# Heavy modules (json, hashlib, socket, subprocess, argparse) are
-# imported inside the functions that need them: start-up time is what a
-# user feels in a shell loop over the board.
 
 # =============================================================================
 # Errors, exit codes and signals
@@ -91,8 +85,6 @@ class Signals(object):
         self.graceful = False
 
     def install(self):
-        import signal
-
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             number = getattr(signal, name, None)
             # one that is ignored stays ignored (nohup, `cmd &` in a script)
@@ -434,8 +426,6 @@ def decode_evidence(text, limit=FIELD_LIMIT):
 
 
 def _dumps(obj):
-    import json
-
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -465,8 +455,6 @@ def encode_job(job):
 
 def output_hash(output):
     """sha256 of the output's UTF-8 bytes, exactly as Ollama returned it."""
-    import hashlib
-
     return "sha256:" + hashlib.sha256(output.encode("utf-8")).hexdigest()
 
 
@@ -591,118 +579,6 @@ def post_title(prompt, limit=60):
 
 DEFAULT_OLLAMA = "http://127.0.0.1:11434"
 MAX_LINE = 1 << 20  # one NDJSON line; anything longer is not a real token
-MAX_HEADER_LINE = 65536  # the limits http.client sets on a response's head
-MAX_HEADERS = 100
-
-
-class HttpError(Exception):
-    """A response that is not HTTP/1.x or ends early, in words."""
-
-
-def _is_decimal(text):
-    return text.isascii() and text.isdigit()  # isdigit alone takes "²"
-
-
-class HttpResponse(object):
-    """One HTTP/1.x response off a socket: its status and headers, then its
-    body as it arrives (chunked, Content-Length, or up to the close).
-    http.client would do, but importing it takes longer (~20 ms: it brings
-    in email and ssl) than everything else a command does."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.fp = sock.makefile("rb")
-        try:
-            self._head()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        """Closes the connection (the socket's descriptor stays open while its file is)."""
-        self.fp.close()
-        self.sock.close()
-
-    def _head(self):
-        self.status = 100
-        while 100 <= self.status < 200:  # an interim response (100 Continue) comes first
-            line = self.fp.readline(MAX_HEADER_LINE + 1)
-            if not line:
-                raise HttpError("the server closed the connection without answering")
-            parts = line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not (parts[1].isdigit()
-                                                                              and len(parts[1]) == 3):
-                raise HttpError("the answer is not HTTP: %s" % preview(line.decode("latin-1"), 60))
-            self.status = int(parts[1])
-            self.headers = self._fields("header")
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()  # Ollama streams so
-        length = self.headers.get("content-length", "")
-        self.left = int(length) if _is_decimal(length) and not self.chunked else None  # None: up to the close
-        self.chunk_left = 0
-        self.done = False
-
-    def _line(self, what):
-        line = self.fp.readline(MAX_HEADER_LINE + 1)
-        if not line:
-            raise HttpError("the connection closed in the middle of the %s" % what)
-        if len(line) > MAX_HEADER_LINE:
-            raise HttpError("a %s line over %d bytes" % (what, MAX_HEADER_LINE))
-        return line
-
-    def _fields(self, what):
-        """Header (or trailer) lines up to the empty one: {lower-case name: value}."""
-        fields = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self._line(what)
-            if not line.strip():
-                return fields
-            name, _, value = line.decode("latin-1").partition(":")
-            fields[name.strip().lower()] = value.strip()
-        raise HttpError("more than %d %s lines" % (MAX_HEADERS, what))
-
-    def read1(self, size=65536):
-        """Some of the body, as soon as there is some; b"" at its end."""
-        if self.done:
-            return b""
-        if self.chunked:
-            if not self.chunk_left:
-                line = self._line("chunk size")
-                digits = line.split(b";", 1)[0].strip()  # after a ";", extensions
-                if not digits or digits.strip(b"0123456789abcdefABCDEF"):
-                    raise HttpError("a chunk size that is not a hex number: %s"
-                                    % preview(line.decode("latin-1"), 30))
-                self.chunk_left = int(digits, 16)
-                if not self.chunk_left:
-                    self._fields("trailer")
-                    self.done = True
-                    return b""
-            data = self.fp.read1(min(size, self.chunk_left))
-            if not data:
-                raise HttpError("the connection closed in the middle of a chunk")
-            self.chunk_left -= len(data)
-            if not self.chunk_left and self.fp.read(2) != b"\r\n":
-                raise HttpError("a chunk does not end where its size says")
-            return data
-        data = self.fp.read1(size if self.left is None else min(size, self.left))
-        if self.left is not None:
-            if self.left and not data:
-                raise HttpError("the connection closed %d bytes before the end of the body" % self.left)
-            self.left -= len(data)
-        self.done = not data or self.left == 0
-        return data
-
-    def read(self, limit):
-        """The body, or its first `limit` bytes."""
-        parts, size = [], 0
-        while size < limit:
-            data = self.read1(limit - size)
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
-        return b"".join(parts)
-
-
 def parse_ollama_host(value):
     """Interpret OLLAMA_HOST exactly as Ollama's envconfig.Host() does.
     Returns (scheme, host, port, base_path)."""
@@ -800,8 +676,6 @@ class Generation(object):
 
     def token_at(self, offset):
         """The index of the answer token holding character `offset` (None past the end)."""
-        import bisect
-
         index = bisect.bisect_right(self.token_ends, offset)
         return index if index < len(self.token_ends) else None
 
@@ -859,6 +733,10 @@ def _is_number(value):
 
 
 class Ollama(object):
+    """One Ollama server over HTTP: its models and version, and streamed
+    generations read as they arrive. Every failure is an OllamaError that
+    carries Ollama's own text, or says what the connection did."""
+
     def __init__(self, base, timeout=300.0):
         self.scheme, self.host, self.port, self.path = parse_ollama_host(base)
         self.url = _format_url(self.scheme, self.host, self.port, self.path)
@@ -869,54 +747,41 @@ class Ollama(object):
         if any(c <= " " or c == "\x7f" for c in self.host + self.path):
             raise UserError("Ollama address %s contains a space or a control character" % printable(self.url))
         try:
-            host = self.host if self.host.isascii() else self.host.encode("idna").decode("ascii")
+            self.host.encode("idna")
         except UnicodeError:
             raise UserError("Ollama address %s: %s is not a valid host name" % (self.url, self.host))
         if not self.path.isascii():
-            import urllib.parse
-
             self.path = urllib.parse.quote(self.path, safe="/%")
-        self.address = host.encode("ascii")  # bytes: socket would import the idna codec for a str
-        shown = "[%s]" % host if ":" in host else host
-        default = 443 if self.scheme == "https" else 80
-        self.host_header = shown if self.port == default else "%s:%d" % (shown, self.port)
-
-    def _request(self, method, path, data):
-        head = ["%s %s%s HTTP/1.1" % (method, self.path, path), "Host: " + self.host_header,
-                "User-Agent: wl_infer/" + __version__, "Accept-Encoding: identity", "Connection: close"]
-        if data is not None:
-            head += ["Content-Type: application/json", "Content-Length: %d" % len(data)]
-        return "\r\n".join(head + ["", ""]).encode("ascii") + (data or b"")
 
     def _open(self, method, path, body=None, track=False):
         """Send one request; return the response if its status is 2xx,
         else raise OllamaError carrying Ollama's own error text. `track`: the
         generation that cancel() stops."""
-        import socket
+        # here, not at the top: it takes ~20 ms, and status, list and spool never talk to Ollama
+        import http.client
 
-        sock = None
+        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = kind(self.host, self.port, timeout=self.timeout)
+        headers = {"User-Agent": "wl_infer/" + __version__, "Connection": "close"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            sock = socket.create_connection((self.address, self.port), timeout=self.timeout)
-            if self.scheme == "https":
-                import ssl
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            conn.request(method, self.path + path, None if body is None else _dumps(body).encode("utf-8"), headers)
             if track:
-                self.active = sock
-            sock.sendall(self._request(method, path, None if body is None else _dumps(body).encode("utf-8")))
-            resp = HttpResponse(sock)
+                self.active = conn.sock
+            resp = conn.getresponse()  # with Connection: close the response owns the socket
         except socket.timeout:
-            _close(sock)
+            conn.close()
             raise OllamaError("Ollama at %s did not answer within %g s (--timeout); is it overloaded?"
                               % (self.url, self.timeout))
-        except (OSError, HttpError) as exc:
-            _close(sock)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
             raise OllamaError("cannot reach Ollama at %s (%s); start it with `ollama serve` "
-                              "or point --ollama / OLLAMA_HOST at it" % (self.url, _reason(exc)))
+                              "or point --ollama / OLLAMA_HOST at it" % (self.url, _http_reason(exc)))
         if not 200 <= resp.status < 300:
             try:
-                raw = resp.read(65536)
-            except (OSError, HttpError):
+                raw = _read_body(resp, 65536)
+            except (OSError, http.client.HTTPException):
                 raw = b""
             resp.close()
             raise OllamaError(self._http_error(resp.status, raw, body))
@@ -934,10 +799,12 @@ class Ollama(object):
 
     def _get_json(self, path, body=None):
         resp = self._open("POST" if body is not None else "GET", path, body)
+        import http.client  # loaded already by _open
+
         try:
-            raw = resp.read(16 << 20)
-        except (OSError, HttpError) as exc:
-            raise OllamaError("reading %s from Ollama at %s failed: %s" % (path, self.url, _reason(exc)))
+            raw = _read_body(resp, 16 << 20)
+        except (OSError, http.client.HTTPException) as exc:
+            raise OllamaError("reading %s from Ollama at %s failed: %s" % (path, self.url, _http_reason(exc)))
         finally:
             resp.close()
         doc = _json_object(raw.decode("utf-8", "replace"))
@@ -962,19 +829,25 @@ class Ollama(object):
                 found[full_model_name(name)] = digest if isinstance(digest, str) else ""
         return found
 
-    def generate(self, job, on_token=None, expected=None, max_bytes=None, request=None, into=None):
-        """Run the job, streaming; return a Generation. `on_token(n)` is
-        called after each streamed token. With `expected`, stop reading at
-        the first character that differs from it (closing the connection
-        cancels the generation on the server): a false claim is refuted in
-        the time of a few tokens. With `max_bytes`, stop reading once the
-        output is longer (gen.too_long): a server that never stops costs
-        at most that much. `request`: another body than the job's own (a
-        continuation), whose tokens go on after those of Generation `into`."""
-        import socket
+    def generate(self, job, on_token=None, max_bytes=None):
+        """Run the job, streaming; return its Generation. `on_token(n)` is
+        called after each streamed token. Reading stops once the output
+        passes `max_bytes` (gen.too_long): a server that never stops costs
+        at most that much."""
+        return self._stream(generate_request(job), Generation(), on_token, max_bytes=max_bytes)
 
-        resp = self._open("POST", "/api/generate", request or generate_request(job), track=True)
-        gen = into or Generation()
+    def compare(self, request, expected, on_token=None, into=None):
+        """Stream `request` against the `expected` text and stop at the
+        first character that differs (closing the connection cancels the
+        generation on the server): a false output is refuted in the time of
+        a few tokens. `into`: the Generation this request continues (a
+        tolerant re-run), whose tokens come first."""
+        return self._stream(request, into or Generation(), on_token, expected=expected)
+
+    def _stream(self, request, gen, on_token, expected=None, max_bytes=None):
+        import http.client  # for its exception types; loaded once (see _open)
+
+        resp = self._open("POST", "/api/generate", request, track=True)
         matched = gen.token_ends[-1] if gen.token_ends else 0  # characters of `expected` confirmed so far
         size = 0  # bytes of output so far
         try:
@@ -1012,9 +885,9 @@ class Ollama(object):
             raise OllamaError("Ollama at %s sent nothing for %g s after %s (inactivity "
                               "timeout, --timeout); the server may be hung or overloaded"
                               % (self.url, self.timeout, _tokens(gen.chunks)))
-        except (OSError, HttpError) as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise OllamaError("connection to Ollama at %s lost after %s: %s"
-                              % (self.url, _tokens(gen.chunks), _reason(exc)))
+                              % (self.url, _tokens(gen.chunks), _http_reason(exc)))
         finally:
             resp.close()  # mid-stream, this cancels the generation on the server
             self.active = None
@@ -1068,8 +941,6 @@ class Ollama(object):
     def cancel(self):
         """Stop the generation in flight, from another thread: its socket is
         shut down, so its read fails at once (and Ollama cancels it)."""
-        import socket
-
         sock = self.active
         if sock is not None:
             try:
@@ -1111,8 +982,6 @@ def _tokens(n):
 def _json_object(text):
     """A JSON object from a server's response as a dict, or None. (Jobs and
     evidence use the Go-compatible decoder above; this is for Ollama.)"""
-    import json
-
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError):
@@ -1120,12 +989,35 @@ def _json_object(text):
     return doc if isinstance(doc, dict) else None
 
 
-def _close(sock):
-    if sock is not None:
-        try:
-            sock.close()
-        except OSError:
-            pass
+def _read_body(resp, limit):
+    """A response's body, or its first `limit` bytes. http.client's read1
+    says nothing when a body with a Content-Length ends early: we do."""
+    parts, size = [], 0
+    while size < limit:
+        data = resp.read1(limit - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    if size < limit and resp.length:
+        import http.client  # loaded already: a response exists
+
+        raise http.client.IncompleteRead(b"".join(parts), resp.length)
+    return b"".join(parts)
+
+
+def _http_reason(exc):
+    """What went wrong on the connection, in words: http.client's own
+    messages name its internals (IncompleteRead(0 bytes read, 3 more expected))."""
+    name = type(exc).__name__
+    if name == "BadStatusLine" and str(exc).strip("'\" "):
+        return "the answer is not HTTP: %s" % preview(str(exc).strip(), 60)
+    if name in ("BadStatusLine", "RemoteDisconnected"):
+        return "the server closed the connection without answering"
+    if name == "IncompleteRead":
+        return ("the connection closed %d bytes before the end of the body" % exc.expected if exc.expected
+                else "the chunked body is broken or cut short")
+    return _reason(exc)  # LineTooLong and the rest say it well: "got more than 100 headers"
 
 
 def _reason(exc):
@@ -1137,8 +1029,6 @@ class Progress(object):
     """A single updating line on stderr while generating (terminals only)."""
 
     def __init__(self, enabled, label):
-        import time
-
         self.enabled = enabled
         self.label = label
         self.clock = time.monotonic
@@ -1166,15 +1056,10 @@ class Progress(object):
 # =============================================================================
 
 DEFAULT_WL_TIMEOUT = 600.0
-_ANSI_RE = None
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def strip_ansi(text):
-    global _ANSI_RE
-    if _ANSI_RE is None:
-        import re
-
-        _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
     return _ANSI_RE.sub("", text)
 
 
@@ -1302,8 +1187,6 @@ def parse_browse(text):
     """Parse `wl browse --json --long`: items shaped like parse_status's
     (completion None) plus priority, in wl's order. An entry that is not an
     object with an item ID is left out: nothing can be done with it."""
-    import json
-
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError):
@@ -1335,9 +1218,6 @@ def is_item_id(text):
 def _stop_group(proc, grace=2.0):
     """Stop a child and everything it started (wl may run dolt, which holds
     the database lock): SIGTERM to its process group, SIGKILL after `grace`."""
-    import signal
-    import subprocess
-
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)
@@ -1373,8 +1253,6 @@ class Wl(object):
         self.turn = _NoLock()  # a lock when calls must not overlap (work with --local-db)
 
     def call(self, command, *args, mutating=False):
-        import subprocess
-
         argv = [self.exe, command] + list(args) + self.global_args
         if mutating and self.no_push:
             argv.append("--no-push")
@@ -1406,9 +1284,6 @@ class Wl(object):
         between bytecodes, so a signal landing just as a long wait resumes
         would otherwise go unnoticed until wl ends (a second Ctrl-C ignored
         for the whole call)."""
-        import subprocess
-        import time
-
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -1473,10 +1348,6 @@ def spool_path(item_id):
 
 def spool_write(item, model_digest, evidence):
     """Keep a finished result; returns its path."""
-    import json
-    import tempfile
-    import time
-
     folder = spool_dir()
     os.makedirs(folder, mode=0o700, exist_ok=True)
     for path in (folder, os.path.dirname(folder)):  # makedirs' mode is masked by umask
@@ -1509,8 +1380,6 @@ def spool_write(item, model_digest, evidence):
 def spool_read(path):
     """A kept result: the spool document with its evidence decoded. Raises
     UserError when the file is not one we wrote."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -1676,8 +1545,6 @@ def submit(ctx, item_id, encoded):
     request as made, or a signal arrived. After a final failure the item is
     read back: a completion that is on the board anyway (wl timed out or
     failed to push after writing it) is a success."""
-    import time
-
     for attempt in range(1, DONE_TRIES + 1):
         try:
             ctx.wl.done(item_id, encoded)
@@ -1729,8 +1596,6 @@ def kept_result(ctx, item, digest):
 
 
 def resubmit_command(ctx, item_id, skip_claim=False):
-    import shlex
-
     a = ctx.args
     words = ["wl_infer.py", "run", item_id] + (["--skip-claim"] if skip_claim else [])
     words += ["--wasteland=" + a.wasteland] if a.wasteland else []
@@ -2148,7 +2013,7 @@ def rerun(ctx, result, policy):
     gen, request, rendered = None, None, None
     try:
         while True:
-            gen = ctx.ollama.generate(job, progress, claim, request=request or generate_request(job, top), into=gen)
+            gen = ctx.ollama.compare(request or generate_request(job, top), claim, progress, into=gen)
             if gen.diverged_at is None or not policy.tolerance:
                 return gen, None
             step, cause, unavailable = near_tie_step(gen, result["evidence"], policy.tolerance)
@@ -2293,10 +2158,6 @@ class Worker(object):
     more than one job is claimed ahead of its generation (`ready`)."""
 
     def __init__(self, ctx, args):
-        import collections
-        import threading
-        import time
-
         self.ctx, self.args, self.clock = ctx, args, time.monotonic
         self.servers = [Server(url, args.timeout) for url in args.ollama_urls]
         self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
@@ -2318,16 +2179,12 @@ class Worker(object):
         self.start = self.clock()
 
     def log(self, message):
-        import time
-
         with self.log_lock:
             _emit(sys.stderr, "%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
 
     def run(self):
         """Start the threads and wait for them, acting on signals: the first
         stops taking jobs, the second aborts the jobs in flight."""
-        import threading
-
         targets = [(self.claim_loop, ())] + [(self.serve, (s,)) for s in self.servers] + [(self.submit_loop, ())]
         threads = [threading.Thread(target=self.guarded, args=t, daemon=True) for t in targets]
         for thread in threads:
@@ -2414,7 +2271,6 @@ class Worker(object):
             if self.polls and self.args.once:
                 return None
             if self.polls and not self.found and not self.failing:  # nothing to do: idle, with jitter
-                import random
 
                 self.pause(self.args.interval * random.uniform(0.8, 1.2))
                 if self.stopping:
@@ -2957,7 +2813,6 @@ def cmd_work(ctx, args):
     SIGNALS.graceful = True  # the first signal lets the job in flight finish
     wl = ctx.wl  # made before the threads start: a missing wl is an error now
     if args.local_db:  # a local Dolt clone takes one writer at a time
-        import threading
 
         wl.turn = threading.Lock()
     return Worker(ctx, args).run()
@@ -2974,8 +2829,6 @@ COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cm
 
 def _item_id(text):
     if not is_item_id(text):
-        import argparse
-
         raise argparse.ArgumentTypeError("%r is not a wl item ID: IDs look like w-3f9a0c12be "
                                          "(any unique prefix, e.g. w-3f9a)" % text)
     return text
@@ -3142,8 +2995,6 @@ def _help_width():
 def build_parser(commands=None):
     """The parser with these commands (all when None): building them all
     costs more than the rest of a start."""
-    import argparse
-
     class Parser(argparse.ArgumentParser):
         def __init__(self, **kwargs):
             super(Parser, self).__init__(formatter_class=Formatter, **kwargs)
@@ -3230,8 +3081,6 @@ def _emit(stream, text):
 
 
 def _json_text(doc):
-    import json
-
     # UTF-8 as is; on any other stdout encoding, \u escapes (still valid JSON,
     # where the stream's backslashreplace fallback would corrupt it)
     utf8 = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
