@@ -1237,7 +1237,7 @@ class CliTest(unittest.TestCase):
 class CodecTest(unittest.TestCase):
     def test_go_job_fixture_round_trips(self):
         job = wl_infer.decode_job(GO_JOB)
-        self.assertEqual(job, {"prompt": "what is <b>1+1</b> & why", "model": "llama3.2:1b",
+        self.assertEqual(job.document(), {"prompt": "what is <b>1+1</b> & why", "model": "llama3.2:1b",
                                "seed": 42, "max_tokens": 0, "model_digest": ""})
         self.assertEqual(wl_infer.encode_job(job), GO_JOB)
 
@@ -1268,24 +1268,25 @@ class CodecTest(unittest.TestCase):
 
     def test_unknown_keys_ignored_and_missing_ints_are_zero(self):
         job = wl_infer.decode_job('{"prompt":"p","model":"m","seed":0,"extra":{"deep":[1,2]},"worker":"x"}')
-        self.assertEqual(job, {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0, "model_digest": ""})
+        self.assertEqual(job.document(), {"prompt": "p", "model": "m", "seed": 0, "max_tokens": 0,
+                                          "model_digest": ""})
 
     def test_keys_match_case_insensitively_exact_match_preferred_last_wins(self):
-        self.assertEqual(wl_infer.decode_job('{"Prompt":"p","MODEL":"m","Seed":5,"Max_Tokens":9}'),
+        self.assertEqual(wl_infer.decode_job('{"Prompt":"p","MODEL":"m","Seed":5,"Max_Tokens":9}').document(),
                          {"prompt": "p", "model": "m", "seed": 5, "max_tokens": 9, "model_digest": ""})
         # Go's simple folding: U+017F (long s) folds to s, U+212A (Kelvin) to k
-        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}')["seed"], 3)
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","\u017feed":3,"max_to\u212aens":4}').seed, 3)
         # Python's folding takes the dotless i for i; Go's never does, so this key pins nothing
         self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":1,"model_d\u0131gest":"%s"}'
-                                             % ("a" * 64))["model_digest"], "")
-        self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m","seed":1}')["prompt"], "b")
-        self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m","seed":1}')["prompt"], "c")
-        self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m","seed":1}')["prompt"], "p")
+                                             % ("a" * 64)).model_digest, "")
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","Prompt":"b","model":"m","seed":1}').prompt, "b")
+        self.assertEqual(wl_infer.decode_job('{"prompt":"a","prompt":"c","model":"m","seed":1}').prompt, "c")
+        self.assertEqual(wl_infer.decode_job('{"prompts":"x","prompt":"p","model":"m","seed":1}').prompt, "p")
 
     def test_an_integer_of_any_length_is_read_as_go_reads_it(self):
         # Python's int() refuses over 4,300 digits; Go reads the document and ignores an unknown key
         job = wl_infer.decode_job('{"prompt":"p","model":"m","seed":1,"x":%s}' % ("1" * 5000))
-        self.assertEqual((job["prompt"], job["seed"]), ("p", 1))
+        self.assertEqual((job.prompt, job.seed), ("p", 1))
         with self.assertRaises(wl_infer.JobError) as ctx:
             wl_infer.decode_job('{"prompt":"p","model":"m","seed":%s}' % ("1" * 5000))
         self.assertIn('job field "seed" is out of the 64-bit integer range: 1111', str(ctx.exception))
@@ -1304,10 +1305,10 @@ class CodecTest(unittest.TestCase):
                             (b"\xc0\xaf\xed\xa0\x80\xff", "\ufffd" * 6), (b"ok \xe2\x9c\x93", "ok \u2713")):
             with self.subTest(raw=raw):
                 job = wl_infer.decode_job(from_wl(b'{"prompt":"%s","model":"m","seed":1}' % raw))
-                self.assertEqual(job["prompt"], prompt)
+                self.assertEqual(job.prompt, prompt)
         # the size limit counts the bytes wl gave, not the replacement characters (3 bytes each)
         document = b'{"prompt":"%s","model":"m","seed":1}'
-        self.assertEqual(len(wl_infer.decode_job(from_wl(document % (b"\xff" * 30000)))["prompt"]), 30000)
+        self.assertEqual(len(wl_infer.decode_job(from_wl(document % (b"\xff" * 30000))).prompt), 30000)
         over = document % (b"\xff" * (65536 - len(document) + 2))
         with self.assertRaises(wl_infer.JobError) as ctx:
             wl_infer.decode_job(from_wl(over))
@@ -1336,7 +1337,7 @@ class CodecTest(unittest.TestCase):
         self.assertIn('"max_tokens"', str(ctx.exception))
 
     def test_int64_range(self):
-        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":-9223372036854775808}')["seed"],
+        self.assertEqual(wl_infer.decode_job('{"prompt":"p","model":"m","seed":-9223372036854775808}').seed,
                          -2 ** 63)
         with self.assertRaises(wl_infer.JobError) as ctx:
             wl_infer.decode_job('{"prompt":"p","model":"m","seed":9223372036854775808}')
@@ -1464,7 +1465,7 @@ class CodecTest(unittest.TestCase):
         for description, fragment in MALFORMED_JOBS:
             with self.subTest(description=description[:60]):
                 with self.assertRaises(wl_infer.JobError) as ctx:
-                    wl_infer.job_of({"id": "w-1", "type": "inference", "description": description or None})
+                    wl_infer.job_of(wl_infer.BoardItem("w-1", type="inference", description=description or None))
                 self.assertIn(fragment, str(ctx.exception))
         self.assertGreaterEqual(len(MALFORMED_JOBS), 40)
 
@@ -1474,13 +1475,13 @@ class CodecTest(unittest.TestCase):
             job = wl_infer.make_job("a [[[ { prompt", model, -5, 7, "sha256:" + "Ab" * 32)
             self.assertEqual(wl_infer.decode_job(wl_infer.encode_job(job)), job)
         nested_text = '{"prompt":"%s","model":"m","seed":1}' % ("[{" * 40)  # brackets inside a string
-        self.assertEqual(wl_infer.decode_job(nested_text)["prompt"], "[{" * 40)
-        self.assertEqual(wl_infer.decode_job(GO_JOB)["seed"], 42)
+        self.assertEqual(wl_infer.decode_job(nested_text).prompt, "[{" * 40)
+        self.assertEqual(wl_infer.decode_job(GO_JOB).seed, 42)
 
     def test_unpaired_surrogate_becomes_replacement_character_like_go(self):
         job = wl_infer.decode_job('{"prompt":"a\\ud800b \\ud83d\\ude00","model":"m","seed":1}')
-        self.assertEqual(job["prompt"], "a\ufffdb \U0001F600")
-        wl_infer.output_hash(job["prompt"])  # encodable
+        self.assertEqual(job.prompt, "a\ufffdb \U0001F600")
+        wl_infer.output_hash(job.prompt)  # encodable
 
     def test_model_name_normalisation(self):
         self.assertEqual(wl_infer.full_model_name("llama3.2"), "llama3.2:latest")
@@ -1577,33 +1578,32 @@ class StatusParserTest(unittest.TestCase):
 
     def test_full_layout(self):
         item = wl_infer.parse_status(self.FULL)
-        self.assertEqual(item["id"], "w-3f9a0c12be")
-        self.assertEqual(item["title"], "infer: what is 1+1")
-        self.assertEqual(item["status"], "in_review")
-        self.assertEqual(item["type"], "inference")
-        self.assertEqual(item["posted_by"], "alice")
-        self.assertEqual(item["claimed_by"], "bob")
-        self.assertEqual(item["description"], '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}')
-        self.assertEqual(item["completion"], {
-            "id": "c-0123456789abcdef", "completed_by": "bob",
-            "evidence_raw": '{"output":"2","output_hash":"sha256:x","model":"llama3.2:1b","seed":42}'})
+        self.assertEqual(item.id, "w-3f9a0c12be")
+        self.assertEqual(item.title, "infer: what is 1+1")
+        self.assertEqual(item.status, "in_review")
+        self.assertEqual(item.type, "inference")
+        self.assertEqual(item.posted_by, "alice")
+        self.assertEqual(item.claimed_by, "bob")
+        self.assertEqual(item.description, '{"prompt":"what is 1+1","model":"llama3.2:1b","seed":42}')
+        self.assertEqual(item.completion, wl_infer.Completion(
+            "c-0123456789abcdef", "bob", '{"output":"2","output_hash":"sha256:x","model":"llama3.2:1b","seed":42}'))
 
     def test_multiline_description_with_blank_lines_and_label_lookalikes(self):
         description = '{\n  "prompt": "a\\n\\nb",\n\n  "model": "m"\n}\n\n  Status: fake\n  Claimed by x'
         text = ("w-1: t\n\n  Status:      open\n  Type:        inference     Priority: P2\n\n"
                 "  Description:\n    " + description + "\n")
         item = wl_infer.parse_status(text)
-        self.assertEqual(item["description"], description)
-        self.assertEqual(item["status"], "open")
-        self.assertIsNone(item["completion"])
+        self.assertEqual(item.description, description)
+        self.assertEqual(item.status, "open")
+        self.assertIsNone(item.completion)
         with_claim = text + "\n  Claimed by:  bob\n"
         item = wl_infer.parse_status(with_claim)
-        self.assertEqual(item["description"], description)
-        self.assertEqual(item["claimed_by"], "bob")
+        self.assertEqual(item.description, description)
+        self.assertEqual(item.claimed_by, "bob")
 
     def test_sections_absent_and_ansi_stripped(self):
         item = wl_infer.parse_status("\x1b[1mw-2: t\x1b[0m\n\n  Status:      \x1b[32mopen\x1b[0m\n")
-        self.assertEqual((item["id"], item["status"], item["description"], item["claimed_by"]),
+        self.assertEqual((item.id, item.status, item.description, item.claimed_by),
                          ("w-2", "open", None, None))
 
     def test_imitated_completion_is_refused(self):
@@ -1614,7 +1614,7 @@ class StatusParserTest(unittest.TestCase):
 
     def test_lines_before_the_header_are_skipped(self):
         item = wl_infer.parse_status("Syncing with upstream...\nnote: x: y\n\n" + self.FULL)
-        self.assertEqual((item["id"], item["status"]), ("w-3f9a0c12be", "in_review"))
+        self.assertEqual((item.id, item.status), ("w-3f9a0c12be", "in_review"))
 
     def test_garbage_is_a_clear_error(self):
         for text in ("", "nonsense", "w-1: t\n  no status here\n"):
@@ -1910,7 +1910,7 @@ class EndToEndTest(CliTest):
 
         code, out, err = self.cli("verify", item_id)
         self.assertEqual(code, 0, err)
-        self.assertTrue(out.startswith("✓ VERIFIED — the re-run produced the claimed output, hashes match"), out)
+        self.assertTrue(out.startswith("✓ VERIFIED — the re-run produced the submitted output, hashes match"), out)
         self.assertIn("Expected:  " + expected, out)
         self.assertIn("Actual:    " + expected, out)
 
@@ -1972,7 +1972,7 @@ class EndToEndTest(CliTest):
         doc = json.loads(out)
         self.assertEqual(doc["verdict"], "VERIFIED")
         self.assertEqual(doc["expected_hash"], doc["actual_hash"])
-        self.assertEqual(doc["job"], wl_infer.decode_job(GO_JOB))
+        self.assertEqual(doc["job"], wl_infer.decode_job(GO_JOB).document())
         self.assertEqual(doc["output"], "The answer is 2.")
         # the checks that need our keys are "not available", not failures
         self.assertEqual([(c["name"], c["ok"]) for c in doc["checks"]], [
@@ -1986,8 +1986,8 @@ class EndToEndTest(CliTest):
         self.assertEqual(code, 1, err)
         self.assertTrue(out.startswith("✗ MISMATCH — the re-run diverges at character 0 (different-output)"), out)
         self.assertIn("Expected:  " + wl_infer.output_hash("a forged answer"), out)
-        self.assertIn("    claimed: ⟨here⟩a forged answer", out)
-        self.assertIn("    re-run:  ⟨here⟩Rép", out)
+        self.assertIn("    submitted: ⟨here⟩a forged answer", out)
+        self.assertIn("    re-run:    ⟨here⟩Rép", out)
         code, out, err = self.cli("--json", "verify", item_id)
         self.assertEqual(code, 1)
         self.assertEqual(json.loads(out)["verdict"], "MISMATCH")
@@ -2076,7 +2076,7 @@ class PostTest(CliTest):
         self.assertEqual(code, 0, err)
         item = self.board.item(json.loads(out)["id"])
         self.assertEqual(item["title"], "infer: -starts with a dash ✓")
-        self.assertEqual(wl_infer.decode_job(item["description"])["prompt"], "-starts with a dash ✓")
+        self.assertEqual(wl_infer.decode_job(item["description"]).prompt, "-starts with a dash ✓")
 
     def test_long_prompt_title_truncated(self):
         prompt = "🙂" * 70
@@ -2461,7 +2461,7 @@ class InstallTest(CliTest):
         prompt = "it's \"quoted\" $HOME `id` * ; \\n\n  two spaces ✓"
         code, out, err = self.launch("post", "--prompt", prompt, "--model", "llama3.2:1b", "--json")
         self.assertEqual(code, 0, err)
-        self.assertEqual(wl_infer.decode_job(self.board.item(json.loads(out)["id"])["description"])["prompt"], prompt)
+        self.assertEqual(wl_infer.decode_job(self.board.item(json.loads(out)["id"])["description"]).prompt, prompt)
         code, out, err = self.launch("post", "--prompt", "-", "--model", "llama3.2:1b", "--json",
                                      stdin="from stdin\n".encode())
         self.assertEqual(code, 0, err)
@@ -2844,7 +2844,7 @@ class LocaleTest(CliTest):
         self.assertTrue(out.startswith("\\u2713 Posted inference job: w-"), out)
         self.assertIn("Prompt:      \\xe9t\\xe9 \\u2713", out)
         item_id = out.split("\n")[0].split()[-1]
-        self.assertEqual(wl_infer.decode_job(self.board.item(item_id)["description"])["prompt"], "été ✓")
+        self.assertEqual(wl_infer.decode_job(self.board.item(item_id)["description"]).prompt, "été ✓")
         code, out, err = self.cli("run", item_id, "--json", env=env)
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["evidence"]["output"], default_output("llama3.2:1b", "été ✓"))
@@ -2931,7 +2931,7 @@ class VerificationTest(CliTest):
         # different text: the digests are the likely cause
         doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=theirs))
         self.assertEqual(doc["cause"]["kind"], "model-digest")
-        self.assertEqual((doc["cause"]["claimed"], doc["cause"]["local"]), (theirs, self.ollama.models["llama3.2:1b"]))
+        self.assertEqual((doc["cause"]["recorded"], doc["cause"]["local"]), (theirs, self.ollama.models["llama3.2:1b"]))
 
     def test_local_model_check_against_the_pin_when_the_evidence_has_no_digest(self):
         local = self.ollama.models["llama3.2:1b"]
@@ -2941,12 +2941,12 @@ class VerificationTest(CliTest):
                                             "records no digest)"})
         doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", pin="cd" * 32))
         self.assertFalse(doc["checks"][3]["ok"])
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["claimed"]), ("model-digest", "cd" * 32))
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["recorded"]), ("model-digest", "cd" * 32))
 
     def test_other_ollama_version_is_named_as_the_cause(self):
         local = self.ollama.models["llama3.2:1b"]
         doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=local, ollama_version="0.9.0"))
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["claimed"], doc["cause"]["local"]),
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["recorded"], doc["cause"]["local"]),
                          ("ollama-version", "0.9.0", "0.12.11"))
         self.assertEqual(doc["local"], {"model_digest": local, "ollama_version": "0.12.11"})
 
@@ -2956,7 +2956,7 @@ class VerificationTest(CliTest):
         self.ollama.piece_delay = 0.005  # a full re-run takes 2 s
         doc = self.verify(self.completed(output=text[:6] + "X" + text[7:]))  # wrong in the 3rd token
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (6, 2))
-        self.assertEqual((doc["diverged_at"]["claimed"], doc["diverged_at"]["rerun"]),
+        self.assertEqual((doc["diverged_at"]["submitted"], doc["diverged_at"]["rerun"]),
                          (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
         self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (3, None))
         stream = self.ollama.streams[-1]
@@ -2970,13 +2970,13 @@ class VerificationTest(CliTest):
         doc = self.verify(self.completed(output=text[:30]))
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"], doc["tokens_generated"]),
                          (30, 10, 11))
-        self.assertEqual(doc["diverged_at"]["claimed"], text[6:30])
+        self.assertEqual(doc["diverged_at"]["submitted"], text[6:30])
         # longer claim: the re-run ends first; it ran in full, so its hash is known
         doc = self.verify(self.completed(output=text + "and more"))
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (150, 50))
         self.assertEqual(doc["actual_hash"], wl_infer.output_hash(text))
         self.assertEqual(doc["cause"]["kind"], "unknown")
-        self.assertIn("the re-run ended where the claimed output goes on", doc["cause"]["message"])
+        self.assertIn("the re-run ended where the submitted output goes on", doc["cause"]["message"])
 
     def test_divergence_at_a_near_tie_and_at_a_clear_winner(self):
         forged = self.HONEST[:9] + "XYZ" + self.HONEST[12:]  # token 3 is "e l"
@@ -2993,8 +2993,8 @@ class VerificationTest(CliTest):
                                  (kind, margin, "e l"))
         code, out, err = self.cli("verify", item_id)
         self.assertIn("Cause:     different-output: at token 3 the re-run chose \"e l\" over \"~\" by 3.00 nats "
-                      "where the claim has \"XYZ\"", out)
-        self.assertIn("    claimed: Réponse d⟨here⟩XYZ", out)
+                      "where the submitted output has \"XYZ\"", out)
+        self.assertIn("    submitted: Réponse d⟨here⟩XYZ", out)
         self.ollama.near_ties = {3: ("e l", 0.1)}  # the only candidate listed is the chosen token
         self.assertIn("list no runner-up", self.verify(item_id)["cause"]["message"])
         self.ollama.logprobs_supported = False  # without logprobs a near-tie cannot be told apart
@@ -3125,7 +3125,7 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual([(s["token"], s["gap"]) for s in doc["forced"]], [(5, 0.2), (12, 0.3)])
         main = ScriptedModel(self.TEXT).main
         self.assertEqual(doc["forced"][0]["rerun"], main[5])
-        self.assertEqual(doc["forced"][0]["claimed"], main[5].swapcase())  # the runner-up the claim took
+        self.assertEqual(doc["forced"][0]["submitted"], main[5].swapcase())  # the runner-up the claim took
         self.assertEqual(doc["actual_hash"], evidence["output_hash"])
         self.assertEqual(doc["tokens_generated"], len(main))  # each diverging token replaced a forced one
         requests = self.ollama.generate_requests()[before:]
@@ -3134,17 +3134,17 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual(requests[1], {"model": "llama3.2:1b", "prompt": self.PROMPT, "stream": False,
                                        "options": {"temperature": 0, "seed": 42, "num_predict": 1},
                                        "_debug_render_only": True})
-        through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["claimed"])] for n in (0, 1)]
+        through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["submitted"])] for n in (0, 1)]
         for request, text in zip(requests[2:], through):
             self.assertEqual(request, dict(requests[0], prompt=render_template(self.PROMPT) + text, raw=True))
         code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
         self.assertEqual(code, 0, err)
         lines = out.splitlines()
         self.assertEqual(lines[0], "✓ VERIFIED (within tolerance 0.5 nats: 2 near-tie steps)")
-        self.assertIn('  Forced:    token 5: the claim\'s "%s", where the re-run chose "%s" (0.20 nats)'
+        self.assertIn('  Forced:    token 5: the submitted "%s", where the re-run chose "%s" (0.20 nats)'
                       % (main[5].swapcase(), main[5]), lines)
-        self.assertTrue(any(ln.strip().startswith("token 12: the claim's") for ln in lines), out)
-        self.assertIn("✓ re-run produced the claimed output (%d tokens, forcing 2 near-tie steps)" % len(main), out)
+        self.assertTrue(any(ln.strip().startswith("token 12: the submitted") for ln in lines), out)
+        self.assertIn("✓ re-run produced the submitted output (%d tokens, forcing 2 near-tie steps)" % len(main), out)
 
     def test_a_forged_token_is_a_mismatch_even_with_tolerance(self):
         main = ScriptedModel(self.TEXT).main
@@ -3173,7 +3173,7 @@ class TolerantVerificationTest(CliTest):
         doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
         self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token"],
                           doc["diverged_at"]["token"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
-        self.assertIn("at token 18 the claim takes a near-tie (0.10 nats) for the 9th time, more than --max-forced 8 "
+        self.assertIn("at token 18 the submitted output takes a near-tie (0.10 nats) for the 9th time, more than --max-forced 8 "
                       "allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
         self.assertEqual(len(doc["forced"]), 9)
@@ -3240,7 +3240,7 @@ class TolerantVerificationTest(CliTest):
         self.board.wl("done", other, "--evidence=" + wl_infer.encode_evidence(evidence), rig="carol")
         doc = self.verify(other, "--tolerance", "0.5")
         self.assertEqual(doc["cause"]["kind"], "different-ending")
-        self.assertIn('for another reason ("stop", the claim says "length")', doc["cause"]["message"])
+        self.assertIn('for another reason ("stop", the evidence says "length")', doc["cause"]["message"])
 
     def test_audit_uses_the_same_verification(self):
         honest, _ = self.claim({5: 0.2, 12: 0.3}, {5, 12}, prompt="honest")
@@ -3279,15 +3279,15 @@ class TolerantVerificationTest(CliTest):
             {"token": "Hello", "logprob": -0.3}, {"token": "Hx", "logprob": -0.05}]}])
         gen.text, gen.diverged_at = "HiHelp", 5
         evidence = {"output": "HiHello world", "token_lengths": None}
-        step, cause, why = wl_infer.near_tie_step(gen, evidence, 0.5)
-        self.assertEqual((step["token"], step["claimed"], step["rerun"], step["gap"]), (1, "Hello", "Help", 0.25))
+        step = wl_infer.near_tie_step(gen, evidence, 0.5)
+        self.assertEqual((step.token, step.submitted, step.rerun, step.gap), (1, "Hello", "Help", 0.25))
         evidence["token_lengths"] = [2, 4, 1]  # the worker's tokens: "Hi", "Hell", "o"
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5)[0]["claimed"], "Hell")
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5).submitted, "Hell")
         evidence["token_lengths"] = [3, 4]  # boundaries that do not agree are ignored
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5)[0]["claimed"], "Hello")
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.2)[1]["gap"], 0.25)
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5).submitted, "Hello")
+        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.2).details["gap"], 0.25)
         gen.thinking = "hmm"
-        self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, evidence, 0.5)[2])
+        self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, evidence, 0.5).why)
 
 
 class StatusCommandTest(CliTest):
@@ -3722,7 +3722,7 @@ class TerminalSafetyTest(CliTest):
         status = json.loads(self.cli("status", item_id, "--json")[1])
         self.assertEqual((status["job"]["prompt"], status["title"]), (prompt, "infer: " + self.EVIL))
         self.ollama.outputs[("llama3.2:1b", prompt)] = "out" + self.EVIL[::-1]  # a mismatch shows excerpts
-        self.assertIn("claimed: ", self.cli_safe("verify", item_id, code=1)[1])
+        self.assertIn("submitted: ", self.cli_safe("verify", item_id, code=1)[1])
 
     def test_error_texts_from_wl_and_ollama(self):
         item_id = self.board.add(self.job())

@@ -378,18 +378,19 @@ def decode_job(text):
     (jobs are written by strangers; every rule here is one Go's `wl infer
     post` always satisfies): a seed given, max_tokens not negative, a
     plausible Ollama model name, no NUL, no null, a well-formed pin."""
-    job, given = decode_struct(text, JOB_FIELDS, "job", null_allowed=False)
+    fields, given = decode_struct(text, JOB_FIELDS, "job", null_allowed=False)
+    job = Job(**fields)
     for name in ("prompt", "model"):
-        if not job[name]:
+        if not fields[name]:
             raise JobError('job field "%s" is missing or empty' % name)
-        if "\0" in job[name]:
+        if "\0" in fields[name]:
             raise JobError('job field "%s" contains a NUL character' % name)
     if "seed" not in given:
         raise JobError('job field "seed" is missing; a job must fix its seed (Go\'s wl infer always writes one)')
-    if job["max_tokens"] < 0:
-        raise JobError('job field "max_tokens" must not be negative, got %d' % job["max_tokens"])
-    check_model_name(job["model"], 'job field "model"')
-    pin = job["model_digest"]
+    if job.max_tokens < 0:
+        raise JobError('job field "max_tokens" must not be negative, got %d' % job.max_tokens)
+    check_model_name(job.model, 'job field "model"')
+    pin = job.model_digest
     if pin and not _is_digest(pin):
         raise JobError('job field "model_digest" must be 64 hex digits (optionally after "sha256:"), got %s'
                        % preview(_dumps(pin), 40))
@@ -440,16 +441,26 @@ def encode_go_json(obj):
     return text
 
 
+class Job(collections.namedtuple("Job", [name for name, _ in JOB_FIELDS])):
+    """An inference job: what a worker runs and a verifier re-runs.
+    max_tokens 0 is the model's default; model_digest "" pins nothing."""
+
+    __slots__ = ()
+
+    def document(self):
+        return self._asdict()
+
+
 def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest=""):
-    return {"prompt": prompt, "model": model, "seed": seed, "max_tokens": max_tokens, "model_digest": model_digest}
+    return Job(prompt, model, seed, max_tokens, model_digest)
 
 
 def encode_job(job):
-    doc = {"prompt": job["prompt"], "model": job["model"], "seed": job["seed"]}
-    if job["max_tokens"]:
-        doc["max_tokens"] = job["max_tokens"]
-    if job.get("model_digest"):
-        doc["model_digest"] = job["model_digest"]
+    doc = {"prompt": job.prompt, "model": job.model, "seed": job.seed}
+    if job.max_tokens:
+        doc["max_tokens"] = job.max_tokens
+    if job.model_digest:
+        doc["model_digest"] = job.model_digest
     return encode_go_json(doc)
 
 
@@ -459,7 +470,7 @@ def output_hash(output):
 
 
 def make_evidence(job, output, provenance=None):
-    evidence = {"output": output, "output_hash": output_hash(output), "model": job["model"], "seed": job["seed"]}
+    evidence = {"output": output, "output_hash": output_hash(output), "model": job.model, "seed": job.seed}
     evidence.update(provenance or {})
     return evidence
 
@@ -529,16 +540,16 @@ def check_field_size(text, what, advice):
 
 def ollama_options(job):
     """The options Go sends, so both implementations produce the same text."""
-    options = {"temperature": 0, "seed": job["seed"]}
-    if job["max_tokens"] > 0:
-        options["num_predict"] = job["max_tokens"]
+    options = {"temperature": 0, "seed": job.seed}
+    if job.max_tokens > 0:
+        options["num_predict"] = job.max_tokens
     return options
 
 
 def generate_request(job, top=TOP_LOGPROBS):
     """Go's request plus logprobs (which do not change the text; servers
     that do not know the fields ignore them)."""
-    return {"model": job["model"], "prompt": job["prompt"], "stream": True,
+    return {"model": job.model, "prompt": job.prompt, "stream": True,
             "options": ollama_options(job), "logprobs": True, "top_logprobs": top}
 
 
@@ -556,7 +567,7 @@ def continuation_request(job, rendered, text, budget, top=TOLERANT_TOP_LOGPROBS)
 def render_request(job):
     """Asks for the rendered prompt only (Ollama 0.11.5+). An older server
     ignores the field and generates: at most one token, unstreamed."""
-    return {"model": job["model"], "prompt": job["prompt"], "stream": False,
+    return {"model": job.model, "prompt": job.prompt, "stream": False,
             "options": dict(ollama_options(job), num_predict=1), "_debug_render_only": True}
 
 
@@ -1099,10 +1110,32 @@ _WL_CONFLICTS = ("is not claimed", "is not open", "is not in review", "does not 
 _STATUS_SECTIONS = ("  Claimed by:", "  Branch:", "  Completion:", "  Stamp:")
 
 
+class Completion(collections.namedtuple("Completion", "id completed_by evidence")):
+    """A completion on an item: `evidence` exactly as wl printed it (the
+    codec reads it), or None."""
+
+    __slots__ = ()
+
+
+class BoardItem(collections.namedtuple("BoardItem", "id title status type posted_by claimed_by description "
+                                                    "priority completion")):
+    """A wanted item as wl shows it (`wl status` or `wl browse`); absent
+    fields are None. The description and the evidence are kept as wl gave
+    them, bytes that are not UTF-8 included (the codec reads them as Go
+    does); the other text fields are as Go holds them."""
+
+    __slots__ = ()
+
+    def __new__(cls, id, title="", status=None, type=None, posted_by=None, claimed_by=None, description=None,
+                priority=None, completion=None):
+        def text(value):
+            return _go_string(value) if value else value
+        return super(BoardItem, cls).__new__(cls, id, text(title), status, type, text(posted_by), text(claimed_by),
+                                              description, priority, completion)
+
+
 def parse_status(text):
-    """Parse `wl status ID`. Returns a dict with id, title, status, type,
-    posted_by, claimed_by, description (None when absent) and completion
-    (None, or {id, completed_by, evidence_raw})."""
+    """Parse `wl status ID` into a BoardItem (priority None)."""
     # Structure is read from lines without colour codes; the description and
     # evidence are taken from the raw lines, byte for byte (a raw ESC inside
     # a JSON string makes it invalid JSON, as Go sees it; stripping it would
@@ -1115,41 +1148,42 @@ def parse_status(text):
         lines.pop(0)
         raw.pop(0)
     if not lines:
-        raise WlError("wl status printed no item header; got %s" % preview(text, 60))
+        raise WlError("wl status printed no item header; got %s" % preview(_go_string(text), 60))
     item_id, _, title = lines[0].partition(": ")
+    item_id = item_id.strip()
     if raw[0].startswith(item_id + ": "):  # the title exactly as posted
         title = raw[0][len(item_id) + 2:].rstrip("\r")
-    item = {"id": item_id.strip(), "title": title, "status": None, "type": None,
-            "posted_by": None, "claimed_by": None, "description": None, "completion": None}
+    found = {}  # BoardItem's fields, as met
+    completion = None  # [id, completed_by, evidence]
     i = 1
     while i < len(lines):
         line = lines[i]
         if line == "  Description:":
-            i, item["description"] = _status_description(lines, raw, i + 1)
+            i, found["description"] = _status_description(lines, raw, i + 1)
             continue
         value = line.partition(":")[2].strip()
         if line.startswith("  Status:"):
-            item["status"] = value
+            found["status"] = value
         elif line.startswith("  Type:"):
-            item["type"] = value.split()[0] if value else ""
+            found["type"] = value.split()[0] if value else ""
         elif line.startswith("  Posted by:"):
-            item["posted_by"] = value
+            found["posted_by"] = value
         elif line.startswith("  Claimed by:"):
-            item["claimed_by"] = value
+            found["claimed_by"] = value
         elif line.startswith("  Completion:"):
-            if item["completion"] is not None:
+            if completion is not None:
                 raise WlError("wl status output for %s has two Completion sections; the description "
-                              "imitates wl's own output, refusing to guess" % item["id"])
-            item["completion"] = {"id": value, "completed_by": None, "evidence_raw": None}
-        elif line.startswith("    Evidence:") and item["completion"] is not None:
+                              "imitates wl's own output, refusing to guess" % item_id)
+            completion = [value, None, None]
+        elif line.startswith("    Evidence:") and completion is not None:
             exact = raw[i] if raw[i].startswith("    Evidence:") else line
-            item["completion"]["evidence_raw"] = exact[len("    Evidence:"):].lstrip(" ")
-        elif line.startswith("    Completed by:") and item["completion"] is not None:
-            item["completion"]["completed_by"] = value
+            completion[2] = exact[len("    Evidence:"):].lstrip(" ")
+        elif line.startswith("    Completed by:") and completion is not None:
+            completion[1] = _go_string(value)
         i += 1
-    if not item["status"]:
-        raise WlError("wl status output for %s has no Status line; is this wl version supported?" % item["id"])
-    return item
+    if not found.get("status"):
+        raise WlError("wl status output for %s has no Status line; is this wl version supported?" % item_id)
+    return BoardItem(item_id, title, completion=completion and Completion(*completion), **found)
 
 
 def _status_description(lines, raw, start):
@@ -1184,11 +1218,11 @@ BROWSE_LIMIT = 1000  # items asked of wl browse when we filter or order them our
 
 
 def parse_browse(text):
-    """Parse `wl browse --json --long`: items shaped like parse_status's
-    (completion None) plus priority, in wl's order. An entry that is not an
-    object with an item ID is left out: nothing can be done with it."""
+    """Parse `wl browse --json --long`: BoardItems (completion None), in
+    wl's order. An entry that is not an object with an item ID is left
+    out: nothing can be done with it."""
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_int=_json_int)
     except (ValueError, RecursionError):
         raise WlError("wl browse --json printed something that is not JSON: %s" % preview(text, 60))
     if doc is None:  # wl prints null for an empty board
@@ -1202,10 +1236,9 @@ def parse_browse(text):
         # empty fields are omitted by wl; anything but a string is not wl's
         field = dict((k, v if isinstance(v, str) and v else None) for k, v in entry.items())
         priority = entry.get("priority")
-        items.append({"id": entry["id"], "title": field.get("title") or "", "status": field.get("status"),
-                      "type": field.get("type"), "posted_by": field.get("posted_by"),
-                      "claimed_by": field.get("claimed_by"), "description": field.get("description"),
-                      "priority": priority if type(priority) is int else None, "completion": None})
+        items.append(BoardItem(entry["id"], field.get("title") or "", field.get("status"), field.get("type"),
+                               field.get("posted_by"), field.get("claimed_by"), field.get("description"),
+                               priority if type(priority) is int else None))
     return items
 
 
@@ -1352,7 +1385,7 @@ def spool_write(item, model_digest, evidence):
     os.makedirs(folder, mode=0o700, exist_ok=True)
     for path in (folder, os.path.dirname(folder)):  # makedirs' mode is masked by umask
         os.chmod(path, 0o700)
-    doc = {"version": SPOOL_VERSION, "id": item["id"], "description": item["description"],
+    doc = {"version": SPOOL_VERSION, "id": item.id, "description": item.description,
            "model_digest": model_digest, "spooled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "evidence": encode_evidence(evidence)}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
@@ -1361,7 +1394,7 @@ def spool_write(item, model_digest, evidence):
             json.dump(doc, f)  # ASCII: \u escapes keep the bytes wl gave that are not UTF-8
             f.flush()
             os.fsync(f.fileno())
-        path = spool_path(item["id"])
+        path = spool_path(item.id)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -1468,20 +1501,20 @@ class Report(object):
 
 
 def require_inference(item):
-    if item["type"] != "inference":
+    if item.type != "inference":
         raise UserError("%s is %s, not an inference job" % (
-            item["id"], "a %s item" % item["type"] if item["type"] else "an untyped item"))
+            item.id, "a %s item" % item.type if item.type else "an untyped item"))
 
 
 def job_of(item):
     """The decoded job of an item read with `wl status`."""
     require_inference(item)
-    if item["description"] is None:
-        raise JobError("%s has no description, so no job to run" % item["id"])
+    if item.description is None:
+        raise JobError("%s has no description, so no job to run" % item.id)
     try:
-        return decode_job(item["description"])
+        return decode_job(item.description)
     except JobError as exc:
-        raise JobError("%s: %s" % (item["id"], exc))
+        raise JobError("%s: %s" % (item.id, exc))
 
 
 def find_model(models, name):
@@ -1564,16 +1597,16 @@ def submit(ctx, item_id, encoded):
         item = ctx.wl.status(item_id)
     except UserError:
         raise failure
-    if item["completion"] is not None and item["completion"]["evidence_raw"] == encoded:
+    if item.completion is not None and item.completion.evidence == encoded:
         ctx.warn("%s, but the completion is on the board: it was submitted" % failure)
         return
-    failure.item_status = item["status"]
+    failure.item_status = item.status
     raise failure
 
 
 def kept_result(ctx, item, digest):
     """A spooled result for exactly this job and this model, or None."""
-    path = spool_path(item["id"])
+    path = spool_path(item.id)
     if not os.path.exists(path):
         return None
     try:
@@ -1581,16 +1614,16 @@ def kept_result(ctx, item, digest):
     except UserError as exc:
         ctx.warn("%s; generating again" % exc)
         return None
-    if doc["description"] != item["description"] or not same_digest(doc["model_digest"], digest):
+    if doc["description"] != item.description or not same_digest(doc["model_digest"], digest):
         ctx.warn("the result kept in %s was made for %s; generating again (it will be replaced)"
-                 % (path, "another job description" if doc["description"] != item["description"]
+                 % (path, "another job description" if doc["description"] != item.description
                     else "model %s, this one is %s" % (short_digest(doc["model_digest"]), short_digest(digest))))
         return None
     try:
         fit_evidence(doc["evidence"])
     except UserError as exc:  # the same job would make the same output: refuse before claiming
         raise UserError("%s already ran this job: %s (kept in %s; `wl_infer.py spool --drop %s` removes it)"
-                        % (item["id"], exc, path, item["id"]))
+                        % (item.id, exc, path, item.id))
     doc["path"] = path
     return doc
 
@@ -1613,7 +1646,7 @@ class JobRun(object):
     submitted."""
 
     def __init__(self, ctx, item, skip_claim=False):
-        self.ctx, self.item, self.id, self.skip_claim = ctx, item, item["id"], skip_claim
+        self.ctx, self.item, self.id, self.skip_claim = ctx, item, item.id, skip_claim
         self.job = self.digest = self.kept = None
         self.full = None  # the whole evidence, before fitting wl's field
         self.evidence = None  # as submitted
@@ -1627,17 +1660,17 @@ class JobRun(object):
         {name: digest} of the Ollama at `url` that will run it."""
         item, allowed = self.item, ("open", "claimed") if self.skip_claim else ("open",)
         require_inference(item)
-        if item["status"] not in allowed:
+        if item.status not in allowed:
             raise UserError("%s is %s, not %s; %s" % (
-                self.id, item["status"], " or ".join(allowed),
+                self.id, item.status, " or ".join(allowed),
                 "with --skip-claim the item must already be claimed" if self.skip_claim
                 else "only open jobs can be claimed (use --skip-claim if you claimed it yourself)"))
         job = self.job = job_of(item)
-        digest = self.digest = require_local_model(models, job["model"], url)
-        if job["model_digest"] and not same_digest(job["model_digest"], digest):
+        digest = self.digest = require_local_model(models, job.model, url)
+        if job.model_digest and not same_digest(job.model_digest, digest):
             raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
                             "to another worker (a result from other weights could not be verified against the "
-                            "pin)" % (job["model"], short_digest(digest), short_digest(job["model_digest"])))
+                            "pin)" % (job.model, short_digest(digest), short_digest(job.model_digest)))
         self.kept = kept_result(self.ctx, item, digest)
         if self.kept:
             self.full, self.spooled = self.kept["evidence"], self.kept["path"]
@@ -1711,7 +1744,7 @@ def run_job(ctx, item_id, skip_claim=False):
     run.check(ctx.ollama.models(), ctx.ollama.url)
     version = local_version(ctx.ollama) if run.kept is None else ""
     run.attempt(run.claim)
-    progress = ctx.progress("generating with %s" % printable(run.job["model"]))
+    progress = ctx.progress("generating with %s" % printable(run.job.model))
     try:
         run.attempt(run.generate, ctx.ollama, version, progress)
     finally:
@@ -1768,23 +1801,33 @@ def _kept_note(ctx, item_id, spooled, skip_claim, submittable=True):
         spooled, resubmit_command(ctx, item_id, skip_claim))
 
 
-# -- verification -------------------------------------------------------------
+# =============================================================================
+# Verification: the cheap checks, then a re-run compared as it streams
+# =============================================================================
+#
 # Checks run cheapest first; the first failing one decides the verdict. A
-# check is {"name", "ok", "message"} with ok None for "not available" (Go's
-# evidence has no digest or logprobs). A cause is {"kind", "message", ...}.
+# check's ok is None for "not available" (Go's evidence has no digest or
+# logprobs). The worker's submitted output is compared with a re-run that
+# stops at the first character that differs. With a tolerance, at a
+# divergence the submitted token is looked up among the model's own top
+# candidates there; within the tolerance it is forced: the generation goes on
+# from the rendered prompt plus the submitted text through that token (a raw
+# request) and must reproduce the rest. A forger picks at most max_forced
+# tokens, each among near-ties; the model decides everything else.
 
 LOGPROB_TOLERANCE = 0.1  # nats: more, on identical text, is different numerics
 NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausible
 EXCERPT = 24  # characters shown on each side of a divergence
 DEFAULT_MAX_FORCED = 8  # near-tie steps a tolerant verification forces at most
+VERIFIED, MISMATCH = "VERIFIED", "MISMATCH"
 
 
 class Policy(object):
-    """How a re-run is judged. tolerance 0: exact (the claimed text must be
-    what this model generates). tolerance > 0: at most `max_forced` tokens
-    may be a candidate at most `tolerance` nats below the model's choice.
-    strict: same text with logprobs further apart than the larger of
-    LOGPROB_TOLERANCE and the tolerance is a MISMATCH."""
+    """How a re-run is judged. tolerance 0: exact (the submitted text must
+    be what this model generates). tolerance > 0: at most `max_forced`
+    tokens may be a candidate at most `tolerance` nats below the model's
+    choice. strict: same text with logprobs further apart than the larger
+    of LOGPROB_TOLERANCE and the tolerance is a MISMATCH."""
 
     def __init__(self, strict=False, tolerance=0.0, max_forced=DEFAULT_MAX_FORCED):
         self.strict, self.tolerance, self.max_forced = strict, tolerance, max_forced
@@ -1793,294 +1836,382 @@ class Policy(object):
 EXACT = Policy()
 
 
-def _check(name, ok, message):
-    return {"name": name, "ok": ok, "message": message}
+class Check(collections.namedtuple("Check", "name ok message")):
+    """One line of a verification: ok True, False, or None (not available)."""
+
+    __slots__ = ()
 
 
-def _cause(kind, message, **details):
-    return dict(details, kind=kind, message=message)
+class Cause(object):
+    """Why a verification is a MISMATCH (or, for a near-tie, what likely
+    happened): a kind, a sentence, and details for --json."""
+
+    def __init__(self, kind, message, **details):
+        self.kind, self.message, self.details = kind, message, details
+
+    def document(self):
+        return dict(self.details, kind=self.kind, message=self.message)
 
 
-def cheap_checks(job, raw):
-    """Checks 1-3: they need neither Ollama nor a re-run, so status shows
-    them and verify starts with them. `job` is None when it does not decode.
-    Returns (evidence or None when it does not decode, checks, cause or None)."""
+class ForcedStep(collections.namedtuple("ForcedStep", "token char submitted rerun gap logprob")):
+    """A near-tie a tolerant verification accepted: at token `token`
+    (character `char`) the submitted text has `submitted` where the re-run
+    chose `rerun`, `gap` nats below it."""
+
+    __slots__ = ()
+
+
+class ToleranceNotApplied(collections.namedtuple("ToleranceNotApplied", "why")):
+    """The re-run cannot apply the tolerance here; the exact verdict stands."""
+
+    __slots__ = ()
+
+
+def evidence_checks(job, raw):
+    """The checks that need neither Ollama nor a re-run (status shows them,
+    verify starts with them). `job` is None when it does not decode.
+    Returns (evidence or None when it does not decode, checks, Cause or None)."""
     try:
         evidence = decode_evidence(raw)
     except JobError as exc:
-        return None, [_check("decodes", False, "evidence does not decode: %s" % exc)], None
-    checks, cause = _claim_checks(job, evidence)
-    return evidence, [_check("decodes", True, "evidence decodes")] + checks, cause
-
-
-def _claim_checks(job, evidence):
+        return None, [Check("decodes", False, "evidence does not decode: %s" % exc)], None
+    checks = [Check("decodes", True, "evidence decodes")]
     if output_hash(evidence["output"]) != evidence["output_hash"]:
-        message = "evidence is inconsistent: output does not hash to output_hash"
-        return [_check("self-consistent", False, message)], _cause(
+        return evidence, checks + [Check("self-consistent", False, "evidence is inconsistent: output does not "
+                                         "hash to output_hash")], Cause(
             "inconsistent-evidence", "the output does not hash to output_hash; no honest run writes that, "
-            "so the claim is refuted without a re-run")
-    checks = [_check("self-consistent", True, "output hashes to output_hash")]
+            "so the submitted output is refuted without a re-run")
+    checks.append(Check("self-consistent", True, "output hashes to output_hash"))
     if job is None:
-        return checks + [_check("binding", None, "binding: not checked, the job does not decode")], None
+        return evidence, checks + [Check("binding", None, "binding: not checked, the job does not decode")], None
     differences = []
-    if full_model_name(evidence["model"]).lower() != full_model_name(job["model"]).lower():
-        differences.append(("model", "evidence model %s, job model %s" % (evidence["model"], job["model"])))
-    if evidence["seed"] != job["seed"]:
-        differences.append(("seed", "evidence seed %d, job seed %d" % (evidence["seed"], job["seed"])))
-    pin, claimed = job["model_digest"], evidence["model_digest"]
-    if pin and claimed and not same_digest(pin, claimed):
+    if full_model_name(evidence["model"]).lower() != full_model_name(job.model).lower():
+        differences.append(("model", "evidence model %s, job model %s" % (evidence["model"], job.model)))
+    if evidence["seed"] != job.seed:
+        differences.append(("seed", "evidence seed %d, job seed %d" % (evidence["seed"], job.seed)))
+    pin, recorded = job.model_digest, evidence["model_digest"]
+    if pin and recorded and not same_digest(pin, recorded):
         differences.append(("model_digest", "evidence model_digest %s, job pins %s"
-                            % (short_digest(claimed), short_digest(pin))))
+                            % (short_digest(recorded), short_digest(pin))))
     if differences:
-        field, detail = differences[0]
         message = "the evidence is not for this job: " + "; ".join(d for _, d in differences)
-        return checks + [_check("binding", False, message)], _cause("binding", message, field=field)
+        return evidence, checks + [Check("binding", False, message)], Cause("binding", message,
+                                                                           field=differences[0][0])
     message = "model and seed match the job"
     if pin:
-        message += (", and the pinned digest" if claimed else
+        message += (", and the pinned digest" if recorded else
                     "; the pinned digest is not available (the evidence records no model_digest)")
-    return checks + [_check("binding", True, message)], None
+    return evidence, checks + [Check("binding", True, message)], None
 
 
 def local_model_check(job, evidence, digest):
-    """Check 4: a different local model does not stop the re-run, but it is
-    the likely cause if the texts then differ."""
-    claimed, pin = evidence["model_digest"], job["model_digest"]
+    """A different local model does not stop the re-run, but it is the
+    likely cause if the texts then differ."""
+    recorded, pin = evidence["model_digest"], job.model_digest
     if pin and not same_digest(pin, digest):
-        return _check("local-model", False, "local model %s is %s, the job pins %s"
-                      % (job["model"], short_digest(digest), short_digest(pin)))
-    if claimed and not same_digest(claimed, digest):
-        return _check("local-model", False, "local model %s is %s, the worker's was %s"
-                      % (job["model"], short_digest(digest), short_digest(claimed)))
-    if not claimed and not pin:
-        return _check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
-                      % short_digest(digest))
-    whose = ("the pinned one and the worker's" if pin and claimed else "the worker's" if claimed
+        return Check("local-model", False, "local model %s is %s, the job pins %s"
+                     % (job.model, short_digest(digest), short_digest(pin)))
+    if recorded and not same_digest(recorded, digest):
+        return Check("local-model", False, "local model %s is %s, the worker's was %s"
+                     % (job.model, short_digest(digest), short_digest(recorded)))
+    if not recorded and not pin:
+        return Check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
+                     % short_digest(digest))
+    whose = ("the pinned one and the worker's" if pin and recorded else "the worker's" if recorded
              else "the pinned one (the evidence records no digest)")
-    return _check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
+    return Check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
 
 
-def divergence(gen, claimed):
-    """Where the re-run left the claimed text: character and token index,
+def divergence(gen, submitted):
+    """Where the re-run left the submitted text: character and token index,
     with a short excerpt of both texts around it."""
     at = gen.diverged_at
     token = gen.token_at(at)
     start = max(0, at - EXCERPT)
     return {"char": at, "token": len(gen.token_ends) if token is None else token, "excerpt_start": start,
-            "claimed": claimed[start:at + EXCERPT], "rerun": gen.text[start:at + EXCERPT]}
+            "submitted": submitted[start:at + EXCERPT], "rerun": gen.text[start:at + EXCERPT]}
 
 
 def diagnose(gen, job, evidence, digest, version):
-    """The likely cause of a divergence. It informs a person; the verdict stays MISMATCH."""
-    claimed_digest = evidence["model_digest"] or job["model_digest"]
-    claimed_version = evidence["ollama_version"]
-    if claimed_digest and digest and not same_digest(claimed_digest, digest):
-        return _cause("model-digest", "%s is %s and this one is %s: different weights give different text; "
-                      "re-check with that version of the model"
-                      % ("the worker's model" if evidence["model_digest"] else "the job's pinned model",
-                         short_digest(claimed_digest), short_digest(digest)), claimed=claimed_digest, local=digest)
-    if claimed_version and version and claimed_version != version:
-        return _cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
-                      "numerics; re-check with the worker's version" % (preview(claimed_version, 20), version),
-                      claimed=claimed_version, local=version)
+    """The likely Cause of a divergence. It informs a person; the verdict stays MISMATCH."""
+    recorded_digest = evidence["model_digest"] or job.model_digest
+    recorded_version = evidence["ollama_version"]
+    if recorded_digest and digest and not same_digest(recorded_digest, digest):
+        return Cause("model-digest", "%s is %s and this one is %s: different weights give different text; "
+                     "re-check with that version of the model"
+                     % ("the worker's model" if evidence["model_digest"] else "the job's pinned model",
+                        short_digest(recorded_digest), short_digest(digest)), recorded=recorded_digest, local=digest)
+    if recorded_version and version and recorded_version != version:
+        return Cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
+                     "numerics; re-check with the worker's version" % (preview(recorded_version, 20), version),
+                     recorded=recorded_version, local=version)
     token = gen.token_at(gen.diverged_at)
     entry = gen.entry_at(token)
     start = gen.token_start(token) if token is not None else gen.diverged_at
     chosen = gen.text[start:gen.token_ends[token]] if token is not None else ""
     runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
     if entry is None or runner_up is None:
-        where = ("the re-run ended where the claimed output goes on" if token is None
+        where = ("the re-run ended where the submitted output goes on" if token is None
                  else "this Ollama returned no logprobs at the divergence" if entry is None
                  else "the re-run's logprobs at the divergence list no runner-up")
-        return _cause("unknown", where + ", so a near-tie cannot be told from a different output")
+        return Cause("unknown", where + ", so a near-tie cannot be told from a different output")
     margin = entry[0] - runner_up[1]
-    claim = evidence["output"]
-    took_runner_up = bool(runner_up[0]) and claim.startswith(runner_up[0], start)
-    details = {"token": token, "rerun_token": chosen, "runner_up": runner_up[0], "margin": round(margin, 4)}
-    where = "at token %d the re-run chose %s over %s by %.2f nats where the claim has %s" % (
+    submitted = evidence["output"]
+    took_runner_up = bool(runner_up[0]) and submitted.startswith(runner_up[0], start)
+    where = "at token %d the re-run chose %s over %s by %.2f nats where the submitted output has %s" % (
         token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
-        preview(_dumps(claim[start:start + max(len(chosen), len(runner_up[0]))]), 20) if start < len(claim)
+        preview(_dumps(submitted[start:start + max(len(chosen), len(runner_up[0]))]), 20) if start < len(submitted)
         else "nothing more")
+    details = dict(token=token, rerun_token=chosen, runner_up=runner_up[0], margin=round(margin, 4))
     if margin <= NEAR_TIE or took_runner_up:
-        return _cause("near-tie", where + ": %s consistent with benign floating-point differences across "
-                      "hardware or batching; verify --tolerance %g checks whether the rest of the claim follows"
-                      % ("the runner-up," if took_runner_up else "a close call,", NEAR_TIE), **details)
-    caveat = "" if claimed_digest else (" (the evidence records no model digest, so other weights "
-                                        "are not ruled out)")
-    return _cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
-                  **details)
+        return Cause("near-tie", where + ": %s consistent with benign floating-point differences across "
+                     "hardware or batching; verify --tolerance %g checks whether the rest of the output follows"
+                     % ("the runner-up," if took_runner_up else "a close call,", NEAR_TIE), **details)
+    caveat = "" if recorded_digest else (" (the evidence records no model digest, so other weights "
+                                         "are not ruled out)")
+    return Cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
+                 **details)
 
 
 def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
-    """Check 6, on identical text: the largest logprob difference, or None."""
+    """On identical text: (the Check, the largest logprob difference or None)."""
     ours, theirs = gen.chosen_logprobs(), evidence["logprobs"]
     if ours is None or theirs is None:
-        return _check("logprobs", None, "logprobs: not compared, %s has none"
-                      % ("the evidence" if theirs is None else "this Ollama's re-run")), None
+        return Check("logprobs", None, "logprobs: not compared, %s has none"
+                     % ("the evidence" if theirs is None else "this Ollama's re-run")), None
     pairs = list(zip(ours, theirs))
     diff = round(max([abs(round(a, 4) - b) for a, b in pairs] or [0.0]), 4)
     if diff > limit:
-        return _check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
-                      "(different weights, quantisation or runtime)" % diff), diff
-    return _check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens"
-                  % (diff, len(pairs))), diff
-
-
-def verify_item(ctx, item, policy=EXACT):
-    """Verify an item's completion evidence: the cheap checks, then a re-run
-    that stops at the first character that differs from the claim. Returns
-    a result dict; verdict is VERIFIED or MISMATCH."""
-    result = verify_cheaply(item)
-    return rerun_check(ctx, result, policy) if result["verdict"] is None else result
-
-
-def verify_cheaply(item):
-    """The checks that need no model: a result whose verdict is MISMATCH
-    when they refute the claim, else None (a re-run decides)."""
-    job = job_of(item)
-    completion = item["completion"]
-    if completion is None or not completion["evidence_raw"]:
-        raise UserError("%s has no completion evidence to verify (status %s)" % (item["id"], item["status"]))
-    evidence, checks, cause = cheap_checks(job, completion["evidence_raw"])
-    if evidence is None:
-        raise JobError("%s: %s" % (item["id"], checks[0]["message"]))
-    return {"id": item["id"], "verdict": "MISMATCH" if cause else None, "diverged_at": None,
-            "tokens_generated": 0, "logprob_max_diff": None, "expected_hash": evidence["output_hash"],
-            "actual_hash": None, "output": None, "job": job, "evidence": evidence,
-            "completed_by": completion["completed_by"], "local": {"model_digest": None, "ollama_version": None},
-            "checks": checks, "cause": cause, "exact": None, "tolerance": 0.0, "forced": []}
-
-
-def rerun_check(ctx, result, policy=EXACT):
-    """Re-run the job on the local Ollama, stopping at the first character
-    that differs from the claim (tolerant: forcing near-ties); sets the verdict."""
-    job, evidence = result["job"], result["evidence"]
-    result["verdict"], result["tolerance"] = "MISMATCH", policy.tolerance
-    models = ctx.ollama.models()
-    digest = result["local"]["model_digest"] = require_local_model(models, job["model"], ctx.ollama.url)
-    result["checks"].append(local_model_check(job, evidence, digest))
-    gen, cause = rerun(ctx, result, policy)
-    forced = result["forced"]
-    result["tokens_generated"], result["output"] = gen.eval_count, gen.text
-    if gen.final is not None:
-        result["actual_hash"] = output_hash(gen.text)
-    if gen.diverged_at is not None:
-        result["diverged_at"] = where = divergence(gen, evidence["output"])
-        result["checks"].append(_check("rerun", False, "re-run diverges at character %d, token %d%s%s" % (
-            where["char"], where["token"], " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None
-            else "", " after %s" % _steps(len(forced)) if forced else "")))
-        version = local_version(ctx.ollama) if evidence["ollama_version"] and not cause else None
-        result["local"]["ollama_version"] = version
-        result["cause"] = cause or diagnose(gen, job, evidence, digest, version)
-        return result
-    ending = gen.final.get("done_reason")
-    if forced and evidence["done_reason"] and ending != evidence["done_reason"]:
-        # one request makes the ending the same as the claim's; forced steps split it over several
-        message = "the re-run ends where the claimed output does, but for another reason (%s, the claim says %s)" \
-            % (preview(_dumps(ending), 20), preview(_dumps(evidence["done_reason"]), 20))
-        result["checks"].append(_check("rerun", False, message))
-        result["cause"] = _cause("different-ending", message)
-        return result
-    result["checks"].append(_check("rerun", True, "re-run produced the claimed output (%s%s)" % (
-        _tokens(gen.eval_count), ", forcing %s" % _steps(len(forced)) if forced else "")))
-    check, result["logprob_max_diff"] = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
-    result["checks"].append(check)
-    if check["ok"] is False:
-        if policy.strict:
-            result["cause"] = _cause("different-numerics", check["message"] + " (--strict)")
-            return result
-        ctx.warn(check["message"] + "; the text matches, so the verdict stands (--strict refuses this)")
-    result["verdict"], result["exact"] = "VERIFIED", not forced
-    return result
-
-
-# -- tolerant verification ------------------------------------------------------
-# At a divergence, the claim's token is looked up among the model's own top
-# candidates there. Within the tolerance it is forced: the generation goes on
-# from the rendered prompt plus the claim through that token (a raw request),
-# and must reproduce the rest of the claim. A forger picks at most
-# max_forced tokens, each among near-ties; the model decides everything else.
-
-
-def rerun(ctx, result, policy):
-    """The re-run of the result's job, compared with its claimed output:
-    (the Generation, a cause when the tolerance decided a MISMATCH, else None).
-    Forced steps go to result["forced"], a tolerance that cannot be applied
-    is a check (the verdict is then the exact one)."""
-    job, claim = result["job"], result["evidence"]["output"]
-    top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
-    progress = ctx.progress("generating with %s" % printable(job["model"]))
-    gen, request, rendered = None, None, None
-    try:
-        while True:
-            gen = ctx.ollama.compare(request or generate_request(job, top), claim, progress, into=gen)
-            if gen.diverged_at is None or not policy.tolerance:
-                return gen, None
-            step, cause, unavailable = near_tie_step(gen, result["evidence"], policy.tolerance)
-            if step is not None and len(result["forced"]) >= policy.max_forced:
-                return gen, _cause("too-many-divergences", "at token %d the claim takes a near-tie (%.2f nats) "
-                                   "for the %s time, more than --max-forced %d allows: more than near-tie noise"
-                                   % (step["token"], step["gap"], _ordinal(len(result["forced"]) + 1),
-                                      policy.max_forced), token=step["token"], gap=step["gap"],
-                                   near_ties=len(result["forced"]) + 1)
-            if step is not None and rendered is None:
-                rendered = ctx.ollama.rendered_prompt(job)  # asked once, and only when needed
-                if rendered is None:
-                    unavailable = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
-                                   "and later), so it cannot continue from the claimed text")
-            if unavailable:
-                result["checks"].append(_check("tolerance", None, "tolerance not applied: %s; the verdict is "
-                                                                  "the exact one" % unavailable))
-                return gen, None
-            if step is None:
-                return gen, cause
-            result["forced"].append(step)
-            gen.force(step["token"], step["claimed"], step["logprob"])
-            budget = job["max_tokens"] - len(gen.token_ends) if job["max_tokens"] else None
-            if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
-                gen.final = {"done": True, "done_reason": "length"}
-                gen.compare_end(claim)
-                return gen, None
-            request = continuation_request(job, rendered, gen.text, budget)
-    finally:
-        progress.clear()
+        return Check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
+                     "(different weights, quantisation or runtime)" % diff), diff
+    return Check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens"
+                 % (diff, len(pairs))), diff
 
 
 def near_tie_step(gen, evidence, tolerance):
-    """At the divergence: (step to force, None, None) when the claim goes on
-    with one of the model's candidates at most `tolerance` nats below its
-    choice; (None, cause, None) when it does not; (None, None, why) when the
-    re-run cannot tell (the exact verdict stands)."""
-    claim = evidence["output"]
+    """At the divergence, what the tolerance makes of it: a ForcedStep when
+    the submitted text goes on with one of the model's candidates at most
+    `tolerance` nats below its choice; a Cause when it does not;
+    ToleranceNotApplied when the re-run cannot tell; None when one text
+    ends where the other goes on (no token to force)."""
+    submitted = evidence["output"]
     token = gen.token_at(gen.diverged_at)
     start = gen.token_start(token) if token is not None else None
-    if token is None or start >= len(claim):
-        return None, None, None  # one of the two ends here and the other goes on: no token to force
+    if token is None or start >= len(submitted):
+        return None
     if gen.thinking:
-        return None, None, "the model thinks before it answers, and a continuation cannot include its thinking"
+        return ToleranceNotApplied("the model thinks before it answers, and a continuation cannot include its "
+                                   "thinking")
     entry = gen.entry_at(token)
     if entry is None or not entry[1]:
-        return None, None, "this Ollama returned no candidates (top_logprobs) at the divergence"
+        return ToleranceNotApplied("this Ollama returned no candidates (top_logprobs) at the divergence")
     chosen = gen.text[start:gen.token_ends[token]]
     best = max([entry[0]] + [lp for _, lp in entry[1]])
-    fits = [(text, lp) for text, lp in entry[1] if text and claim.startswith(text, start)]
-    details = {"token": token, "rerun_token": chosen}
+    fits = [(text, lp) for text, lp in entry[1] if text and submitted.startswith(text, start)]
     if not fits:
-        return None, _cause("different-output", "at token %d the claim goes on with %s, which is none of the model's "
-                            "top %d candidates there: the output was not produced by this model and seed"
-                            % (token, preview(_dumps(claim[start:start + 12]), 24), len(entry[1])), gap=None,
-                            **details), None
+        return Cause("different-output", "at token %d the submitted output goes on with %s, which is none of the "
+                     "model's top %d candidates there: the output was not produced by this model and seed"
+                     % (token, preview(_dumps(submitted[start:start + 12]), 24), len(entry[1])), gap=None,
+                     token=token, rerun_token=chosen)
     lengths = evidence["token_lengths"] or []
     length = lengths[token] if token < len(lengths) and sum(lengths[:token]) == start else None
     text, logprob = next((c for c in fits if len(c[0]) == length), max(fits, key=lambda c: len(c[0])))
     gap = round(best - logprob, 4) + 0.0
     if gap > tolerance:
-        return None, _cause("different-output", "at token %d the claim has %s, %.2f nats below the model's choice %s: "
-                            "beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
-                            % (token, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
-                            gap=gap, claimed_token=text, **details), None
-    return {"token": token, "char": start, "claimed": text, "rerun": chosen, "gap": gap,
-            "logprob": round(logprob, 4) + 0.0}, None, None
+        return Cause("different-output", "at token %d the submitted output has %s, %.2f nats below the model's "
+                     "choice %s: beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
+                     % (token, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
+                     gap=gap, submitted_token=text, token=token, rerun_token=chosen)
+    return ForcedStep(token, start, text, chosen, gap, round(logprob, 4) + 0.0)
+
+
+class Verification(object):
+    """Verifying one completion, and what it found: built from an item by
+    check_evidence(), decided by rerun(), rendered by report() and
+    document(). verdict: VERIFIED, MISMATCH, or None while a re-run is to
+    decide."""
+
+    def __init__(self, item_id, job, evidence, completed_by, checks, cause):
+        self.item_id, self.job, self.evidence, self.completed_by = item_id, job, evidence, completed_by
+        self.checks, self.cause = checks, cause
+        self.verdict = MISMATCH if cause else None
+        self.exact = None  # VERIFIED: True without forced steps
+        self.tolerance = 0.0
+        self.forced = []  # ForcedSteps
+        self.diverged_at = None  # divergence()
+        self.tokens_generated = 0
+        self.logprob_max_diff = None
+        self.actual_hash = None  # of the re-run's whole output
+        self.output = None  # the re-run's output
+        self.local_digest = self.local_version = None
+
+    @classmethod
+    def check_evidence(cls, item):
+        """The checks that need no model: verdict MISMATCH when they refute
+        the submitted output, else None (a re-run decides)."""
+        job = job_of(item)
+        completion = item.completion
+        if completion is None or not completion.evidence:
+            raise UserError("%s has no completion evidence to verify (status %s)" % (item.id, item.status))
+        evidence, checks, cause = evidence_checks(job, completion.evidence)
+        if evidence is None:
+            raise JobError("%s: %s" % (item.id, checks[0].message))
+        return cls(item.id, job, evidence, completion.completed_by, checks, cause)
+
+    @property
+    def expected_hash(self):
+        return self.evidence["output_hash"]
+
+    def rerun(self, ctx, policy=EXACT):
+        """Re-run the job on the local Ollama, stopping at the first
+        character that differs from the submitted output (tolerant: forcing
+        near-ties), and decide the verdict."""
+        job, evidence = self.job, self.evidence
+        self.verdict, self.tolerance = MISMATCH, policy.tolerance
+        digest = self.local_digest = require_local_model(ctx.ollama.models(), job.model, ctx.ollama.url)
+        self.checks.append(local_model_check(job, evidence, digest))
+        gen = self._follow(ctx, policy)
+        self.tokens_generated, self.output = gen.eval_count, gen.text
+        if gen.final is not None:
+            self.actual_hash = output_hash(gen.text)
+        steps = " after %s" % _steps(len(self.forced)) if self.forced else ""
+        if gen.diverged_at is not None:
+            where = self.diverged_at = divergence(gen, evidence["output"])
+            self.checks.append(Check("rerun", False, "re-run diverges at character %d, token %d%s%s" % (
+                where["char"], where["token"], " (stopped after %s)" % _tokens(gen.eval_count)
+                if gen.final is None else "", steps)))
+            if self.cause is None:
+                self.local_version = local_version(ctx.ollama) if evidence["ollama_version"] else None
+                self.cause = diagnose(gen, job, evidence, digest, self.local_version)
+            return
+        ending = gen.final.get("done_reason")
+        if self.forced and evidence["done_reason"] and ending != evidence["done_reason"]:
+            # one request makes the ending the same as the submitted one's; forced steps split it over several
+            message = ("the re-run ends where the submitted output does, but for another reason (%s, the evidence "
+                       "says %s)" % (preview(_dumps(ending), 20), preview(_dumps(evidence["done_reason"]), 20)))
+            self.checks.append(Check("rerun", False, message))
+            self.cause = Cause("different-ending", message)
+            return
+        self.checks.append(Check("rerun", True, "re-run produced the submitted output (%s%s)" % (
+            _tokens(gen.eval_count), ", forcing %s" % _steps(len(self.forced)) if self.forced else "")))
+        check, self.logprob_max_diff = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
+        self.checks.append(check)
+        if check.ok is False:
+            if policy.strict:
+                self.cause = Cause("different-numerics", check.message + " (--strict)")
+                return
+            ctx.warn(check.message + "; the text matches, so the verdict stands (--strict refuses this)")
+        self.verdict, self.exact = VERIFIED, not self.forced
+
+    def _follow(self, ctx, policy):
+        """The re-run, compared with the submitted output as it streams; with
+        a tolerance, forced through near-ties (self.forced) until it
+        reproduces the rest or the tolerance decides (self.cause). Returns
+        the Generation."""
+        job, submitted = self.job, self.evidence["output"]
+        top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
+        progress = ctx.progress("generating with %s" % printable(job.model))
+        gen, request, rendered = None, generate_request(job, top), None
+        try:
+            while True:
+                gen = ctx.ollama.compare(request, submitted, progress, into=gen)
+                if gen.diverged_at is None or not policy.tolerance:
+                    return gen
+                step = near_tie_step(gen, self.evidence, policy.tolerance)
+                if isinstance(step, ForcedStep) and len(self.forced) >= policy.max_forced:
+                    self.cause = Cause(
+                        "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f nats) for "
+                        "the %s time, more than --max-forced %d allows: more than near-tie noise"
+                        % (step.token, step.gap, _ordinal(len(self.forced) + 1), policy.max_forced),
+                        token=step.token, gap=step.gap, near_ties=len(self.forced) + 1)
+                    return gen
+                if isinstance(step, ForcedStep) and rendered is None:
+                    rendered = ctx.ollama.rendered_prompt(job)  # asked once, and only when needed
+                    if rendered is None:
+                        step = ToleranceNotApplied("this Ollama does not render prompts (`_debug_render_only`, "
+                                                   "Ollama 0.11.5 and later), so it cannot continue from the "
+                                                   "submitted text")
+                if isinstance(step, ToleranceNotApplied):
+                    self.checks.append(Check("tolerance", None, "tolerance not applied: %s; the verdict is the "
+                                                                "exact one" % step.why))
+                    return gen
+                if not isinstance(step, ForcedStep):  # a Cause, or no token to force
+                    self.cause = step
+                    return gen
+                self.forced.append(step)
+                gen.force(step.token, step.submitted, step.logprob)
+                budget = job.max_tokens - len(gen.token_ends) if job.max_tokens else None
+                if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
+                    gen.final = {"done": True, "done_reason": "length"}
+                    gen.compare_end(submitted)
+                    return gen
+                request = continuation_request(job, rendered, gen.text, budget)
+        finally:
+            progress.clear()
+
+    def document(self):
+        """verify's --json document (audit prints one per item)."""
+        return {"id": self.item_id, "verdict": self.verdict, "exact": self.exact, "tolerance": self.tolerance,
+                "forced": [step._asdict() for step in self.forced], "checks": [c._asdict() for c in self.checks],
+                "cause": self.cause and self.cause.document(), "diverged_at": self.diverged_at,
+                "tokens_generated": self.tokens_generated, "logprob_max_diff": self.logprob_max_diff,
+                "expected_hash": self.expected_hash, "actual_hash": self.actual_hash, "job": self.job.document(),
+                "output": self.output, "local": {"model_digest": self.local_digest,
+                                                 "ollama_version": self.local_version},
+                "evidence": evidence_document(self.evidence)}
+
+    def report(self):
+        """verify's report, for a person."""
+        ok = self.verdict == VERIFIED
+        cause, where = self.cause, self.diverged_at
+        if ok and self.forced:
+            headline = "✓ VERIFIED (within tolerance %g nats: %s)" % (self.tolerance, _steps(len(self.forced)))
+        elif ok:
+            headline = "✓ VERIFIED — the re-run produced the submitted output, hashes match"
+        elif where is not None:
+            headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause.kind)
+        elif self.tokens_generated:
+            headline = "✗ MISMATCH — same text, different numerics (--strict)"
+        else:
+            headline = "✗ MISMATCH — %s, without a re-run" % cause.kind
+        text = [headline,
+                "  Item:      %s (completed by %s)" % (self.item_id, printable(self.completed_by or "unknown")),
+                "  Checks:"] + _check_lines(self.checks, "    ")
+        if cause:
+            text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
+        for n, step in enumerate(self.forced):
+            text.append("%s token %d: the submitted %s, where the re-run chose %s (%.2f nats)" % (
+                "  Forced:   " if n == 0 else "            ", step.token, preview(_dumps(step.submitted), 24),
+                preview(_dumps(step.rerun), 24), step.gap))
+        if where is not None:
+            text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
+                     "    submitted: " + _excerpt(where, "submitted"),
+                     "    re-run:    " + _excerpt(where, "rerun")]
+        if ok:
+            text.append("  Output:    " + preview(self.output))
+        text += ["  Expected:  " + printable(self.expected_hash),
+                 "  Actual:    " + (self.actual_hash or ("none (the re-run stopped at the divergence)"
+                                                         if self.tokens_generated else "none (no re-run)")),
+                 "  Cost:      %s generated" % _tokens(self.tokens_generated)]
+        if self.logprob_max_diff is not None:
+            text.append("  Logprobs:  largest difference %.4f nats" % self.logprob_max_diff)
+        return text
+
+
+def verify_item(ctx, item, policy=EXACT):
+    """Verify an item's completion evidence: the cheap checks, then (when
+    they leave it open) the re-run. Returns the Verification."""
+    verification = Verification.check_evidence(item)
+    if verification.verdict is None:
+        verification.rerun(ctx, policy)
+    return verification
+
+
+def _excerpt(where, side):
+    """Text around the divergence, with ⟨here⟩ marking it."""
+    text, cut = where[side], where["char"] - where["excerpt_start"]
+    return "%s%s⟨here⟩%s%s" % ("…" if where["excerpt_start"] else "", printable(text[:cut]),
+                              printable(text[cut:]), "…" if len(text) - cut >= EXCERPT else "")
 
 
 def _ordinal(n):
@@ -2091,35 +2222,11 @@ def _steps(n):
     return "1 near-tie step" if n == 1 else "%d near-tie steps" % n
 
 
-def _job_lines(job, indent="  "):
-    return [
-        indent + "Model:       " + printable(job["model"]),
-        indent + "Pinned:      " + (short_digest(job["model_digest"]) if job["model_digest"] else "no digest"),
-        indent + "Seed:        %d" % job["seed"],
-        indent + "Max tokens:  " + ("%d" % job["max_tokens"] if job["max_tokens"] > 0 else "model default"),
-        indent + "Prompt:      " + preview(job["prompt"]),
-    ]
-
-
 _MARKS = {True: "✓", False: "✗", None: "–"}
 
 
 def _check_lines(checks, indent):
-    return [indent + "%s %s" % (_MARKS[c["ok"]], printable(c["message"])) for c in checks]
-
-
-def _provenance_lines(evidence, indent):
-    """Our keys of an evidence, decoded or as submitted (absent keys allowed)."""
-    digest, version, count = (evidence.get(k) for k in ("model_digest", "ollama_version", "eval_count"))
-    if not digest and not version and not count:
-        return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
-    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence.get("tokens_per_s") is not None else ""
-    logprobs = evidence.get("logprobs")
-    return [indent + "Model digest: " + (short_digest(digest) if digest else "not recorded"),
-            indent + "Ollama:       " + (preview(version, 30) if version else "version not recorded"),
-            indent + "Tokens:       " + ("%d%s, done: %s" % (count, rate, preview(
-                evidence.get("done_reason") or "not recorded", 20)) if count else "not recorded"),
-            indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None else "not recorded")]
+    return [indent + "%s %s" % (_MARKS[c.ok], printable(c.message)) for c in checks]
 
 
 # -- the worker ----------------------------------------------------------------
@@ -2301,16 +2408,16 @@ class Worker(object):
             self.log("wl works again")
             self.failing = 0
         # wl lists newest first within a priority: reversed, then a stable sort
-        items = sorted(reversed(items), key=lambda i: 99 if i["priority"] is None else i["priority"])
+        items = sorted(reversed(items), key=lambda i: 99 if i.priority is None else i.priority)
         for item in items:
             run, servers, reason = self.eligible(item)
             if run is not None:
                 self.candidates.append((run, servers))
-            elif reason and self.skip_logged.get(item["id"]) != reason:
-                if item["id"] not in self.skip_logged:
+            elif reason and self.skip_logged.get(item.id) != reason:
+                if item.id not in self.skip_logged:
                     self.count("skipped")
-                self.skip_logged[item["id"]] = reason
-                self.log("skipped %s (%s)" % (item["id"], reason))
+                self.skip_logged[item.id] = reason
+                self.log("skipped %s (%s)" % (item.id, reason))
         self.found = bool(self.candidates)
 
     def failed_poll(self, what, exc):
@@ -2326,9 +2433,9 @@ class Worker(object):
     def eligible(self, item):
         """(JobRun checked for its claim, servers that can run it, None), or
         (None, None, why not); why is None for a job to retry later."""
-        args, failed = self.args, self.failures.get(item["id"])
+        args, failed = self.args, self.failures.get(item.id)
         with self.cond:
-            if item["id"] in self.held:  # released a moment ago; its failure is being recorded
+            if item.id in self.held:  # released a moment ago; its failure is being recorded
                 return None, None, None
         if failed and failed[0] >= JOB_TRIES:
             return None, None, "failed %d times; not tried again by this worker" % failed[0]
@@ -2338,23 +2445,23 @@ class Worker(object):
             job = job_of(item)
         except UserError as exc:
             return None, None, str(exc).partition(": ")[2] or str(exc)
-        model = job["model"]
+        model = job.model
         if self.wanted is not None and full_model_name(model).lower() not in self.wanted:
             return None, None, "model %s is not in --models" % model
         servers = [s for s in self.servers if find_model(s.models, model) is not None]
         if not servers:
             return None, None, "model %s not available" % model
-        if job["model_digest"]:
-            servers = [s for s in servers if same_digest(find_model(s.models, model), job["model_digest"])]
+        if job.model_digest:
+            servers = [s for s in servers if same_digest(find_model(s.models, model), job.model_digest)]
             if not servers:
-                return None, None, "model %s here is not the pinned %s" % (model, short_digest(job["model_digest"]))
-        if job["max_tokens"] == 0 and not args.allow_uncapped:
+                return None, None, "model %s here is not the pinned %s" % (model, short_digest(job.model_digest))
+        if job.max_tokens == 0 and not args.allow_uncapped:
             return None, None, "max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it"
-        if job["max_tokens"] > args.max_tokens_cap:
-            return None, None, "max_tokens %d is over --max-tokens-cap %d" % (job["max_tokens"], args.max_tokens_cap)
-        if _size(job["prompt"]) > args.max_prompt_bytes:
+        if job.max_tokens > args.max_tokens_cap:
+            return None, None, "max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap)
+        if _size(job.prompt) > args.max_prompt_bytes:
             return None, None, "prompt of %d bytes is over --max-prompt-bytes %d" % (
-                _size(job["prompt"]), args.max_prompt_bytes)
+                _size(job.prompt), args.max_prompt_bytes)
         run = JobRun(self.ctx, item)
         try:
             run.check(servers[0].models, servers[0].url)
@@ -2380,7 +2487,7 @@ class Worker(object):
         with self.cond:
             self.records[run] = {"id": run.id, "result": None, "error": None}
             self.jobs.append(self.records[run])
-        self.log("claimed %s %s" % (run.id, run.job["model"]))
+        self.log("claimed %s %s" % (run.id, run.job.model))
         return True
 
     # -- generating and submitting -------------------------------------------------
@@ -2409,7 +2516,7 @@ class Worker(object):
             self.log("running %s on %s" % (run.id, server.url))
         try:
             run.attempt(run.generate, server.ollama, server.version, _abort_check,
-                        find_model(server.models, run.job["model"]))
+                        find_model(server.models, run.job.model))
         except (UserError, Interrupted) as exc:
             return self.job_failed(run, exc)
         finally:
@@ -2489,6 +2596,30 @@ def _seconds(value):
     return "%.1f s" % value if value < 120 else "%.1f min" % (value / 60)
 
 
+def _job_lines(job, indent="  "):
+    return [
+        indent + "Model:       " + printable(job.model),
+        indent + "Pinned:      " + (short_digest(job.model_digest) if job.model_digest else "no digest"),
+        indent + "Seed:        %d" % job.seed,
+        indent + "Max tokens:  " + ("%d" % job.max_tokens if job.max_tokens > 0 else "model default"),
+        indent + "Prompt:      " + preview(job.prompt),
+    ]
+
+
+def _provenance_lines(evidence, indent):
+    """Our keys of an evidence, decoded or as submitted (absent keys allowed)."""
+    digest, version, count = (evidence.get(k) for k in ("model_digest", "ollama_version", "eval_count"))
+    if not digest and not version and not count:
+        return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
+    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence.get("tokens_per_s") is not None else ""
+    logprobs = evidence.get("logprobs")
+    return [indent + "Model digest: " + (short_digest(digest) if digest else "not recorded"),
+            indent + "Ollama:       " + (preview(version, 30) if version else "version not recorded"),
+            indent + "Tokens:       " + ("%d%s, done: %s" % (count, rate, preview(
+                evidence.get("done_reason") or "not recorded", 20)) if count else "not recorded"),
+            indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None else "not recorded")]
+
+
 def cmd_post(ctx, args):
     check_model_name(args.model, "--model")
     prompt = read_prompt(args)
@@ -2500,16 +2631,16 @@ def cmd_post(ctx, args):
     except JobError as exc:
         raise UserError("not posted: workers would refuse this job (%s)" % exc)
     try:
-        digest = find_model(ctx.ollama.models(), job["model"])
+        digest = find_model(ctx.ollama.models(), job.model)
         if digest is None:
             ctx.warn("model %s is not in the local Ollama at %s; the job is posted anyway, but "
                      "you cannot verify results until you `ollama pull %s`"
-                     % (job["model"], ctx.ollama.url, job["model"]))
+                     % (job.model, ctx.ollama.url, job.model))
         elif not args.no_pin and _is_digest(digest):
-            job["model_digest"] = digest
+            job = job._replace(model_digest=digest)
         elif not args.no_pin:
             ctx.warn("not pinned: Ollama reports the digest of %s as %s, not 64 hex digits"
-                     % (job["model"], preview(_dumps(digest), 80)))
+                     % (job.model, preview(_dumps(digest), 80)))
     except OllamaError as exc:
         ctx.warn("could not check the model locally: %s" % exc)
     description = encode_job(job)
@@ -2520,7 +2651,7 @@ def cmd_post(ctx, args):
         raise Interrupted("the job was posted before stopping: %s" % item_id)
     text = ["✓ Posted inference job: " + item_id] + _job_lines(job) + [
         "", "  Next: wl_infer.py run " + item_id]
-    return Report(EXIT_OK, {"id": item_id, "title": title, "job": job}, text)
+    return Report(EXIT_OK, {"id": item_id, "title": title, "job": job.document()}, text)
 
 
 def read_prompt(args):
@@ -2561,62 +2692,9 @@ def cmd_run(ctx, args):
 
 
 def cmd_verify(ctx, args):
-    result = verify_item(ctx, ctx.wl.status(args.id), verify_policy(args))
-    ok = result["verdict"] == "VERIFIED"
-    return Report(EXIT_OK if ok else EXIT_MISMATCH, verify_document(result), verify_text(result))
-
-
-def verify_text(result):
-    ok = result["verdict"] == "VERIFIED"
-    cause, where = result["cause"], result["diverged_at"]
-    if ok and result["forced"]:
-        headline = "✓ VERIFIED (within tolerance %g nats: %s)" % (result["tolerance"], _steps(len(result["forced"])))
-    elif ok:
-        headline = "✓ VERIFIED — the re-run produced the claimed output, hashes match"
-    elif where is not None:
-        headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause["kind"])
-    elif result["tokens_generated"]:
-        headline = "✗ MISMATCH — same text, different numerics (--strict)"
-    else:
-        headline = "✗ MISMATCH — %s, without a re-run" % cause["kind"]
-    text = [headline,
-            "  Item:      %s (completed by %s)" % (result["id"], printable(result["completed_by"] or "unknown")),
-            "  Checks:"] + _check_lines(result["checks"], "    ")
-    if cause:
-        text.append("  Cause:     %s: %s" % (cause["kind"], printable(cause["message"])))
-    for n, step in enumerate(result["forced"]):
-        text.append("%s token %d: the claim's %s, where the re-run chose %s (%.2f nats)" % (
-            "  Forced:   " if n == 0 else "            ", step["token"], preview(_dumps(step["claimed"]), 24),
-            preview(_dumps(step["rerun"]), 24), step["gap"]))
-    if where is not None:
-        text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
-                 "    claimed: " + _excerpt(where, "claimed"),
-                 "    re-run:  " + _excerpt(where, "rerun")]
-    if ok:
-        text.append("  Output:    " + preview(result["output"]))
-    text += ["  Expected:  " + printable(result["expected_hash"]),
-             "  Actual:    " + (result["actual_hash"] or ("none (the re-run stopped at the divergence)"
-                                                          if result["tokens_generated"] else "none (no re-run)")),
-             "  Cost:      %s generated" % _tokens(result["tokens_generated"])]
-    if result["logprob_max_diff"] is not None:
-        text.append("  Logprobs:  largest difference %.4f nats" % result["logprob_max_diff"])
-    return text
-
-
-def verify_document(result):
-    """verify's --json document (audit prints one per item)."""
-    doc = dict((k, result[k]) for k in (
-        "id", "verdict", "exact", "tolerance", "forced", "checks", "cause", "diverged_at", "tokens_generated",
-        "logprob_max_diff", "expected_hash", "actual_hash", "job", "output", "local"))
-    doc["evidence"] = evidence_document(result["evidence"])
-    return doc
-
-
-def _excerpt(where, side):
-    """Text around the divergence, with ⟨here⟩ marking it."""
-    text, cut = where[side], where["char"] - where["excerpt_start"]
-    return "%s%s⟨here⟩%s%s" % ("…" if where["excerpt_start"] else "", printable(text[:cut]),
-                              printable(text[cut:]), "…" if len(text) - cut >= EXCERPT else "")
+    verification = verify_item(ctx, ctx.wl.status(args.id), verify_policy(args))
+    return Report(EXIT_OK if verification.verdict == VERIFIED else EXIT_MISMATCH, verification.document(),
+                  verification.report())
 
 
 def cmd_status(ctx, args):
@@ -2626,34 +2704,35 @@ def cmd_status(ctx, args):
         job = job_of(item)
     except UserError as exc:
         job_error = str(exc)
-    completion, evidence, checks = item["completion"], None, None
+    completion, evidence, checks = item.completion, None, None
     if completion is not None:
-        evidence, checks, _ = cheap_checks(job, completion["evidence_raw"] or "")
-    text = ["%s: %s" % (item["id"], printable(item["title"])),
-            "  Status:      " + printable(item["status"]),
-            "  Type:        " + printable(item["type"] or "unknown"),
-            "  Posted by:   " + printable(item["posted_by"] or "unknown")]
-    if item["claimed_by"]:
-        text.append("  Claimed by:  " + printable(item["claimed_by"]))
+        evidence, checks, _ = evidence_checks(job, completion.evidence or "")
+    text = ["%s: %s" % (item.id, printable(item.title)),
+            "  Status:      " + printable(item.status),
+            "  Type:        " + printable(item.type or "unknown"),
+            "  Posted by:   " + printable(item.posted_by or "unknown")]
+    if item.claimed_by:
+        text.append("  Claimed by:  " + printable(item.claimed_by))
     if job is not None:
         text += ["  Job:"] + _job_lines(job, "    ")
     else:
         text += ["  Job:         does not decode (%s)" % printable(job_error),
-                 "  Description: " + preview(item["description"] or "", 200)]
+                 "  Description: " + preview(_go_string(item.description or ""), 200)]
     if completion is not None:
-        text += ["  Completion:  %s by %s" % (printable(completion["id"]),
-                                              printable(completion["completed_by"] or "unknown"))]
+        text += ["  Completion:  %s by %s" % (printable(completion.id),
+                                              printable(completion.completed_by or "unknown"))]
         if evidence is not None:
             text += ["    Output hash: " + printable(evidence["output_hash"]),
                      "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    ")
         text += ["    Checks (without running the model):"] + _check_lines(checks, "      ")
-    doc = {"id": item["id"], "title": item["title"], "status": item["status"], "type": item["type"],
-           "posted_by": item["posted_by"], "claimed_by": item["claimed_by"], "job": job,
-           "description": item["description"],
+    doc = {"id": item.id, "title": item.title, "status": item.status, "type": item.type,
+           "posted_by": item.posted_by, "claimed_by": item.claimed_by, "job": job and job.document(),
+           "description": item.description and _go_string(item.description),
            "completion": None if completion is None else {
-               "id": completion["id"], "completed_by": completion["completed_by"],
-               "evidence": evidence and evidence_document(evidence), "raw": completion["evidence_raw"],
-               "checks": checks}}
+               "id": completion.id, "completed_by": completion.completed_by,
+               "evidence": evidence and evidence_document(evidence),
+               "raw": completion.evidence and _go_string(completion.evidence),
+               "checks": [c._asdict() for c in checks]}}
     return Report(EXIT_OK, doc, text)
 
 
@@ -2688,21 +2767,26 @@ def cmd_spool(ctx, args):
     return Report(EXIT_OK, {"folder": folder, "results": docs}, [head] + lines)
 
 
+class Listed(collections.namedtuple("Listed", "item job job_error")):
+    """A board item with its job decoded (job None and job_error why, when it does not decode)."""
+
+    __slots__ = ()
+
+
 def board_items(ctx, status, model, limit):
-    """One `wl browse`: inference items with `status` ("all": any) and, when
-    given, `model`; at most `limit`. Each gains `job` (None when it does
-    not decode) and `job_error`."""
+    """One `wl browse`: Listed inference items with `status` ("all": any)
+    and, when given, `model`; at most `limit`."""
     wanted = full_model_name(model).lower() if model else None
     # with a model filter, wl is asked for more, so the filter does not cut the list short
-    items = ctx.wl.browse(None if status == "all" else status, max(limit, BROWSE_LIMIT) if wanted else limit)
-    for item in items:
+    listed = []
+    for item in ctx.wl.browse(None if status == "all" else status, max(limit, BROWSE_LIMIT) if wanted else limit):
         try:
-            item["job"], item["job_error"] = job_of(item), None
+            listed.append(Listed(item, job_of(item), None))
         except UserError as exc:
-            item["job"], item["job_error"] = None, str(exc)
+            listed.append(Listed(item, None, str(exc)))
     if wanted:
-        items = [i for i in items if i["job"] and full_model_name(i["job"]["model"]).lower() == wanted]
-    return items[:limit]
+        listed = [entry for entry in listed if entry.job and full_model_name(entry.job.model).lower() == wanted]
+    return listed[:limit]
 
 
 def _table(header, rows):
@@ -2712,19 +2796,17 @@ def _table(header, rows):
 
 
 def cmd_list(ctx, args):
-    items = board_items(ctx, args.status, args.model, args.limit)
     rows, docs = [], []
-    for item in items:
-        job = item["job"]
-        docs.append({"id": item["id"], "status": item["status"], "priority": item["priority"], "job": job,
-                     "job_error": item["job_error"], "title": item["title"], "posted_by": item["posted_by"],
-                     "claimed_by": item["claimed_by"]})
+    for item, job, job_error in board_items(ctx, args.status, args.model, args.limit):
+        docs.append({"id": item.id, "status": item.status, "priority": item.priority, "job": job and job.document(),
+                     "job_error": job_error, "title": item.title, "posted_by": item.posted_by,
+                     "claimed_by": item.claimed_by})
         if job is None:
-            rows.append([item["id"], printable(item["status"] or "?"), "-", "-", "-",
-                         "(does not decode: %s)" % preview(item["job_error"].partition(": ")[2], 60)])
+            rows.append([item.id, printable(item.status or "?"), "-", "-", "-",
+                         "(does not decode: %s)" % preview(job_error.partition(": ")[2], 60)])
         else:
-            rows.append([item["id"], printable(item["status"] or "?"), preview(job["model"], 24), str(job["seed"]),
-                         str(job["max_tokens"]) if job["max_tokens"] else "default", preview(job["prompt"], 50)])
+            rows.append([item.id, printable(item.status or "?"), preview(job.model, 24), str(job.seed),
+                         str(job.max_tokens) if job.max_tokens else "default", preview(job.prompt, 50)])
     which = "" if args.status == "all" else " " + args.status
     if not rows:
         return Report(EXIT_OK, docs, ["No%s inference jobs on the board%s." % (
@@ -2733,44 +2815,52 @@ def cmd_list(ctx, args):
         "%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")])
 
 
+class AuditRow(object):
+    """One item in review: its Verification (None after an error), the
+    error, and what was done on the board (accepted, rejected)."""
+
+    def __init__(self, item_id):
+        self.item_id, self.verification, self.error, self.action = item_id, None, None, None
+
+
 def cmd_audit(ctx, args):
     """Verify every completion in review: the cheap checks of all first (a
-    forged claim costs nothing), then the re-runs, shortest claim first."""
+    forged output costs nothing), then the re-runs, shortest output first."""
     policy = verify_policy(args)
-    rows = []  # per item: {"id", "result" (verify_item's), "error", "action"}
+    rows = []
     for listed in board_items(ctx, "in_review", args.model, args.limit):
-        row = {"id": listed["id"], "result": None, "error": None, "action": None}
+        row = AuditRow(listed.item.id)
         rows.append(row)
         try:
-            row["result"] = verify_cheaply(ctx.wl.status(listed["id"]))
+            row.verification = Verification.check_evidence(ctx.wl.status(row.item_id))
         except UserError as exc:
-            row["error"] = str(exc)
-    pending = [r for r in rows if r["result"] and r["result"]["verdict"] is None]
-    for row in sorted(pending, key=lambda r: len(r["result"]["evidence"]["output"])):
+            row.error = str(exc)
+    pending = [r for r in rows if r.verification and r.verification.verdict is None]
+    for row in sorted(pending, key=lambda r: len(r.verification.evidence["output"])):
         try:
-            rerun_check(ctx, row["result"], policy)
+            row.verification.rerun(ctx, policy)
         except UserError as exc:
-            row["result"], row["error"] = None, str(exc)
+            row.verification, row.error = None, str(exc)
     for row in rows:
-        result = row["result"]
+        verification = row.verification
         try:
-            if args.accept and result and result["verdict"] == "VERIFIED":
-                row["action"] = _accept(ctx, row["id"], result)
-            elif args.reject and result and result["verdict"] == "MISMATCH":
-                cause = result["cause"]
-                ctx.wl.reject(row["id"], preview("wl_infer audit: MISMATCH, %s: %s" % (cause["kind"], cause["message"]),
-                                                 500))
-                row["action"] = "rejected"
+            if args.accept and verification and verification.verdict == VERIFIED:
+                row.action = _accept(ctx, verification)
+            elif args.reject and verification and verification.verdict == MISMATCH:
+                cause = verification.cause
+                ctx.wl.reject(row.item_id, preview("wl_infer audit: MISMATCH, %s: %s" % (cause.kind, cause.message),
+                                                   500))
+                row.action = "rejected"
         except UserError as exc:
-            row["error"] = str(exc)
+            row.error = str(exc)
     return audit_report(rows)
 
 
-def _accept(ctx, item_id, result):
+def _accept(ctx, verification):
     try:
-        within = " within tolerance %g nats (%s)" % (result["tolerance"], _steps(len(result["forced"]))) \
-            if result["forced"] else ""
-        ctx.wl.accept(item_id, "verified by wl_infer%s: %s" % (within, result["expected_hash"]))
+        within = " within tolerance %g nats (%s)" % (verification.tolerance, _steps(len(verification.forced))) \
+            if verification.forced else ""
+        ctx.wl.accept(verification.item_id, "verified by wl_infer%s: %s" % (within, verification.expected_hash))
         return "accepted"
     except WlError as exc:
         if "cannot accept your own completion" not in str(exc):
@@ -2779,31 +2869,31 @@ def _accept(ctx, item_id, result):
 
 
 def audit_report(rows):
-    counts = {"VERIFIED": 0, "MISMATCH": 0, "ERROR": 0}
+    counts = {VERIFIED: 0, MISMATCH: 0, "ERROR": 0}
     table, notes, docs = [], [], []
     for row in rows:
-        result, item_id = row["result"], row["id"]
-        verdict = "ERROR" if row["error"] else result["verdict"]
+        verification, item_id = row.verification, row.item_id
+        verdict = "ERROR" if row.error else verification.verdict
         counts[verdict] += 1
-        if result is not None:
-            doc = dict(verify_document(result), action=row["action"], error=row["error"])
-            cause = result["cause"]
-            table.append([item_id, preview(result["job"]["model"], 24), verdict, cause["kind"] if cause else
-                          "tolerance: %d forced" % len(result["forced"]) if result["forced"] else "-",
-                          "%d" % result["tokens_generated"], row["action"] or ""])
+        if verification is not None:
+            doc = dict(verification.document(), action=row.action, error=row.error)
+            cause = verification.cause
+            table.append([item_id, preview(verification.job.model, 24), verdict, cause.kind if cause else
+                          "tolerance: %d forced" % len(verification.forced) if verification.forced else "-",
+                          "%d" % verification.tokens_generated, row.action or ""])
             if cause:
-                notes.append("  %s: %s" % (item_id, printable(cause["message"])))
+                notes.append("  %s: %s" % (item_id, printable(cause.message)))
         else:
-            doc = {"id": item_id, "verdict": "ERROR", "error": row["error"]}
+            doc = {"id": item_id, "verdict": "ERROR", "error": row.error}
             table.append([item_id, "-", verdict, "error", "-", ""])
-        if row["error"]:
-            notes.append("  %s: error: %s" % (item_id, printable(row["error"])))
+        if row.error:
+            notes.append("  %s: error: %s" % (item_id, printable(row.error)))
         docs.append(doc)
-    code = EXIT_ERROR if counts["ERROR"] else EXIT_MISMATCH if counts["MISMATCH"] else EXIT_OK
+    code = EXIT_ERROR if counts["ERROR"] else EXIT_MISMATCH if counts[MISMATCH] else EXIT_OK
     if not rows:
         return Report(code, docs, ["No inference completions in review."])
     summary = "Audited %d completion%s in review: %d verified, %d mismatched, %d error%s" % (
-        len(rows), "" if len(rows) == 1 else "s", counts["VERIFIED"], counts["MISMATCH"], counts["ERROR"],
+        len(rows), "" if len(rows) == 1 else "s", counts[VERIFIED], counts[MISMATCH], counts["ERROR"],
         "" if counts["ERROR"] == 1 else "s")
     return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"], table)
                   + [summary] + notes)
@@ -2813,7 +2903,6 @@ def cmd_work(ctx, args):
     SIGNALS.graceful = True  # the first signal lets the job in flight finish
     wl = ctx.wl  # made before the threads start: a missing wl is an error now
     if args.local_db:  # a local Dolt clone takes one writer at a time
-
         wl.turn = threading.Lock()
     return Worker(ctx, args).run()
 
