@@ -2759,7 +2759,7 @@ class ErrorTest(CliTest):
         self.assertError(self.cli("--wl", "run", "verify", "w-1"), "wl executable 'run' not found on PATH")
         code, out, err = self.cli("--help", "run")  # the top level's help, every command listed
         self.assertEqual(code, 0, err)
-        for name in wl_infer.COMMANDS:
+        for name in wl_infer.COMMAND_BY_NAME:
             self.assertIn("\n    %s " % name, out)
         code, out, err = self.cli("run", "--help")
         self.assertEqual(code, 0, err)

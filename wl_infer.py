@@ -2,15 +2,44 @@
 """wl_infer: verifiable LLM inference jobs on the Wasteland wanted board.
 
 Posters put inference jobs (prompt, model, seed, max tokens) on the board,
-workers run them on their own Ollama with deterministic settings and submit
-the output with its SHA-256, and anyone can re-run a job and compare hashes.
-Jobs and evidence are byte-compatible with the Go `wl infer`.
+workers run them on their own Ollama with deterministic settings (temperature
+0, the job's seed) and submit the output with its SHA-256, and anyone can
+re-run a job and compare: VERIFIED or MISMATCH. Jobs and evidence are
+byte-compatible with the Go `wl infer`, read and written as its
+encoding/json does. One file, Python 3.8+ standard library only: copy it
+anywhere and run it.
 
-One file, Python 3.8+ standard library only: copy it anywhere and run it.
-Sections, in order: errors, exit codes and signals; text safety;
-job/evidence codec; Ollama client; wl driver; result spool; commands;
+The flow:
+  post    encode a Job, `wl post` it as an item of type inference.
+  run     `wl status` the item, decode its Job, check it can run here, `wl
+          claim`, generate on Ollama (streamed), keep the result on disk,
+          `wl done` with the evidence. A JobRun does these steps; every way
+          out after the claim either submits or releases it.
+  work    the same JobRun steps for every eligible job, polling `wl browse`;
+          claiming and submitting overlap generation.
+  verify  decode the evidence, run the checks that need no model, then
+          re-run the job, comparing as it streams and stopping at the first
+          character that differs (with --tolerance, forcing near-ties). A
+          Verification holds what was found; `audit` verifies every item
+          in review the same way.
+
+Sections, in reading order: errors, exit codes and signals; text safety;
+job/evidence codec; Ollama client; wl driver; result spool; what every
+command works with; running a job; verification; the worker; commands;
 command line.
+
+As a library (names in __all__): decode_job/encode_job and
+decode_evidence/encode_evidence, make_job and make_evidence, output_hash;
+Ollama (models, generate, compare) and Wl (status, browse, claim, done,
+...); verify_item, which returns a Verification. Errors are UserError and
+its subclasses; only main() writes to stdout.
 """
+
+__all__ = [
+    "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence", "encode_evidence",
+    "fit_evidence", "output_hash", "BoardItem", "Completion", "Ollama", "Generation", "Wl", "Verification",
+    "Policy", "verify_item", "UserError", "JobError", "WlError", "OllamaError", "main",
+]
 
 import argparse
 import bisect
@@ -585,7 +614,7 @@ def post_title(prompt, limit=60):
 
 
 # =============================================================================
-# Ollama client (HTTP/1.1 over a socket, streaming NDJSON)
+# Ollama client (http.client, streaming NDJSON)
 # =============================================================================
 
 DEFAULT_OLLAMA = "http://127.0.0.1:11434"
@@ -1459,7 +1488,7 @@ def _remove(path):
 
 
 # =============================================================================
-# Commands
+# What every command works with: options, wl and Ollama, its report
 # =============================================================================
 
 
@@ -1477,7 +1506,7 @@ class Context(object):
         if self._wl is None:
             a = self.args
             self._wl = Wl(find_executable(a.wl), a.wasteland, a.local_db, a.wl_timeout,
-                          getattr(a, "no_push", False))
+                          a.no_push)
         return self._wl
 
     @property
@@ -1555,6 +1584,11 @@ def short_digest(digest):
     return printable("sha256:" + _digest_hex(digest)[:12])
 
 
+# =============================================================================
+# Running a job: check, claim, infer, keep, submit (`run`, and `work` per job)
+# =============================================================================
+
+
 def release_claim(ctx, item_id):
     """Give a claim back; returns a sentence saying how that went."""
     try:
@@ -1573,7 +1607,7 @@ DONE_TRIES = 3  # `wl done` attempts before the result is left in the spool
 DONE_BACKOFF = 1.0  # seconds before the second attempt, doubling after
 
 
-def submit(ctx, item_id, encoded):
+def submit_evidence(ctx, item_id, encoded):
     """`wl done`, tried again with backoff unless the board refused the
     request as made, or a signal arrived. After a final failure the item is
     read back: a completion that is on the board anyway (wl timed out or
@@ -1633,17 +1667,22 @@ def resubmit_command(ctx, item_id, skip_claim=False):
     words = ["wl_infer.py", "run", item_id] + (["--skip-claim"] if skip_claim else [])
     words += ["--wasteland=" + a.wasteland] if a.wasteland else []
     words += ["--local-db"] if a.local_db else []
-    words += ["--no-push"] if getattr(a, "no_push", False) else []
+    words += ["--no-push"] if a.no_push else []
     return " ".join(shlex.quote(w) for w in words)
 
 
+# What an interruption of a JobRun leaves behind depends on how far it got.
+# (Phases, not board statuses: HOLDING is "the claim is ours".)
+CHECKING, CLAIMING, HOLDING, SUBMITTING, SUBMITTED = (
+    "checking", "claiming", "holding the claim", "submitting", "submitted")
+
+
 class JobRun(object):
-    """One job through check -> claim -> generate -> keep -> submit: the code
+    """One job through check -> claim -> infer -> keep -> submit: the code
     behind both `run` and `work`. Each step is called through `attempt()`,
     so every way out after the claim either submits or releases, and a
     finished result is kept on disk until wl has it. `phase` says what an
-    interruption leaves behind: checking, claiming, claimed, submitting,
-    submitted."""
+    interruption leaves behind."""
 
     def __init__(self, ctx, item, skip_claim=False):
         self.ctx, self.item, self.id, self.skip_claim = ctx, item, item.id, skip_claim
@@ -1653,7 +1692,7 @@ class JobRun(object):
         self.spooled = None  # where the result is kept on disk, once it is
         self.gen = None
         self.cause = None  # the error behind a failure
-        self.phase = "checking"
+        self.phase = CHECKING
 
     def check(self, models, url):
         """Everything that can refuse the job, before the claim. `models`:
@@ -1686,15 +1725,16 @@ class JobRun(object):
             raise self.interruption()
 
     def claim(self):
-        self.phase = "claiming"
+        self.phase = CLAIMING
         if not self.skip_claim:
             self.ctx.wl.claim(self.id)
-        self.phase = "claimed"
+        self.phase = HOLDING
         SIGNALS.check()  # a signal held during the claim: release it now
 
-    def generate(self, ollama, version, on_token=None, digest=None):
-        """Generate (unless a kept result is submitted instead) and keep the
-        result on disk. `digest`: the model's digest on `ollama`."""
+    def infer(self, ollama, version, on_token=None, digest=None):
+        """Run the job on `ollama` (unless a kept result is submitted
+        instead) and keep the result on disk. `digest`: the model's digest
+        there."""
         if self.full is None:
             job = self.job
             gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT)
@@ -1704,15 +1744,25 @@ class JobRun(object):
                                % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
             digest = digest or self.digest
             self.full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
-            self.spooled = _keep(self.ctx, self.item, digest, self.full)
+            self.spooled = self._keep(digest)
         SIGNALS.check()
+
+    def _keep(self, digest):
+        """Spool the finished result (a signal waits until it is on disk); a
+        full disk must not cost the result itself."""
+        try:
+            with SIGNALS.protected():
+                return spool_write(self.item, digest, self.full)
+        except OSError as exc:
+            self.ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
+            return None
 
     def submit(self):
         SIGNALS.check()
         self.evidence, encoded = fit_evidence(self.full)
-        self.phase = "submitting"
-        submit(self.ctx, self.id, encoded)
-        self.phase = "submitted"
+        self.phase = SUBMITTING
+        submit_evidence(self.ctx, self.id, encoded)
+        self.phase = SUBMITTED
         if self.spooled:
             _remove(self.spooled)
         SIGNALS.check()
@@ -1723,21 +1773,59 @@ class JobRun(object):
                                                                "it" if len(dropped) == 1 else "them"))
 
     def failure(self, exc):
+        """The error to raise for `exc`, once what is ours is released."""
         self.cause = exc
         # between keeping the result and submitting it, only its size can fail
-        submittable = self.phase != "claimed"
-        message = "%s; %s" % (exc, _after_failure(self.ctx, self.id, self.skip_claim, self.phase, exc) + _kept_note(
-            self.ctx, self.id, self.spooled, self.skip_claim, submittable))
+        message = "%s; %s%s" % (exc, self._after_failure(exc),
+                                self._kept_note(self.skip_claim, submittable=self.phase != HOLDING))
         return (Interrupted if SIGNALS.aborting() else UserError)(message)
 
     def interruption(self):
-        still_claimed = self.skip_claim or self.phase == "submitting"  # wl done was stopped: likely still ours
-        return Interrupted(_after_interrupt(self.ctx, self.id, self.skip_claim, self.phase) + _kept_note(
-            self.ctx, self.id, self.spooled if self.phase != "submitted" else None, still_claimed))
+        """The Interrupted to raise for a signal, once what is ours is released."""
+        still_claimed = self.skip_claim or self.phase == SUBMITTING  # wl done was stopped: likely still ours
+        return Interrupted(self._after_interrupt() + (self._kept_note(still_claimed) if self.phase != SUBMITTED
+                                                      else ""))
+
+    def _after_failure(self, exc):
+        """What a failure left on the board, releasing what is ours."""
+        if self.skip_claim:
+            return "the claim on %s was left to its owner (--skip-claim)" % self.id
+        if self.phase == CLAIMING and getattr(exc, "conflict", True):
+            return "nothing was claimed"
+        # a claim that timed out or failed for another reason may still have been written
+        status = getattr(exc, "item_status", None) or "claimed"
+        if status != "claimed":
+            return "%s is now %s, so there is no claim to release" % (self.id, status)
+        return release_claim(self.ctx, self.id)
+
+    def _after_interrupt(self):
+        item_id = self.id
+        if self.phase == SUBMITTED:
+            return "the result was submitted before stopping: %s is in review" % item_id
+        if self.phase == CLAIMING:
+            return ("stopped during `wl claim`, so %s may be claimed by you: check with `wl status %s` and release "
+                    "it with `wl unclaim %s`" % (item_id, item_id, item_id))
+        if self.phase == SUBMITTING:
+            return ("stopped during `wl done`, so the result may or may not be on the board: check with "
+                    "`wl status %s`" % item_id)
+        if self.skip_claim:
+            return "the claim on %s was left to its owner (--skip-claim)" % item_id
+        return release_claim(self.ctx, item_id)
+
+    def _kept_note(self, still_claimed, submittable=True):
+        """Where the result is kept, and how to submit it (or drop it);
+        `still_claimed`: the claim is still ours, so the command skips it."""
+        if not self.spooled or not os.path.exists(self.spooled):
+            return ""
+        if not submittable:
+            return "; the result is kept in %s for the record (`wl_infer.py spool --drop %s` removes it)" % (
+                self.spooled, self.id)
+        return "; the result is kept in %s: submit it with `%s`" % (
+            self.spooled, resubmit_command(self.ctx, self.id, still_claimed))
 
 
 def run_job(ctx, item_id, skip_claim=False):
-    """`run`: read the item, check it, then claim, generate and submit on the
+    """`run`: read the item, check it, then claim, infer and submit on the
     local Ollama, with the progress line. Returns the finished JobRun."""
     item = ctx.wl.status(item_id)
     run = JobRun(ctx, item, skip_claim)
@@ -1746,59 +1834,11 @@ def run_job(ctx, item_id, skip_claim=False):
     run.attempt(run.claim)
     progress = ctx.progress("generating with %s" % printable(run.job.model))
     try:
-        run.attempt(run.generate, ctx.ollama, version, progress)
+        run.attempt(run.infer, ctx.ollama, version, progress)
     finally:
         progress.clear()
     run.attempt(run.submit)
     return run
-
-
-def _keep(ctx, item, digest, evidence):
-    """Spool a finished result (a signal waits until it is on disk); a full
-    disk must not cost the result itself."""
-    try:
-        with SIGNALS.protected():
-            return spool_write(item, digest, evidence)
-    except OSError as exc:
-        ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
-        return None
-
-
-def _after_failure(ctx, item_id, skip_claim, phase, exc):
-    """What a failure at `phase` left on the board, releasing what is ours."""
-    if skip_claim:
-        return "the claim on %s was left to its owner (--skip-claim)" % item_id
-    if phase == "claiming" and getattr(exc, "conflict", True):
-        return "nothing was claimed"
-    # a claim that timed out or failed for another reason may still have been written
-    status = getattr(exc, "item_status", None) or "claimed"
-    if status != "claimed":
-        return "%s is now %s, so there is no claim to release" % (item_id, status)
-    return release_claim(ctx, item_id)
-
-
-def _after_interrupt(ctx, item_id, skip_claim, phase):
-    if phase == "submitted":
-        return "the result was submitted before stopping: %s is in review" % item_id
-    if phase == "claiming":
-        return ("stopped during `wl claim`, so %s may be claimed by you: check with `wl status %s` and release "
-                "it with `wl unclaim %s`" % (item_id, item_id, item_id))
-    if phase == "submitting":
-        return ("stopped during `wl done`, so the result may or may not be on the board: check with "
-                "`wl status %s`" % item_id)
-    if skip_claim:
-        return "the claim on %s was left to its owner (--skip-claim)" % item_id
-    return release_claim(ctx, item_id)
-
-
-def _kept_note(ctx, item_id, spooled, skip_claim, submittable=True):
-    if not spooled or not os.path.exists(spooled):
-        return ""
-    if not submittable:
-        return "; the result is kept in %s for the record (`wl_infer.py spool --drop %s` removes it)" % (
-            spooled, item_id)
-    return "; the result is kept in %s: submit it with `%s`" % (
-        spooled, resubmit_command(ctx, item_id, skip_claim))
 
 
 # =============================================================================
@@ -2229,7 +2269,9 @@ def _check_lines(checks, indent):
     return [indent + "%s %s" % (_MARKS[c.ok], printable(c.message)) for c in checks]
 
 
-# -- the worker ----------------------------------------------------------------
+# =============================================================================
+# The worker (`work`): many jobs, wl calls overlapping generation
+# =============================================================================
 # Threads: one claimer (polls the board, claims the next job while the current
 # ones generate), one per Ollama server (generates, one job at a time), one
 # submitter (wl done of finished jobs). They meet in `Worker.cond`. Signals
@@ -2237,6 +2279,18 @@ def _check_lines(checks, indent):
 
 WORK_BACKOFF_MAX = 600.0  # seconds between polls while wl (or every Ollama) keeps failing
 JOB_TRIES = 3  # a job that fails is tried at most this often per worker process
+
+
+class Candidate(collections.namedtuple("Candidate", "run servers")):
+    """A job the worker can take: its JobRun, checked for the claim, and the servers that can run it."""
+
+    __slots__ = ()
+
+
+class Skip(collections.namedtuple("Skip", "reason")):
+    """A job the worker leaves alone, and why (logged once)."""
+
+    __slots__ = ()
 
 
 class Server(object):
@@ -2270,7 +2324,7 @@ class Worker(object):
         self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
         self.cond = threading.Condition()
         self.log_lock = threading.Lock()
-        self.ready = None  # (JobRun, servers that can run it): claimed, not yet generating; at most one
+        self.ready = None  # a Candidate claimed, not yet generating; at most one
         self.finished = collections.deque()  # generated, waiting for wl done
         self.claiming, self.serving = True, len(self.servers)
         self.stopping = False
@@ -2354,11 +2408,10 @@ class Worker(object):
                 found = self.next_job()
                 if found is None:
                     break
-                run, servers = found
-                if not self.take(run):
+                if not self.take(found.run):
                     continue
                 with self.cond:
-                    self.ready, self.taken = (run, servers), self.taken + 1
+                    self.ready, self.taken = found, self.taken + 1
                     self.cond.notify_all()
         finally:
             with self.cond:
@@ -2366,8 +2419,8 @@ class Worker(object):
                 abandoned, self.ready = (self.ready, None) if self.stopping else (None, self.ready)
                 self.cond.notify_all()
             if abandoned:  # claimed ahead, never started: give it back
-                self.log("released %s: %s" % (abandoned[0].id, release_claim(self.ctx, abandoned[0].id)))
-                self.finish(abandoned[0], "released")
+                self.log("released %s: %s" % (abandoned.run.id, release_claim(self.ctx, abandoned.run.id)))
+                self.finish(abandoned.run, "released")
 
     def next_job(self):
         """The next eligible job, polling the board when the last poll's are
@@ -2410,14 +2463,14 @@ class Worker(object):
         # wl lists newest first within a priority: reversed, then a stable sort
         items = sorted(reversed(items), key=lambda i: 99 if i.priority is None else i.priority)
         for item in items:
-            run, servers, reason = self.eligible(item)
-            if run is not None:
-                self.candidates.append((run, servers))
-            elif reason and self.skip_logged.get(item.id) != reason:
+            found = self.eligible(item)
+            if isinstance(found, Candidate):
+                self.candidates.append(found)
+            elif isinstance(found, Skip) and self.skip_logged.get(item.id) != found.reason:
                 if item.id not in self.skip_logged:
                     self.count("skipped")
-                self.skip_logged[item.id] = reason
-                self.log("skipped %s (%s)" % (item.id, reason))
+                self.skip_logged[item.id] = found.reason
+                self.log("skipped %s (%s)" % (item.id, found.reason))
         self.found = bool(self.candidates)
 
     def failed_poll(self, what, exc):
@@ -2431,43 +2484,44 @@ class Worker(object):
         self.pause(delay)
 
     def eligible(self, item):
-        """(JobRun checked for its claim, servers that can run it, None), or
-        (None, None, why not); why is None for a job to retry later."""
+        """A Candidate (a JobRun checked for its claim, and the servers that
+        can run it), a Skip saying why not, or None: not now, perhaps at a
+        later poll."""
         args, failed = self.args, self.failures.get(item.id)
         with self.cond:
             if item.id in self.held:  # released a moment ago; its failure is being recorded
-                return None, None, None
+                return None
         if failed and failed[0] >= JOB_TRIES:
-            return None, None, "failed %d times; not tried again by this worker" % failed[0]
+            return Skip("failed %d times; not tried again by this worker" % failed[0])
         if failed and failed[1] > self.clock():
-            return None, None, None
+            return None
         try:
             job = job_of(item)
         except UserError as exc:
-            return None, None, str(exc).partition(": ")[2] or str(exc)
+            return Skip(str(exc).partition(": ")[2] or str(exc))
         model = job.model
         if self.wanted is not None and full_model_name(model).lower() not in self.wanted:
-            return None, None, "model %s is not in --models" % model
+            return Skip("model %s is not in --models" % model)
         servers = [s for s in self.servers if find_model(s.models, model) is not None]
         if not servers:
-            return None, None, "model %s not available" % model
+            return Skip("model %s not available" % model)
         if job.model_digest:
             servers = [s for s in servers if same_digest(find_model(s.models, model), job.model_digest)]
             if not servers:
-                return None, None, "model %s here is not the pinned %s" % (model, short_digest(job.model_digest))
+                return Skip("model %s here is not the pinned %s" % (model, short_digest(job.model_digest)))
         if job.max_tokens == 0 and not args.allow_uncapped:
-            return None, None, "max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it"
+            return Skip("max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it")
         if job.max_tokens > args.max_tokens_cap:
-            return None, None, "max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap)
+            return Skip("max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap))
         if _size(job.prompt) > args.max_prompt_bytes:
-            return None, None, "prompt of %d bytes is over --max-prompt-bytes %d" % (
-                _size(job.prompt), args.max_prompt_bytes)
+            return Skip("prompt of %d bytes is over --max-prompt-bytes %d" % (
+                _size(job.prompt), args.max_prompt_bytes))
         run = JobRun(self.ctx, item)
         try:
             run.check(servers[0].models, servers[0].url)
         except UserError as exc:
-            return None, None, str(exc)
-        return run, servers, None
+            return Skip(str(exc))
+        return Candidate(run, servers)
 
     def take(self, run):
         """Claim; a claim someone else made first is normal: log it, move on."""
@@ -2476,7 +2530,7 @@ class Worker(object):
         try:
             run.attempt(run.claim)
         except (UserError, Interrupted) as exc:
-            if run.phase == "claiming" and getattr(run.cause, "conflict", False):
+            if run.phase == CLAIMING and getattr(run.cause, "conflict", False):
                 self.count("lost")
                 self.log("lost %s to another worker (%s)" % (run.id, run.cause))
             else:
@@ -2493,7 +2547,7 @@ class Worker(object):
     # -- generating and submitting -------------------------------------------------
     def serve(self, server):
         def mine():
-            return self.ready is not None and server in self.ready[1]
+            return self.ready is not None and server in self.ready.servers
 
         try:
             while True:
@@ -2501,21 +2555,21 @@ class Worker(object):
                     self.cond.wait_for(lambda: self.stopping or mine() or (not self.claiming and not self.ready))
                     if self.stopping or not mine():
                         return
-                    run, self.ready = self.ready[0], None
+                    run, self.ready = self.ready.run, None
                     self.cond.notify_all()
-                self.generate(server, run)
+                self.infer_on(server, run)
         finally:
             with self.cond:
                 self.serving -= 1
                 self.cond.notify_all()
 
-    def generate(self, server, run):
+    def infer_on(self, server, run):
         started = self.clock()
         generated = run.full is None
         if len(self.servers) > 1 and generated:
             self.log("running %s on %s" % (run.id, server.url))
         try:
-            run.attempt(run.generate, server.ollama, server.version, _abort_check,
+            run.attempt(run.infer, server.ollama, server.version, _abort_check,
                         find_model(server.models, run.job.model))
         except (UserError, Interrupted) as exc:
             return self.job_failed(run, exc)
@@ -2594,6 +2648,11 @@ def _abort_check(tokens):
 
 def _seconds(value):
     return "%.1f s" % value if value < 120 else "%.1f min" % (value / 60)
+
+
+# =============================================================================
+# Commands: each takes (ctx, args) and returns a Report
+# =============================================================================
 
 
 def _job_lines(job, indent="  "):
@@ -2907,10 +2966,6 @@ def cmd_work(ctx, args):
     return Worker(ctx, args).run()
 
 
-COMMANDS = {"post": cmd_post, "run": cmd_run, "verify": cmd_verify, "status": cmd_status, "spool": cmd_spool,
-            "list": cmd_list, "audit": cmd_audit, "work": cmd_work}
-
-
 # =============================================================================
 # Command line
 # =============================================================================
@@ -2975,6 +3030,11 @@ _count.__name__ = "positive integer"
 _tags.__name__ = "comma-separated list of models"
 
 
+def _no_push(p):
+    """The one option every command that writes to the board has."""
+    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+
+
 def _post_arguments(p):
     p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin")
     p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
@@ -2984,13 +3044,13 @@ def _post_arguments(p):
                    help="token limit (default 0: the model's default)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the local model's digest in the job (pinned by default when present)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+    _no_push(p)
 
 
 def _run_arguments(p):
     p.add_argument("id", type=_item_id, metavar="ID")
     p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+    _no_push(p)
 
 
 def _verify_arguments(p):
@@ -3033,7 +3093,7 @@ def _audit_arguments(p):
     p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
     p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
     _policy_arguments(p)
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+    _no_push(p)
 
 
 def _work_arguments(p):
@@ -3048,23 +3108,32 @@ def _work_arguments(p):
                    help="take jobs with max_tokens 0 (the model's default, no limit)")
     p.add_argument("--max-prompt-bytes", type=_count, default=32768, metavar="N",
                    help="skip jobs whose prompt is longer (default 32768)")
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+    _no_push(p)
 
 
 def _spool_arguments(p):
     p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
 
 
-COMMAND_ARGUMENTS = [  # name, one-line help, adds the command's own options
-    ("post", "post an inference job", _post_arguments),
-    ("run", "claim a job, run it on the local Ollama, submit the result", _run_arguments),
-    ("verify", "check a completion and re-run its job", _verify_arguments),
-    ("status", "show a job, its claim and its completion", _status_arguments),
-    ("list", "list inference jobs on the board (one wl browse)", _list_arguments),
-    ("audit", "verify every completion in review", _audit_arguments),
-    ("work", "take jobs for the local models, forever (a worker)", _work_arguments),
-    ("spool", "list finished results kept on disk because wl did not take them", _spool_arguments),
+class Command(collections.namedtuple("Command", "name run help add_arguments")):
+    """A command: its name, the function that runs it (ctx, args) -> Report,
+    its one-line help, and the function that adds its own options."""
+
+    __slots__ = ()
+
+
+COMMANDS = [
+    Command("post", cmd_post, "post an inference job", _post_arguments),
+    Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result", _run_arguments),
+    Command("verify", cmd_verify, "check a completion and re-run its job", _verify_arguments),
+    Command("status", cmd_status, "show a job, its claim and its completion", _status_arguments),
+    Command("list", cmd_list, "list inference jobs on the board (one wl browse)", _list_arguments),
+    Command("audit", cmd_audit, "verify every completion in review", _audit_arguments),
+    Command("work", cmd_work, "take jobs for the local models, forever (a worker)", _work_arguments),
+    Command("spool", cmd_spool, "list finished results kept on disk because wl did not take them",
+            _spool_arguments),
 ]
+COMMAND_BY_NAME = {command.name: command for command in COMMANDS}
 
 
 def _help_width():
@@ -3129,9 +3198,9 @@ def build_parser(commands=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    for name, help_text, add_arguments in COMMAND_ARGUMENTS:
-        if commands is None or name in commands:
-            add_arguments(sub.add_parser(name, parents=[common], help=help_text))
+    for command in COMMANDS:
+        if commands is None or command.name in commands:
+            command.add_arguments(sub.add_parser(command.name, parents=[common], help=command.help))
     return parser
 
 
@@ -3139,7 +3208,7 @@ def parse_args(argv):
     # Only the command named is built (none for --version). Whenever that
     # parse succeeds, the complete parser would give the same; top-level help,
     # errors and a command name that was an option's value get the complete one.
-    command = next((a for a in argv if a in COMMANDS), None)
+    command = next((a for a in argv if a in COMMAND_BY_NAME), None)
     before = argv[:argv.index(command)] if command else argv
     top_help = any(a.startswith(("-h", "--h")) for a in before)
     try:
@@ -3148,7 +3217,7 @@ def parse_args(argv):
         args = build_parser().parse_args(argv)
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
                 "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
-                "json": False, "quiet": False}
+                "json": False, "quiet": False, "no_push": False}  # no_push: for commands without it
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
@@ -3185,7 +3254,7 @@ def main(argv=None):
     try:
         SIGNALS.install()
         args = parse_args(argv)
-        report = COMMANDS[args.command](Context(args), args)
+        report = COMMAND_BY_NAME[args.command].run(Context(args), args)
     except UserError as exc:
         message = printable(str(exc))
         if want_json:
