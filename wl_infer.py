@@ -516,7 +516,7 @@ def provenance(gen, model_digest, ollama_version, options):
     chosen = gen.chosen_logprobs()
     if chosen is not None:
         found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
-        # where each token ends: a tolerant verifier takes the claimed token from here
+        # where each token ends: a tolerant verifier takes the submitted token from here
         ends = gen.token_ends[:len(chosen)]
         found["token_lengths"] = [end - start for start, end in zip([0] + ends, ends)]
     if gen.thinking:
