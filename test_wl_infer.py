@@ -3173,8 +3173,8 @@ class TolerantVerificationTest(CliTest):
         doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
         self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token"],
                           doc["diverged_at"]["token"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
-        self.assertIn("at token 18 the submitted output takes a near-tie (0.10 nats) for the 9th time, more than --max-forced 8 "
-                      "allows", doc["cause"]["message"])
+        self.assertIn("at token 18 the submitted output takes a near-tie (0.10 nats) for the 9th time, "
+                      "more than --max-forced 8 allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
         self.assertEqual(len(doc["forced"]), 9)
         before = len(self.ollama.generate_requests())
