@@ -392,10 +392,9 @@ def _decode_value(value, kind, what):
 
 def _finite(value, what):
     """A JSON number as a float, refused as Go refuses it beyond float64's range."""
-    number = float(str(value)) if isinstance(value, _JsonNumber) else value
     try:
-        number = float(number)
-    except OverflowError:  # an int too big for a float
+        number = float(value)  # a _JsonNumber's text beyond range reads as inf
+    except OverflowError:  # an int beyond range raises instead
         number = float("inf")
     if number in (float("inf"), float("-inf")):
         raise JobError("%s is out of range: %s" % (what, preview(str(value), 40)))
