@@ -1522,10 +1522,13 @@ class Context(object):
 
 
 class Report(object):
-    """A command's result: exit code, the --json document, the human text."""
+    """A command's result: its exit code and what it prints. stdout is data:
+    `doc` with --json, `quiet` lines with -q (what a pipeline needs: an ID,
+    or nothing), else `text` with its `notes` (counts, hints, "nothing
+    found") on stderr, for people."""
 
-    def __init__(self, code, doc, text):
-        self.code, self.doc, self.text = code, doc, text
+    def __init__(self, code, doc, text, notes=(), quiet=()):
+        self.code, self.doc, self.text, self.notes, self.quiet = code, doc, text, list(notes), list(quiet)
 
 
 def require_inference(item):
@@ -1859,6 +1862,10 @@ NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausibl
 EXCERPT = 24  # characters shown on each side of a divergence
 DEFAULT_MAX_FORCED = 8  # near-tie steps a tolerant verification forces at most
 VERIFIED, MISMATCH = "VERIFIED", "MISMATCH"
+# Causes that refute the submitted output whatever the hardware: it does not
+# hash to its own hash, it is for another job, or the model would not write it
+# (beyond the tolerance). Every other MISMATCH may be an honest worker's.
+REFUTATIONS = ("inconsistent-evidence", "binding", "different-output")
 
 
 class Policy(object):
@@ -2101,6 +2108,13 @@ class Verification(object):
     def expected_hash(self):
         return self.evidence["output_hash"]
 
+    @property
+    def refuted(self):
+        """A MISMATCH that proves the submitted output is not this job's
+        (what `audit --reject` rejects); a near-tie or an unknown cause could
+        be an honest worker on other hardware."""
+        return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
+
     def rerun(self, ctx, policy=EXACT):
         """Re-run the job on the local Ollama, stopping at the first
         character that differs from the submitted output (tolerant: forcing
@@ -2190,7 +2204,8 @@ class Verification(object):
 
     def document(self):
         """verify's --json document (audit prints one per item)."""
-        return {"id": self.item_id, "verdict": self.verdict, "exact": self.exact, "tolerance": self.tolerance,
+        return {"id": self.item_id, "verdict": self.verdict, "refuted": self.refuted, "exact": self.exact,
+                "tolerance": self.tolerance,
                 "forced": [step._asdict() for step in self.forced], "checks": [c._asdict() for c in self.checks],
                 "cause": self.cause and self.cause.document(), "diverged_at": self.diverged_at,
                 "tokens_generated": self.tokens_generated, "logprob_max_diff": self.logprob_max_diff,
@@ -2218,6 +2233,9 @@ class Verification(object):
                 "  Checks:"] + _check_lines(self.checks, "    ")
         if cause:
             text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
+            text.append("  Refuted:   " + ("yes: the submitted output is not this job's" if self.refuted else
+                                           "no: this can be an honest worker's output (audit --reject keeps it "
+                                           "in review)"))
         for n, step in enumerate(self.forced):
             text.append("%s token %d: the submitted %s, where the re-run chose %s (%.2f nats)" % (
                 "  Forced:   " if n == 0 else "            ", step.token, preview(_dumps(step.submitted), 24),
@@ -2339,8 +2357,14 @@ class Worker(object):
         self.start = self.clock()
 
     def log(self, message):
+        """A line of the log on stderr: failures and what a signal does (-q keeps these)."""
         with self.log_lock:
             _emit(sys.stderr, "%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
+
+    def info(self, message):
+        """A line of the log that -q leaves out: the jobs' progress."""
+        if not self.args.quiet:
+            self.log(message)
 
     def run(self):
         """Start the threads and wait for them, acting on signals: the first
@@ -2418,7 +2442,7 @@ class Worker(object):
                 abandoned, self.ready = (self.ready, None) if self.stopping else (None, self.ready)
                 self.cond.notify_all()
             if abandoned:  # claimed ahead, never started: give it back
-                self.log("released %s: %s" % (abandoned.run.id, release_claim(self.ctx, abandoned.run.id)))
+                self.info("released %s: %s" % (abandoned.run.id, release_claim(self.ctx, abandoned.run.id)))
                 self.finish(abandoned.run, "released")
 
     def next_job(self):
@@ -2455,9 +2479,9 @@ class Worker(object):
             if server.error and server.error != error:
                 self.log("Ollama at %s is not usable: %s" % (server.url, server.error))
             elif error and not server.error:
-                self.log("Ollama at %s is back" % server.url)
+                self.info("Ollama at %s is back" % server.url)
         if self.failing:
-            self.log("wl works again")
+            self.info("wl works again")
             self.failing = 0
         # wl lists newest first within a priority: reversed, then a stable sort
         items = sorted(reversed(items), key=lambda i: 99 if i.priority is None else i.priority)
@@ -2469,7 +2493,7 @@ class Worker(object):
                 if item.id not in self.skip_logged:
                     self.count("skipped")
                 self.skip_logged[item.id] = found.reason
-                self.log("skipped %s (%s)" % (item.id, found.reason))
+                self.info("skipped %s (%s)" % (item.id, found.reason))
         self.found = bool(self.candidates)
 
     def failed_poll(self, what, exc):
@@ -2531,7 +2555,7 @@ class Worker(object):
         except (UserError, Interrupted) as exc:
             if run.phase == CLAIMING and getattr(run.cause, "conflict", False):
                 self.count("lost")
-                self.log("lost %s to another worker (%s)" % (run.id, run.cause))
+                self.info("lost %s to another worker (%s)" % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
             with self.cond:
@@ -2540,7 +2564,7 @@ class Worker(object):
         with self.cond:
             self.records[run] = {"id": run.id, "result": None, "error": None}
             self.jobs.append(self.records[run])
-        self.log("claimed %s %s" % (run.id, run.job.model))
+        self.info("claimed %s %s" % (run.id, run.job.model))
         return True
 
     # -- generating and submitting -------------------------------------------------
@@ -2566,7 +2590,7 @@ class Worker(object):
         started = self.clock()
         generated = run.full is None
         if len(self.servers) > 1 and generated:
-            self.log("running %s on %s" % (run.id, server.url))
+            self.info("running %s on %s" % (run.id, server.url))
         try:
             run.attempt(run.infer, server.ollama, server.version, _abort_check,
                         find_model(server.models, run.job.model))
@@ -2596,7 +2620,7 @@ class Worker(object):
             self.count("done")
             self.count("tokens", tokens)
             rate = run.evidence.get("tokens_per_s")
-            self.log("done %s %s" % (run.id, "%s%s" % (_tokens(tokens), " %.1f tok/s" % rate if rate else "")
+            self.info("done %s %s" % (run.id, "%s%s" % (_tokens(tokens), " %.1f tok/s" % rate if rate else "")
                                      if run.gen else "(the kept result, submitted without generating again)"))
             self.finish(run, "done")
 
@@ -2638,7 +2662,7 @@ class Worker(object):
             text.append("  Ollama at %s: %d job%s, busy %.0f%% (%s generating)" % (
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
         doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[dict(r) for r in self.jobs])
-        return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, text)
+        return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, [], text)
 
 
 def _abort_check(tokens):
@@ -2703,13 +2727,16 @@ def cmd_post(ctx, args):
         ctx.warn("could not check the model locally: %s" % exc)
     description = encode_job(job)
     check_field_size(description, "the job", "shorten the prompt")
+    if not job.max_tokens:
+        ctx.warn("no --max-tokens: the job runs to the model's own limit, and workers running `work` skip "
+                 "such jobs unless they pass --allow-uncapped; post with --max-tokens N to have it taken")
     title = post_title(prompt)
     item_id = ctx.wl.post(title, description)
     if SIGNALS.received:  # held while wl wrote the job
         raise Interrupted("the job was posted before stopping: %s" % item_id)
-    text = ["✓ Posted inference job: " + item_id] + _job_lines(job) + [
-        "", "  Next: wl_infer.py run " + item_id]
-    return Report(EXIT_OK, {"id": item_id, "title": title, "job": job.document()}, text)
+    return Report(EXIT_OK, {"id": item_id, "title": title, "job": job.document()},
+                  ["✓ Posted inference job: " + item_id] + _job_lines(job),
+                  notes=["Next: wl_infer.py run " + item_id], quiet=[item_id])
 
 
 def read_prompt(args):
@@ -2723,8 +2750,9 @@ def read_prompt(args):
         except OSError as exc:
             raise UserError("cannot read --prompt-file %s: %s" % (args.prompt_file, _reason(exc)))
         source = "--prompt-file " + args.prompt_file
-    elif args.prompt == "-":
+    elif args.prompt == "-":  # one trailing newline is the `echo` that sent it, not the prompt
         raw, source = sys.stdin.buffer.read(), "the prompt on stdin"
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
     else:
         raw, source = args.prompt.encode("utf-8", "surrogateescape"), "--prompt"
     try:
@@ -2743,10 +2771,9 @@ def cmd_run(ctx, args):
         "  Evidence:" + (" the result kept on %s, submitted without generating again" % kept["spooled_at"]
                          if kept else ""),
         "    Output hash: " + evidence["output_hash"],
-        "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    ") + [
-        "", "  Next: wl_infer.py verify " + item_id])
+        "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    "))
     return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence),
-                            "resubmitted": kept is not None}, text)
+                            "resubmitted": kept is not None}, text, notes=["Next: wl_infer.py verify " + item_id])
 
 
 def cmd_verify(ctx, args):
@@ -2791,7 +2818,7 @@ def cmd_status(ctx, args):
                "evidence": evidence and evidence_document(evidence),
                "raw": completion.evidence and _go_string(completion.evidence),
                "checks": [c._asdict() for c in checks]}}
-    return Report(EXIT_OK, doc, text)
+    return Report(EXIT_OK, doc, text, quiet=[printable(item.status)])
 
 
 def cmd_spool(ctx, args):
@@ -2805,24 +2832,26 @@ def cmd_spool(ctx, args):
         except OSError as exc:
             raise UserError("cannot drop %s: %s" % (path, _reason(exc)))
         return Report(EXIT_OK, {"dropped": args.drop, "path": path}, ["✓ Dropped the kept result for " + args.drop])
-    docs, lines = [], []
+    docs, lines, notes = [], [], []
     for path, doc in spool_list():
         if isinstance(doc, UserError):
             docs.append({"path": path, "error": str(doc)})
-            lines.append("  ✗ " + printable(str(doc)))
+            notes.append("✗ " + printable(str(doc)))
             continue
         evidence = doc["evidence"]
         docs.append({"id": doc["id"], "spooled_at": doc["spooled_at"], "model": evidence["model"],
                      "output_bytes": _size(evidence["output"]), "output_hash": evidence["output_hash"],
                      "path": path})
-        lines += ["  %s  %s  %s  %d bytes  %s" % (doc["id"], printable(doc["spooled_at"]), printable(
-                      evidence["model"]), _size(evidence["output"]), preview(evidence["output"], 40)),
-                  "    submit it with: wl_infer.py run %s   (or drop it: wl_infer.py spool --drop %s)"
-                  % (doc["id"], doc["id"])]
-    head = ("%d kept result%s in %s (finished, not yet taken by wl):" % (len(docs), "" if len(docs) == 1 else "s",
-                                                                          printable(folder))
-            if docs else "No kept results in %s: every finished result is on the board." % printable(folder))
-    return Report(EXIT_OK, {"folder": folder, "results": docs}, [head] + lines)
+        lines.append("%s  %s  %s  %d bytes  %s" % (doc["id"], printable(doc["spooled_at"]), printable(
+            evidence["model"]), _size(evidence["output"]), preview(evidence["output"], 40)))
+    kept = len(docs) - len(notes)
+    if kept:
+        notes[:0] = ["%d kept result%s in %s (finished, not yet taken by wl)" % (
+            kept, "" if kept == 1 else "s", printable(folder))]
+        notes.append("Submit one with `wl_infer.py run ID`, or drop it with `wl_infer.py spool --drop ID`.")
+    elif not notes:
+        notes = ["No kept results in %s: every finished result is on the board." % printable(folder)]
+    return Report(EXIT_OK, {"folder": folder, "results": docs}, lines, notes)
 
 
 class Listed(collections.namedtuple("Listed", "item job job_error")):
@@ -2866,11 +2895,12 @@ def cmd_list(ctx, args):
             rows.append([item.id, printable(item.status or "?"), preview(job.model, 24), str(job.seed),
                          str(job.max_tokens) if job.max_tokens else "default", preview(job.prompt, 50)])
     which = "" if args.status == "all" else " " + args.status
+    ids = [row[0] for row in rows]
     if not rows:
-        return Report(EXIT_OK, docs, ["No%s inference jobs on the board%s." % (
+        return Report(EXIT_OK, docs, [], ["No%s inference jobs on the board%s." % (
             which, " for model " + printable(args.model) if args.model else "")])
-    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows) + [
-        "%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")])
+    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows),
+                  ["%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")], ids)
 
 
 class AuditRow(object):
@@ -2904,14 +2934,16 @@ def cmd_audit(ctx, args):
         try:
             if args.accept and verification and verification.verdict == VERIFIED:
                 row.action = _accept(ctx, verification)
-            elif args.reject and verification and verification.verdict == MISMATCH:
+            elif args.reject and verification and verification.refuted:
                 cause = verification.cause
                 ctx.wl.reject(row.item_id, preview("wl_infer audit: MISMATCH, %s: %s" % (cause.kind, cause.message),
                                                    500))
                 row.action = "rejected"
+            elif args.reject and verification and verification.verdict == MISMATCH:
+                row.action = "kept in review (not a refutation)"
         except UserError as exc:
             row.error = str(exc)
-    return audit_report(rows)
+    return audit_report(rows, policy)
 
 
 def _accept(ctx, verification):
@@ -2926,9 +2958,9 @@ def _accept(ctx, verification):
         return "not accepted: completed by this rig (wl forbids accepting your own)"
 
 
-def audit_report(rows):
+def audit_report(rows, policy):
     counts = {VERIFIED: 0, MISMATCH: 0, "ERROR": 0}
-    table, notes, docs = [], [], []
+    table, notes, docs, unrefuted = [], [], [], []
     for row in rows:
         verification, item_id = row.verification, row.item_id
         verdict = "ERROR" if row.error else verification.verdict
@@ -2940,21 +2972,29 @@ def audit_report(rows):
                           "tolerance: %d forced" % len(verification.forced) if verification.forced else "-",
                           "%d" % verification.tokens_generated, row.action or ""])
             if cause:
-                notes.append("  %s: %s" % (item_id, printable(cause.message)))
+                notes.append("%s: %s: %s" % (item_id, cause.kind, printable(cause.message)))
+            if verification.verdict == MISMATCH and not verification.refuted:
+                unrefuted.append(item_id)
         else:
             doc = {"id": item_id, "verdict": "ERROR", "error": row.error}
             table.append([item_id, "-", verdict, "error", "-", ""])
         if row.error:
-            notes.append("  %s: error: %s" % (item_id, printable(row.error)))
+            notes.append("%s: error: %s" % (item_id, printable(row.error)))
         docs.append(doc)
     code = EXIT_ERROR if counts["ERROR"] else EXIT_MISMATCH if counts[MISMATCH] else EXIT_OK
     if not rows:
-        return Report(code, docs, ["No inference completions in review."])
+        return Report(code, docs, [], ["No inference completions in review."])
     summary = "Audited %d completion%s in review: %d verified, %d mismatched, %d error%s" % (
         len(rows), "" if len(rows) == 1 else "s", counts[VERIFIED], counts[MISMATCH], counts["ERROR"],
         "" if counts["ERROR"] == 1 else "s")
-    return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"], table)
-                  + [summary] + notes)
+    if unrefuted:  # an honest worker on other hardware lands here: never rejected, and the next step is said
+        notes.append("%d MISMATCH%s not refuted outright (%s): %s kept in review, never rejected; %s" % (
+            len(unrefuted), "" if len(unrefuted) == 1 else "es", " ".join(unrefuted),
+            "it is" if len(unrefuted) == 1 else "they are",
+            "re-check with a larger --tolerance or --max-forced, or on the worker's model and Ollama version"
+            if policy.tolerance else "re-check with `wl_infer.py audit --tolerance %g`" % NEAR_TIE))
+    return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"], table),
+                  [summary] + notes)
 
 
 def cmd_work(ctx, args):
@@ -3029,14 +3069,18 @@ _count.__name__ = "positive integer"
 _tags.__name__ = "comma-separated list of models"
 
 
+ID_HELP = "the item's ID on the board, e.g. w-3f9a0c12be (any unique prefix will do)"
+
+
 def _no_push(p):
     """The one option every command that writes to the board has."""
     p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
 
 
 def _post_arguments(p):
-    p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin")
-    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
+    p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin, less one trailing "
+                   "newline (write --prompt=-TEXT for a prompt that starts with -)")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file, byte for byte")
     p.add_argument("--model", required=True, metavar="TAG", help="Ollama model, e.g. llama3.2:1b")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
     p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
@@ -3047,13 +3091,13 @@ def _post_arguments(p):
 
 
 def _run_arguments(p):
-    p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
     p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
     _no_push(p)
 
 
 def _verify_arguments(p):
-    p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
     _policy_arguments(p)
 
 
@@ -3076,7 +3120,7 @@ def verify_policy(args):
 
 
 def _status_arguments(p):
-    p.add_argument("id", type=_item_id, metavar="ID")
+    p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
 
 
 def _list_arguments(p):
@@ -3114,25 +3158,65 @@ def _spool_arguments(p):
     p.add_argument("--drop", type=_item_id, metavar="ID", help="delete the kept result for ID")
 
 
-class Command(collections.namedtuple("Command", "name run help add_arguments")):
+class Command(collections.namedtuple("Command", "name run help usage add_arguments examples")):
     """A command: its name, the function that runs it (ctx, args) -> Report,
-    its one-line help, and the function that adds its own options."""
+    the one line saying what it does, its usage after the name, the
+    function that adds its own options, and the examples its --help ends with."""
 
     __slots__ = ()
 
 
 COMMANDS = [
-    Command("post", cmd_post, "post an inference job", _post_arguments),
-    Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result", _run_arguments),
-    Command("verify", cmd_verify, "check a completion and re-run its job", _verify_arguments),
-    Command("status", cmd_status, "show a job, its claim and its completion", _status_arguments),
-    Command("list", cmd_list, "list inference jobs on the board (one wl browse)", _list_arguments),
-    Command("audit", cmd_audit, "verify every completion in review", _audit_arguments),
-    Command("work", cmd_work, "take jobs for the local models, forever (a worker)", _work_arguments),
+    Command("post", cmd_post, "post an inference job on the board", "--model TAG --prompt TEXT [options]",
+            _post_arguments, [
+        'wl_infer.py post --prompt "What is 1+1?" --model llama3.2:1b --max-tokens 64',
+        'echo "Name a prime." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 32',
+        'id=$(wl_infer.py -q post --prompt-file question.txt --model llama3.2:1b --max-tokens 256)']),
+    Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result", "ID [options]",
+            _run_arguments, [
+        "wl_infer.py run w-3f9a",
+        "wl_infer.py run w-3f9a --skip-claim      # claimed already, with `wl claim`"]),
+    Command("verify", cmd_verify, "check a completion and re-run its job: exit 0 VERIFIED, 1 MISMATCH",
+            "ID [options]", _verify_arguments, [
+                "wl_infer.py verify w-3f9a",
+                "wl_infer.py verify w-3f9a --tolerance 0.5   # the worker ran other hardware",
+                'if wl_infer.py -q verify w-3f9a; then echo verified; fi']),
+    Command("status", cmd_status, "show a job, its claim and its completion (no model needed)",
+            "ID [options]", _status_arguments, [
+                "wl_infer.py status w-3f9a",
+                "wl_infer.py -q status w-3f9a               # the status alone: open, claimed, in_review...",
+                "wl_infer.py --json status w-3f9a | jq .completion.checks"]),
+    Command("list", cmd_list, "list inference jobs on the board (one wl browse)", "[options]",
+            _list_arguments, [
+        "wl_infer.py list",
+        "wl_infer.py list --status in_review --model llama3.2:1b",
+        "wl_infer.py -q list --status in_review | xargs -n1 wl_infer.py verify"]),
+    Command("audit", cmd_audit, "verify every completion in review; accept or reject them", "[options]",
+            _audit_arguments, [
+        "wl_infer.py audit --tolerance 0.5",
+        "wl_infer.py audit --tolerance 0.5 --accept --reject"]),
+    Command("work", cmd_work, "take jobs for the local models and run them, until stopped (a worker)",
+            "[options]", _work_arguments, [
+                "wl_infer.py work",
+                "wl_infer.py work --once --models llama3.2:1b   # one poll, from cron",
+                "wl_infer.py work --ollama http://gpu1:11434 --ollama http://gpu2:11434"]),
     Command("spool", cmd_spool, "list finished results kept on disk because wl did not take them",
-            _spool_arguments),
+            "[options]", _spool_arguments, [
+                "wl_infer.py spool",
+                "wl_infer.py run w-3f9a                     # submits the kept result, without generating",
+                "wl_infer.py spool --drop w-3f9a"]),
 ]
 COMMAND_BY_NAME = {command.name: command for command in COMMANDS}
+PROG = "wl_infer.py"  # in usage lines and in every command we suggest
+
+
+def command_list():
+    """What a bare `wl_infer.py` prints: the commands, one line each."""
+    width = max(len(c.name) for c in COMMANDS)
+    return "\n".join(["usage: %s [options] COMMAND [options]" % PROG,
+                      "Verifiable LLM inference jobs on the Wasteland wanted board.", "", "commands:"]
+                     + ["  %s  %s" % (c.name.ljust(width), c.help) for c in COMMANDS]
+                     + ["", "`%s COMMAND --help` shows a command's options and examples." % PROG])
 
 
 def _help_width():
@@ -3157,10 +3241,12 @@ def build_parser(commands=None):
             super(Parser, self).__init__(formatter_class=Formatter, **kwargs)
 
         def error(self, message):  # one line, our prefix, exit 2 (see main)
-            raise UserError("%s (see `wl_infer.py %s--help`)"
-                            % (message, (self.prog.split(" ", 1)[1] + " ") if " " in self.prog else ""))
+            option = re.match(r"argument (--[\w-]+)(?:/[-\w]+)?: expected one argument$", message)
+            if option:  # argparse takes a value starting with - for an option
+                message += "; for a value that starts with -, write %s=VALUE" % option.group(1)
+            raise UserError("%s (see `%s --help`)" % (message, self.prog))
 
-    class Formatter(argparse.HelpFormatter):
+    class Formatter(argparse.RawDescriptionHelpFormatter):  # examples keep their lines
         # argparse makes one per argument added, and its default width costs
         # an import of shutil (with bz2 and lzma) and a terminal query each
         def __init__(self, prog):
@@ -3168,38 +3254,51 @@ def build_parser(commands=None):
 
     width = _help_width()
 
-    # Shared options are accepted before and after the command name: they are
-    # on both parsers with SUPPRESS defaults, and defaults are filled in later.
-    common = Parser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--wasteland", metavar="ORG/DB", help="wasteland to use (passed to every wl call)")
-    common.add_argument("--local-db", action="store_true", help="use wl's local Dolt clone (passed to wl)")
-    common.add_argument("--wl", metavar="PATH", help="wl executable (default: $WL_BIN, else wl on PATH)")
-    common.add_argument("--ollama", metavar="URL", action="append",
-                        help="Ollama server (default: $OLLAMA_HOST, else %s); `work` takes several "
-                             "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA)
-    common.add_argument("--timeout", type=_positive, metavar="SECONDS",
-                        help="Ollama inactivity timeout: no byte for this long (default 300); "
-                             "a long generation is never cut for being long")
-    common.add_argument("--wl-timeout", type=_positive, metavar="SECONDS",
-                        help="limit for one wl call (default %g)" % DEFAULT_WL_TIMEOUT)
-    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    def shared(p):
+        """The options every command takes, accepted before and after the
+        command name: SUPPRESS defaults, filled in by parse_args."""
+        g = p.add_argument_group("options for every command")
+        g.add_argument("--wasteland", metavar="ORG/DB", default=argparse.SUPPRESS,
+                       help="wasteland to use (passed to every wl call)")
+        g.add_argument("--local-db", action="store_true", default=argparse.SUPPRESS,
+                       help="use wl's local Dolt clone (passed to wl)")
+        g.add_argument("--wl", metavar="PATH", default=argparse.SUPPRESS,
+                       help="wl executable (default: $WL_BIN, else wl on PATH)")
+        g.add_argument("--ollama", metavar="URL", action="append", default=argparse.SUPPRESS,
+                       help="Ollama server (default: $OLLAMA_HOST, else %s); `work` takes several "
+                            "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA)
+        g.add_argument("--timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
+                       help="Ollama inactivity timeout: no byte for this long (default 300); "
+                            "a long generation is never cut for being long")
+        g.add_argument("--wl-timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
+                       help="limit for one wl call (default %g)" % DEFAULT_WL_TIMEOUT)
+        g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print one JSON document on stdout (wins over -q)")
+        g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status; "
+                            "others nothing); stderr: only warnings and errors")
 
     class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
         def __call__(self, parser, namespace, values, option_string=None):
             _emit(sys.stdout, "wl_infer %s\n" % __version__)
             parser.exit()
 
-    parser = Parser(prog="wl_infer", parents=[common],
+    parser = Parser(prog=PROG, usage="%(prog)s [options] COMMAND [options]",
                     description="Verifiable LLM inference jobs on the Wasteland wanted board.",
-                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.")
+                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.\n"
+                           "`%s COMMAND --help` shows a command's options and examples." % PROG)
     parser.add_argument("--version", action=Version, nargs=0, help="show program's version number and exit")
+    shared(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     for command in COMMANDS:
         if commands is None or command.name in commands:
-            command.add_arguments(sub.add_parser(command.name, parents=[common], help=command.help))
+            p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
+                               help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
+                               epilog="examples:\n" + "\n".join("  " + e for e in command.examples))
+            command.add_arguments(p)  # its own options first, then the shared ones
+            shared(p)
     return parser
 
 
@@ -3250,6 +3349,9 @@ def main(argv=None):
         if hasattr(stream, "reconfigure"):  # never die on a non-UTF-8 terminal
             stream.reconfigure(errors="backslashreplace")
     want_json = "--json" in argv
+    if not argv:  # what a newcomer types first: the commands, not an error about one missing
+        _emit(sys.stderr, command_list() + "\n")
+        return EXIT_ERROR
     try:
         SIGNALS.install()
         args = parse_args(argv)
@@ -3266,7 +3368,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         _emit(sys.stderr, "\nwl_infer: interrupted\n")
         return EXIT_INTERRUPTED
-    _emit(sys.stdout, _json_text(report.doc) if args.json else "\n".join(report.text) + "\n")
+    lines = report.quiet if args.quiet else report.text
+    if args.json or lines:
+        _emit(sys.stdout, _json_text(report.doc) if args.json else "\n".join(lines) + "\n")
+    if report.notes and not args.quiet and not args.json:  # the JSON document says it all
+        _emit(sys.stderr, "\n".join(printable(n) for n in report.notes) + "\n")
     return report.code
 
 
