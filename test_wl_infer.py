@@ -18,6 +18,7 @@ hostile-input tests and prints their tally (`make faults`);
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -3244,6 +3245,28 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual(doc["cause"]["kind"], "different-ending")
         self.assertIn('for another reason ("stop", the evidence says "length")', doc["cause"]["message"])
 
+    def test_reject_only_refutes_a_near_tie_stays_in_review_and_the_tolerant_audit_settles_it(self):
+        honest, _ = self.claim({5: 0.2}, {5})  # an honest worker whose hardware flipped a near-tie
+        forged = self.completed("forged", output="a forged answer")
+        code, out, err = self.cli("audit", "--accept", "--reject")
+        self.assertEqual(code, 1, err)
+        rows = dict((ln.split()[0], ln.split(None, 5)[2:]) for ln in out.splitlines()[1:])
+        self.assertEqual(rows[honest][:2], ["MISMATCH", "near-tie"])
+        self.assertEqual(rows[honest][-1], "kept in review (not a refutation)")
+        self.assertEqual(rows[forged][:2], ["MISMATCH", "different-output"])
+        self.assertEqual(rows[forged][-1], "rejected")
+        self.assertIn("1 MISMATCH not refuted outright (%s): it is kept in review, never rejected; re-check with "
+                      "`wl_infer.py audit --tolerance 0.5`" % honest, err)
+        self.assertEqual((self.board.item(honest)["status"], self.board.item(forged)["status"]),
+                         ("in_review", "claimed"))  # wl reject: back to its claimer
+        self.assertNotIn(["reject", honest], [c["argv"][:2] for c in self.board.calls()])
+        doc = self.verify(honest)
+        self.assertEqual((doc["verdict"], doc["refuted"]), ("MISMATCH", False))
+        self.assertIn("  Refuted:   no: this can be an honest worker's output", self.cli("verify", honest)[1])
+        code, out, err = self.cli("audit", "--tolerance", "0.5", "--accept", "--reject")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.board.item(honest)["status"], "completed")
+
     def test_audit_uses_the_same_verification(self):
         honest, _ = self.claim({5: 0.2, 12: 0.3}, {5, 12}, prompt="honest")
         forged, _ = self.claim({7: 2.0}, {7}, prompt="forged")
@@ -3533,6 +3556,111 @@ class WorkerTest(WorkTest):
             claimed = len([c for c in calls if c["end"] <= call["end"]])
             started = len([s for s in self.ollama.streams if s["start"] <= call["end"]])
             self.assertLessEqual(claimed - started, 1, "more than one job claimed ahead")
+
+
+class PipelineTest(CliTest):
+    """stdout is data and -q leaves only what a pipeline needs; stdout and
+    stderr are captured apart."""
+
+    def test_quiet_prints_the_id_the_ids_the_status_or_nothing(self):
+        code, out, err = self.cli("-q", "post", "--prompt", "what is 1+1", "--model", "llama3.2:1b",
+                                  "--max-tokens", "64")
+        self.assertEqual((code, err), (0, ""))
+        item_id = out.strip()
+        self.assertTrue(wl_infer.is_item_id(item_id) and out == item_id + "\n", out)
+        self.assertEqual(self.cli("-q", "status", item_id), (0, "open\n", ""))
+        other = self.board.add(self.job("other", max_tokens=8))
+        self.assertEqual(self.cli("-q", "list"), (0, "%s\n%s\n" % (other, item_id), ""))
+        self.assertEqual(self.cli("run", "-q", item_id), (0, "", ""))
+        self.assertEqual(self.cli("-q", "verify", item_id), (0, "", ""))
+        forged = self.completed("forged", output="a forged answer")
+        self.assertEqual(self.cli("-q", "verify", forged), (1, "", ""))
+        self.assertEqual(self.cli("-q", "audit"), (1, "", ""))
+        self.assertEqual(self.cli("-q", "spool"), (0, "", ""))
+        self.assertEqual(self.cli("-q", "list", "--status", "completed"), (0, "", ""))
+        code, out, err = self.cli("-q", "--json", "status", item_id)  # --json wins over -q
+        self.assertEqual((code, json.loads(out)["status"], err), (0, "in_review", ""))
+        self.assertError(self.cli("-q", "verify", "w-0"), "wl status failed")
+
+    def test_quiet_post_still_warns_and_errors_stay_one_line(self):
+        code, out, err = self.cli("-q", "post", "--prompt", "p", "--model", "llama3.2:1b")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(wl_infer.is_item_id(out.strip()), out)
+        self.assertEqual(err, "wl_infer: warning: no --max-tokens: the job runs to the model's own limit, and "
+                         "workers running `work` skip such jobs unless they pass --allow-uncapped; post with "
+                         "--max-tokens N to have it taken\n")
+        self.assertError(self.cli("-q", "post", "--prompt", "p", "--model", "nope:1b", "--wl", "/nonexistent"),
+                         "/nonexistent")
+
+    def test_stdout_of_list_is_the_table_and_its_rows_start_with_ids(self):
+        ids = [self.board.add(self.job("job %d" % n, max_tokens=8)) for n in range(3)]
+        proc = subprocess.run("%s %s list | awk 'NR>1{print $1}'" % (shlex.quote(sys.executable),
+                                                                     shlex.quote(WL_INFER)),
+                              shell=True, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(sorted(proc.stdout.decode().split()), sorted(ids))
+        self.assertEqual(proc.stderr.decode(), "3 open inference jobs\n")
+        proc = subprocess.run("%s %s list --status in_review | awk 'NR>1{print $1}'" % (
+            shlex.quote(sys.executable), shlex.quote(WL_INFER)), shell=True, env=self.env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((proc.stdout, proc.stderr), (b"", b"No in_review inference jobs on the board.\n"))
+
+    def test_quiet_work_logs_only_failures(self):
+        done = self.board.add(self.job("fine", max_tokens=8))
+        self.board.add(self.job("uncapped"))  # skipped: logged without -q only
+        self.ollama.fail_prompts["poison"] = (500, "model runner crashed")
+        poison = self.board.add(self.job("poison", max_tokens=8))
+        code, out, err = self.cli("-q", "work", "--once")
+        self.assertEqual((code, out), (0, ""), err)
+        [line] = err.splitlines()
+        self.assertIn("failed %s: Ollama at " % poison, line)
+        self.assertEqual(self.board.item(done)["status"], "in_review")
+        code, out, err = self.cli("work", "--once")
+        self.assertIn("skipped", err)
+        self.assertIn("work: 0 done, 1 failed, 1 skipped", err)  # the summary: stderr, for people
+        self.assertEqual(out, "")
+
+    def test_prompt_on_stdin_loses_one_trailing_newline_and_a_dash_value_gets_a_hint(self):
+        proc = subprocess.run("echo 'Name a prime.' | %s %s --json post --prompt - --model llama3.2:1b "
+                              "--max-tokens 8" % (shlex.quote(sys.executable), shlex.quote(WL_INFER)),
+                              shell=True, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(json.loads(proc.stdout)["job"]["prompt"], "Name a prime.")
+        self.assertError(self.cli("post", "--prompt", "-q", "--model", "llama3.2:1b"),
+                         "argument --prompt: expected one argument; for a value that starts with -, "
+                         "write --prompt=VALUE")
+        code, out, err = self.cli("--json", "post", "--prompt=-q", "--model", "llama3.2:1b", "--max-tokens", "8")
+        self.assertEqual((code, json.loads(out)["job"]["prompt"]), (0, "-q"), err)
+
+
+class HelpTest(CliTest):
+    def test_a_bare_call_lists_the_commands_and_exits_2(self):
+        code, out, err = self.cli()
+        self.assertEqual((code, out), (2, ""))
+        lines = err.splitlines()
+        self.assertEqual(lines[0], "usage: wl_infer.py [options] COMMAND [options]")
+        for command in wl_infer.COMMANDS:
+            self.assertIn("  %s  %s" % (command.name.ljust(6), command.help), lines)
+
+    def test_each_command_says_what_it_does_lists_its_own_options_first_and_ends_with_examples(self):
+        for command in wl_infer.COMMANDS:
+            code, out, err = self.cli(command.name, "--help", env=self.env(COLUMNS="200"))
+            self.assertEqual((code, err), (0, ""))
+            lines = out.splitlines()
+            self.assertEqual(lines[0], "usage: wl_infer.py %s %s" % (command.name, command.usage))
+            self.assertEqual(lines[2], command.help[0].upper() + command.help[1:] + ".")
+            own, shared = out.index("\noptions:\n"), out.index("\noptions for every command:\n")
+            self.assertLess(own, shared)
+            examples = out[out.index("\nexamples:\n"):].splitlines()[2:]
+            self.assertTrue(2 <= len(examples) <= 3 and all("wl_infer.py " in e for e in examples), examples)
+            self.assertGreater(out.index("\nexamples:\n"), shared)
+        out = self.cli("verify", "--help", env=self.env(COLUMNS="200"))[1]
+        self.assertIn("  ID  ", out.replace("   ", "  "))
+        self.assertIn("the item's ID on the board, e.g. w-3f9a0c12be", out)
+        self.assertIn("--tolerance NATS", out[:out.index("options for every command")])
+
+    def test_errors_and_usage_name_the_program_the_same_way(self):
+        err = self.assertError(self.cli("run"), "the following arguments are required: ID")
+        self.assertIn("(see `wl_infer.py run --help`)", err)
+        self.assertTrue(self.cli("--help")[1].startswith("usage: wl_infer.py "))
 
 
 class ListTest(CliTest):

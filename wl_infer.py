@@ -2704,6 +2704,7 @@ def _provenance_lines(evidence, indent):
 
 def cmd_post(ctx, args):
     check_model_name(args.model, "--model")
+    wl = ctx.wl  # a missing wl is an error now, before any warning about the job
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
     description = encode_job(job)
@@ -2731,7 +2732,7 @@ def cmd_post(ctx, args):
         ctx.warn("no --max-tokens: the job runs to the model's own limit, and workers running `work` skip "
                  "such jobs unless they pass --allow-uncapped; post with --max-tokens N to have it taken")
     title = post_title(prompt)
-    item_id = ctx.wl.post(title, description)
+    item_id = wl.post(title, description)
     if SIGNALS.received:  # held while wl wrote the job
         raise Interrupted("the job was posted before stopping: %s" % item_id)
     return Report(EXIT_OK, {"id": item_id, "title": title, "job": job.document()},
