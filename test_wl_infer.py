@@ -2364,7 +2364,8 @@ class FaultMatrixTest(CliTest):
         self.assertEqual(proc.returncode, fault.code, err)
         self.assertNotIn("Traceback", err)
         final = {0: "Next: wl_infer.py verify ", 2: "wl_infer: error: ", 130: "wl_infer: interrupted; "}[fault.code]
-        self.assertTrue(all(line.startswith("wl_infer: warning: ") for line in lines[:-1]), err)
+        self.assertTrue(all(line.startswith(("wl_infer: warning: ", "wl_infer: interrupted: ")) for line in lines[:-1]),
+                        err)
         self.assertTrue(lines[-1].startswith(final), err)
         for fragment in fault.says:
             self.assertIn(fragment.format(id=item_id, spool=spool), err)
@@ -3886,14 +3887,16 @@ class TerminalSafetyTest(CliTest):
         self.assertIn("boom\\x1b]0;pwned", self.cli_safe("audit", code=2)[2])
 
 
-class ProgressTest(CliTest):
-    def test_progress_line_only_on_a_terminal(self):
+class FeedbackTest(CliTest):
+    """What a person sees while waiting: a status line on a terminal (never
+    on a pipe, never with -q), and at once after a signal, what is happening."""
+
+    def on_terminal(self, *args, env=None):
+        """Run with stderr on a pseudo-terminal: (exit code, stdout, all that the terminal was sent)."""
         import pty
 
-        item_id = self.board.add(self.job())
-        self.ollama.piece_chars, self.ollama.piece_delay = 2, 0.01
         master, slave = pty.openpty()
-        proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
+        proc = subprocess.Popen([sys.executable, WL_INFER] + list(args), env=env or self.env(),
                                 stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
         seen = b""
@@ -3907,13 +3910,75 @@ class ProgressTest(CliTest):
             seen += chunk
         out, _ = proc.communicate(timeout=60)
         os.close(master)
-        self.assertEqual(proc.returncode, 0)
-        self.assertIn(b"generating with llama3.2:1b:", seen)
-        self.assertIn(b"tok/s", seen)
-        self.assertNotIn(b"tok/s", out)
+        return proc.returncode, out.decode(), seen.decode()
+
+    def test_run_shows_its_tokens_and_a_slow_wl_call_on_a_terminal_only(self):
+        item_id = self.board.add(self.job(max_tokens=64))
+        self.ollama.piece_chars, self.ollama.piece_delay = 2, 0.01
+        self.board.fail("claim", delay=1.2, times=1)
+        code, out, seen = self.on_terminal("run", item_id)
+        self.assertEqual(code, 0, seen)
+        self.assertIn("\r\x1b[Kwaiting for `wl claim %s` (1 s)" % item_id, seen)
+        self.assertRegex(seen, r"\r\x1b\[Krunning %s with llama3\.2:1b: \d+ of 64 tokens, [\d.]+ tok/s" % item_id)
+        self.assertNotIn("tok/s", out)
+        self.assertTrue(seen.endswith("\r\x1b[KNext: wl_infer.py verify %s\r\n" % item_id), seen[-200:])
         item_id = self.board.add(self.job(prompt="again"))
-        code, out, err = self.cli("run", item_id)  # stderr is a pipe: no progress
+        self.board.fail("claim", delay=1.2, times=1)
+        code, out, err = self.cli("run", item_id)  # stderr is a pipe: no status line
         self.assertEqual((code, err), (0, "Next: wl_infer.py verify %s\n" % item_id))
+
+    def test_verify_audit_and_work_say_what_they_wait_for(self):
+        self.ollama.piece_delay = 0.02
+        first, second = self.completed("one", eval_count=24), self.completed("two", eval_count=24)
+        code, out, seen = self.on_terminal("verify", first)
+        self.assertEqual(code, 0, seen)
+        self.assertRegex(seen, r"verifying %s: \d+ of 24 tokens" % first)  # the evidence's eval_count
+        code, out, seen = self.on_terminal("audit")
+        self.assertEqual(code, 0, seen)
+        for n, item_id in ((1, second), (2, first)):  # newest first, as wl lists them
+            self.assertIn("%d of 2: reading %s" % (n, item_id), seen)
+        self.assertRegex(seen, r"1 of 2: verifying w-[0-9a-f]+: \d+ of 24 tokens")
+        self.assertRegex(seen, r"2 of 2: verifying w-[0-9a-f]+: \d+ of 24 tokens")
+        job = self.board.add(self.job("three", max_tokens=64))
+        code, out, seen = self.on_terminal("work", "--once")
+        self.assertEqual(code, 0, seen)
+        self.assertRegex(seen, r"work: %s \d+ tokens; 0 done" % job)
+        code, out, seen = self.on_terminal("-q", "verify", first)
+        self.assertEqual((code, out, seen), (0, "", ""))
+
+    def test_a_signal_says_at_once_that_the_claim_is_being_released(self):
+        item_id = self.board.add(self.job(max_tokens=64))
+        self.ollama.stall_after = 2
+        self.board.fail("unclaim", delay=30, times=1)  # a board that takes its time
+        proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = Lines(proc.stderr)
+        wait_for(self.ollama.generating.is_set, "the generation")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: err.has("releasing the claim"), "the feedback")
+        self.assertEqual(self.board.item(item_id)["status"], "claimed")  # said before wl unclaim has ended
+        self.assertEqual(err.lines[0], "wl_infer: interrupted: releasing the claim on %s; press Ctrl-C again to "
+                         "stop waiting, and the claim may stay held\n" % item_id)
+        wait_for(lambda: "unclaim" in self.board.started(), "wl unclaim")
+        proc.send_signal(signal.SIGINT)  # the impatient second one: wl is stopped, and we say what is left
+        self.assertEqual(proc.wait(60), 130)
+        self.assertIn("releasing the claim was interrupted, so %s may still be claimed by you" % item_id, err.text())
+
+    def test_a_signal_during_a_wl_claim_says_it_waits_for_it(self):
+        item_id = self.board.add(self.job(max_tokens=64))
+        self.board.fail("claim", delay=30, times=1)
+        proc = subprocess.Popen([sys.executable, WL_INFER, "run", item_id], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = Lines(proc.stderr)
+        wait_for(lambda: "claim" in self.board.started(), "wl claim")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: err.has("interrupted"), "the feedback")
+        self.assertEqual(err.lines[0], "wl_infer: interrupted: letting `wl claim %s` finish first, so that what it "
+                         "did is known; press Ctrl-C again to stop it now (it may or may not have happened)\n"
+                         % item_id)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(60), 130)
+        self.assertIn("stopped during `wl claim`, so %s may be claimed by you" % item_id, err.text())
 
 
 # =============================================================================

@@ -110,7 +110,7 @@ class Signals(object):
 
     def __init__(self):
         self.received = 0
-        self.holding = 0
+        self.holding = []  # what a first signal waits for: "`wl claim w-1`"
         self.graceful = False
 
     def install(self):
@@ -122,11 +122,18 @@ class Signals(object):
 
     def _handle(self, signum, frame):
         self.received += 1
-        if not self.graceful and not (self.holding and self.received == 1):
+        if self.graceful:
+            return
+        if not (self.holding and self.received == 1):
             raise KeyboardInterrupt
+        # said at once, and with os.write: the handler may have interrupted a write to sys.stderr
+        _say_now("interrupted: letting %s finish first, so that what it did is known; press Ctrl-C again to "
+                 "stop it now (it may or may not have happened)" % self.holding[-1])
 
-    def protected(self, enabled=True):
-        return _Holding(self, 1 if enabled else 0)
+    def protected(self, what):
+        """Hold a first signal while `what` runs (a wl call that changes
+        the board); None: nothing is held."""
+        return _Holding(self, what)
 
     def aborting(self):
         return self.received >= (2 if self.graceful else 1)
@@ -138,14 +145,25 @@ class Signals(object):
 
 
 class _Holding(object):
-    def __init__(self, signals, depth):
-        self.signals, self.depth = signals, depth
+    def __init__(self, signals, what):
+        self.signals, self.what = signals, what
 
     def __enter__(self):
-        self.signals.holding += self.depth
+        if self.what:
+            self.signals.holding.append(self.what)
 
     def __exit__(self, *exc):
-        self.signals.holding -= self.depth
+        if self.what:
+            self.signals.holding.pop()
+
+
+def _say_now(message):
+    """A line on stderr for a person who has just pressed Ctrl-C (on a
+    terminal, over the status line or the ^C it echoed)."""
+    try:
+        os.write(2, ("%swl_infer: %s\n" % ("\r\x1b[K" if os.isatty(2) else "", message)).encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 SIGNALS = Signals()  # installed by main(); inert when the module is imported
@@ -1064,32 +1082,6 @@ def _reason(exc):
     return text if str(text).strip() else type(exc).__name__
 
 
-class Progress(object):
-    """A single updating line on stderr while generating (terminals only)."""
-
-    def __init__(self, enabled, label):
-        self.enabled = enabled
-        self.label = label
-        self.clock = time.monotonic
-        self.start = self.clock()
-        self.shown = 0.0
-
-    def __call__(self, tokens):
-        now = self.clock()
-        if not self.enabled or now - self.shown < 0.1:
-            return
-        self.shown = now
-        elapsed = now - self.start
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        sys.stderr.write("\r\x1b[K%s: %d tokens, %.1f tok/s, %.1fs" % (self.label, tokens, rate, elapsed))
-        sys.stderr.flush()
-
-    def clear(self):
-        if self.enabled and self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
 # =============================================================================
 # wl driver (wl is always a child process; its output is parsed here)
 # =============================================================================
@@ -1306,19 +1298,21 @@ class Wl(object):
     """Runs wl as a child process: argument lists only, values as --opt=value,
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
 
-    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False):
+    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False, status_line=None):
         self.exe = exe
         self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
         self.timeout = timeout
         self.no_push = no_push
         self.turn = _NoLock()  # a lock when calls must not overlap (work with --local-db)
+        self.status_line = status_line  # shows a slow call; None: calls are not shown (work's threads)
 
     def call(self, command, *args, mutating=False):
         argv = [self.exe, command] + list(args) + self.global_args
         if mutating and self.no_push:
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
-        with self.turn, SIGNALS.protected(enabled=mutating):  # from before wl starts until it has ended
+        what = "`wl %s`" % " ".join([command] + [a for a in args[:1] if is_item_id(a)])
+        with self.turn, SIGNALS.protected(what if mutating else None):  # from before wl starts until it has ended
             try:
                 # Its own session: a Ctrl-C at the terminal reaches us, not wl,
                 # so a claim or a submission is never cut half-way by the terminal.
@@ -1327,7 +1321,7 @@ class Wl(object):
             except OSError as exc:
                 raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
             try:
-                stdout, stderr = self._wait(proc, command)
+                stdout, stderr = self._wait(proc, command, what)
             except BaseException:  # a signal that is not held, or the time limit: stop wl and what it started
                 _stop_group(proc)
                 raise
@@ -1340,19 +1334,26 @@ class Wl(object):
                           conflict=any(c in (err or "") for c in _WL_CONFLICTS))
         return out
 
-    def _wait(self, proc, command):
+    def _wait(self, proc, command, what):
         """wl's output, waiting in slices: CPython runs a signal handler only
         between bytecodes, so a signal landing just as a long wait resumes
         would otherwise go unnoticed until wl ends (a second Ctrl-C ignored
-        for the whole call)."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return proc.communicate(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
-                                  "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+        for the whole call). A call still running after a slice is shown."""
+        start = time.monotonic()
+        deadline = start + self.timeout
+        try:
+            while True:
+                try:
+                    return proc.communicate(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
+                                      "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+                    if self.status_line:
+                        self.status_line.show("waiting for %s (%.0f s)" % (what, time.monotonic() - start))
+        finally:
+            if self.status_line and time.monotonic() - start >= 0.5:
+                self.status_line.clear()
 
     def post(self, title, description):
         return parse_posted_id(self.call(
@@ -1499,13 +1500,14 @@ class Context(object):
         self.args = args
         self._wl = None
         self._ollama = None
+        self.status = StatusLine(not args.quiet and sys.stderr.isatty())
 
     @property
     def wl(self):
         if self._wl is None:
             a = self.args
             self._wl = Wl(find_executable(a.wl), a.wasteland, a.local_db, a.wl_timeout,
-                          a.no_push)
+                          a.no_push, self.status)
         return self._wl
 
     @property
@@ -1514,11 +1516,64 @@ class Context(object):
             self._ollama = Ollama(self.args.ollama, self.args.timeout)
         return self._ollama
 
-    def progress(self, label):
-        return Progress(not self.args.quiet and sys.stderr.isatty(), label)
+    def progress(self, label, total=None):
+        return Progress(self.status, label, total)
 
     def warn(self, message):
-        sys.stderr.write("wl_infer: warning: %s\n" % printable(message))
+        self.status.above("wl_infer: warning: %s" % printable(message))
+
+
+class StatusLine(object):
+    """The line at the bottom of a terminal saying what the command waits for
+    now: a generation's tokens, a slow wl call, audit's item N of M. Only when
+    stderr is a terminal and not -q. Permanent lines (warnings, the worker's
+    log) are written above it with `above`."""
+
+    def __init__(self, enabled):
+        self.enabled, self.text, self.lock = enabled, "", threading.RLock()
+
+    def show(self, text):
+        if self.enabled:
+            with self.lock:
+                try:  # one row, or the next \r could not take it back
+                    width = os.get_terminal_size(sys.stderr.fileno()).columns or 80  # 0: the size is unknown
+                except (OSError, ValueError):
+                    width = 80
+                self.text = printable(text)[:max(width - 1, 10)]
+                _emit(sys.stderr, "\r\x1b[K" + self.text)
+
+    def clear(self):
+        with self.lock:
+            if self.text:
+                self.text = ""
+                _emit(sys.stderr, "\r\x1b[K")
+
+    def above(self, line):
+        with self.lock:
+            _emit(sys.stderr, ("\r\x1b[K" if self.text else "") + line + "\n" + self.text)
+
+
+class Progress(object):
+    """A generation's tokens on the status line, at most ten times a second."""
+
+    def __init__(self, status, label, total=None):
+        self.status, self.label, self.total = status, label, total
+        self.clock = time.monotonic
+        self.start = self.clock()
+        self.shown = 0.0
+
+    def __call__(self, tokens):
+        now = self.clock()
+        if not self.status.enabled or now - self.shown < 0.1:
+            return
+        self.shown = now
+        elapsed = now - self.start
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        self.status.show("%s: %d%s tokens, %.1f tok/s, %.1fs" % (
+            self.label, tokens, " of %d" % self.total if self.total else "", rate, elapsed))
+
+    def clear(self):
+        self.status.clear()
 
 
 class Report(object):
@@ -1753,7 +1808,7 @@ class JobRun(object):
         """Spool the finished result (a signal waits until it is on disk); a
         full disk must not cost the result itself."""
         try:
-            with SIGNALS.protected():
+            with SIGNALS.protected("the write of the result to disk"):
                 return spool_write(self.item, digest, self.full)
         except OSError as exc:
             self.ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
@@ -1812,6 +1867,9 @@ class JobRun(object):
                     "`wl status %s`" % item_id)
         if self.skip_claim:
             return "the claim on %s was left to its owner (--skip-claim)" % item_id
+        self.ctx.status.clear()
+        _say_now("interrupted: releasing the claim on %s; press Ctrl-C again to stop waiting, and the claim may "
+                 "stay held" % item_id)
         return release_claim(self.ctx, item_id)
 
     def _kept_note(self, still_claimed, submittable=True):
@@ -1834,7 +1892,7 @@ def run_job(ctx, item_id, skip_claim=False):
     run.check(ctx.ollama.models(), ctx.ollama.url)
     version = local_version(ctx.ollama) if run.kept is None else ""
     run.attempt(run.claim)
-    progress = ctx.progress("generating with %s" % printable(run.job.model))
+    progress = ctx.progress("running %s with %s" % (run.id, printable(run.job.model)), run.job.max_tokens or None)
     try:
         run.attempt(run.infer, ctx.ollama, version, progress)
     finally:
@@ -2115,15 +2173,16 @@ class Verification(object):
         be an honest worker on other hardware."""
         return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
 
-    def rerun(self, ctx, policy=EXACT):
+    def rerun(self, ctx, policy=EXACT, position=""):
         """Re-run the job on the local Ollama, stopping at the first
         character that differs from the submitted output (tolerant: forcing
-        near-ties), and decide the verdict."""
+        near-ties), and decide the verdict. `position`: where the progress
+        line says this is ("2 of 5: ", in audit)."""
         job, evidence = self.job, self.evidence
         self.verdict, self.tolerance = MISMATCH, policy.tolerance
         digest = self.local_digest = require_local_model(ctx.ollama.models(), job.model, ctx.ollama.url)
         self.checks.append(local_model_check(job, evidence, digest))
-        gen = self._follow(ctx, policy)
+        gen = self._follow(ctx, policy, position)
         self.tokens_generated, self.output = gen.eval_count, gen.text
         if gen.final is not None:
             self.actual_hash = output_hash(gen.text)
@@ -2156,14 +2215,16 @@ class Verification(object):
             ctx.warn(check.message + "; the text matches, so the verdict stands (--strict refuses this)")
         self.verdict, self.exact = VERIFIED, not self.forced
 
-    def _follow(self, ctx, policy):
+    def _follow(self, ctx, policy, position):
         """The re-run, compared with the submitted output as it streams; with
         a tolerance, forced through near-ties (self.forced) until it
         reproduces the rest or the tolerance decides (self.cause). Returns
         the Generation."""
         job, submitted = self.job, self.evidence["output"]
         top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
-        progress = ctx.progress("generating with %s" % printable(job.model))
+        claim_tokens = next((n for n in (self.evidence["eval_count"], len(self.evidence["token_lengths"] or []))
+                             if n and n > 0), None)  # the submitted output's length, when the evidence says
+        progress = ctx.progress("%sverifying %s" % (position, self.item_id), claim_tokens)
         gen, request, rendered = None, generate_request(job, top), None
         try:
             while True:
@@ -2320,6 +2381,7 @@ class Server(object):
         self.models, self.version, self.error = {}, "", None
         self.busy = 0.0  # seconds with a generation in flight
         self.jobs = 0
+        self.running, self.tokens = None, 0  # the ID of the job generating here, and its tokens so far
 
     def refresh(self):
         """/api/tags (and the version, for provenance), once per poll."""
@@ -2340,7 +2402,6 @@ class Worker(object):
         self.servers = [Server(url, args.timeout) for url in args.ollama_urls]
         self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
         self.cond = threading.Condition()
-        self.log_lock = threading.Lock()
         self.ready = None  # a Candidate claimed, not yet generating; at most one
         self.finished = collections.deque()  # generated, waiting for wl done
         self.claiming, self.serving = True, len(self.servers)
@@ -2358,8 +2419,7 @@ class Worker(object):
 
     def log(self, message):
         """A line of the log on stderr: failures and what a signal does (-q keeps these)."""
-        with self.log_lock:
-            _emit(sys.stderr, "%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
+        self.ctx.status.above("%s %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
 
     def info(self, message):
         """A line of the log that -q leaves out: the jobs' progress."""
@@ -2376,6 +2436,7 @@ class Worker(object):
         seen = 0
         while any(t.is_alive() for t in threads):
             threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
+            self.ctx.status.show(self.in_flight())
             if SIGNALS.received != seen:
                 seen = SIGNALS.received
                 if seen == 1:
@@ -2395,6 +2456,12 @@ class Worker(object):
         if self.fatal is not None:
             raise self.fatal
         return self.summary()
+
+    def in_flight(self):
+        """The status line: each server's job and its tokens."""
+        running = ["%s %s%s" % (s.running, _tokens(s.tokens), " on " + s.url if len(self.servers) > 1 else "")
+                   for s in self.servers if s.running]
+        return "work: %s; %d done" % (", ".join(running) or "no job in flight", self.counts["done"])
 
     def guarded(self, loop, args):
         """A thread's loop; a bug ends the worker with one line, not a traceback."""
@@ -2591,12 +2658,17 @@ class Worker(object):
         generated = run.full is None
         if len(self.servers) > 1 and generated:
             self.info("running %s on %s" % (run.id, server.url))
+        def on_token(tokens):
+            server.tokens = tokens
+            SIGNALS.check()  # a second signal stops a generation at its next token
+
+        server.running, server.tokens = run.id, 0
         try:
-            run.attempt(run.infer, server.ollama, server.version, _abort_check,
-                        find_model(server.models, run.job.model))
+            run.attempt(run.infer, server.ollama, server.version, on_token, find_model(server.models, run.job.model))
         except (UserError, Interrupted) as exc:
             return self.job_failed(run, exc)
         finally:
+            server.running = None
             if generated:
                 server.busy += self.clock() - started
         server.jobs += generated
@@ -2663,10 +2735,6 @@ class Worker(object):
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
         doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[dict(r) for r in self.jobs])
         return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, [], text)
-
-
-def _abort_check(tokens):
-    SIGNALS.check()  # a second signal stops a generation at its next token
 
 
 def _seconds(value):
@@ -2916,18 +2984,18 @@ def cmd_audit(ctx, args):
     """Verify every completion in review: the cheap checks of all first (a
     forged output costs nothing), then the re-runs, shortest output first."""
     policy = verify_policy(args)
-    rows = []
-    for listed in board_items(ctx, "in_review", args.model, args.limit):
-        row = AuditRow(listed.item.id)
-        rows.append(row)
+    rows = [AuditRow(listed.item.id) for listed in board_items(ctx, "in_review", args.model, args.limit)]
+    for n, row in enumerate(rows, 1):
+        ctx.status.show("%d of %d: reading %s" % (n, len(rows), row.item_id))
         try:
             row.verification = Verification.check_evidence(ctx.wl.status(row.item_id))
         except UserError as exc:
             row.error = str(exc)
+    ctx.status.clear()
     pending = [r for r in rows if r.verification and r.verification.verdict is None]
-    for row in sorted(pending, key=lambda r: len(r.verification.evidence["output"])):
+    for n, row in enumerate(sorted(pending, key=lambda r: len(r.verification.evidence["output"])), 1):
         try:
-            row.verification.rerun(ctx, policy)
+            row.verification.rerun(ctx, policy, "%d of %d: " % (n, len(pending)))
         except UserError as exc:
             row.verification, row.error = None, str(exc)
     for row in rows:
@@ -3001,6 +3069,7 @@ def audit_report(rows, policy):
 def cmd_work(ctx, args):
     SIGNALS.graceful = True  # the first signal lets the job in flight finish
     wl = ctx.wl  # made before the threads start: a missing wl is an error now
+    wl.status_line = None  # calls overlap on threads: the status line shows the jobs in flight instead
     if args.local_db:  # a local Dolt clone takes one writer at a time
         wl.turn = threading.Lock()
     return Worker(ctx, args).run()
@@ -3356,7 +3425,11 @@ def main(argv=None):
     try:
         SIGNALS.install()
         args = parse_args(argv)
-        report = COMMAND_BY_NAME[args.command].run(Context(args), args)
+        ctx = Context(args)
+        try:
+            report = COMMAND_BY_NAME[args.command].run(ctx, args)
+        finally:
+            ctx.status.clear()  # what follows goes on a line of its own
     except UserError as exc:
         message = printable(str(exc))
         if want_json:
@@ -3364,10 +3437,10 @@ def main(argv=None):
         _emit(sys.stderr, "wl_infer: error: %s\n" % message)
         return EXIT_ERROR
     except Interrupted as exc:
-        _emit(sys.stderr, "\nwl_infer: interrupted; %s\n" % printable(str(exc)))
+        _say_now("interrupted; %s" % printable(str(exc)))
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        _emit(sys.stderr, "\nwl_infer: interrupted\n")
+        _say_now("interrupted")
         return EXIT_INTERRUPTED
     lines = report.quiet if args.quiet else report.text
     if args.json or lines:
