@@ -1298,7 +1298,8 @@ class Wl(object):
     """Runs wl as a child process: argument lists only, values as --opt=value,
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
 
-    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False, status_line=None):
+    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False,
+                 status_line=None):
         self.exe = exe
         self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
         self.timeout = timeout
