@@ -1,7 +1,7 @@
 # wl_infer: everything here needs only Python 3.8+ (standard library).
 PYTHON ?= python3
 
-.PHONY: test faults demo bench compat lint
+.PHONY: test faults demo sandbox bench compat lint
 
 # The whole suite, against the built-in fake Ollama and fake wl.
 test:
@@ -15,6 +15,11 @@ faults:
 # post -> run -> verify -> status, as a user sees it, against the fakes.
 demo:
 	$(PYTHON) test_wl_infer.py demo
+
+# The fakes, running until Ctrl-C, for trying the README's commands by hand:
+# paste the export line it prints into another shell.
+sandbox:
+	@$(PYTHON) test_wl_infer.py sandbox
 
 # Ratios against baselines measured in the same run (not part of test).
 bench:

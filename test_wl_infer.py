@@ -18,6 +18,7 @@ hostile-input tests and prints their tally (`make faults`);
 import hashlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -2557,6 +2558,7 @@ class WorkTest(CliTest):
         proc = subprocess.Popen([sys.executable, WL_INFER, "work", "--interval", "0.05"] + list(args),
                                 env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.log, proc.out = Lines(proc.stderr), Lines(proc.stdout)
+        self.addCleanup(proc.stderr.close)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         return proc
 
@@ -3632,6 +3634,44 @@ class PipelineTest(CliTest):
         self.assertEqual((code, json.loads(out)["job"]["prompt"]), (0, "-q"), err)
 
 
+class SandboxTest(unittest.TestCase):
+    def test_the_sandbox_runs_the_quick_start_and_cleans_up_after_ctrl_c(self):
+        env = dict(os.environ)
+        for name in ("WL_BIN", "OLLAMA_HOST", "XDG_STATE_HOME"):
+            env.pop(name, None)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "test_wl_infer.py"), "sandbox"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        out = Lines(proc.stdout)
+        wait_for(lambda: out.has("# Ctrl-C here"), "the sandbox", deadline=60)
+        [export] = [line for line in out.lines if line.startswith("export ")]
+        folder = re.search(r"fake wl board in (\S+),", out.lines[0]).group(1)
+        quick_start = ('%s\ncd %s\nwl_infer.py list\nid=$(wl_infer.py -q post --prompt "What is 1+1?" '
+                       '--model llama3.2:1b --max-tokens 64)\nwl_infer.py run "$id"\nwl_infer.py verify "$id" '
+                       '&& echo "verified $id"\nwl_infer.py audit --tolerance 0.5 --accept --reject\n'
+                       'echo "audit: $?"\n' % (export, shlex.quote(self.empty_folder())))
+        shell = subprocess.run(["sh", "-c", quick_start], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=120)
+        self.assertEqual(shell.returncode, 0, shell.stderr)
+        item_id = re.search(r"verified (w-[0-9a-f]+)", shell.stdout).group(1)
+        table = shell.stdout[shell.stdout.index("ID            MODEL"):].splitlines()
+        actions = sorted(line.split("  ")[-1].strip() for line in table[1:] if line.startswith("w-"))
+        self.assertEqual(actions, ["accepted", "accepted", "not accepted: completed by this rig (wl forbids "
+                                   "accepting your own)", "rejected"], shell.stdout)
+        self.assertIn("audit: 1", shell.stdout)  # the forged one is a MISMATCH
+        self.assertIn(item_id, shell.stdout)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(60), 0, proc.stderr.read())
+        self.assertFalse(os.path.exists(folder))
+        self.assertIn("# sandbox stopped; %s deleted" % folder, out.text())
+
+    def empty_folder(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, folder)
+        return folder
+
+
 class HelpTest(CliTest):
     def test_a_bare_call_lists_the_commands_and_exits_2(self):
         code, out, err = self.cli()
@@ -4199,15 +4239,15 @@ def demo():
             print("$ wl_infer.py " + " ".join(_shell_quote(a) for a in args))
             sys.stdout.flush()
             proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(base_env, FAKE_WL_RIG=rig),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-            sys.stdout.write(proc.stderr + proc.stdout)  # as a terminal shows them: the log first
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            sys.stdout.write(proc.stdout)  # stdout and stderr in one pipe: in order, as a terminal shows them
             print("[exit %d]" % proc.returncode)
             return proc.stdout
 
         print("wl_infer demo: a fake Ollama at %s and a fake wl board in %s" % (ollama.address, folder))
         out = step("alice", "a poster puts a job on the board", "post", "--prompt",
-                   "What is 1+1? Answer in one sentence.", "--model", "llama3.2:1b")
-        item_id = out.split("\n")[0].split()[-1]
+                   "What is 1+1? Answer in one sentence.", "--model", "llama3.2:1b", "--max-tokens", "64")
+        item_id = re.search(r"Posted inference job: (w-[0-9a-f]+)", out).group(1)
         step("bob", "a worker claims it, runs it on its Ollama and submits the evidence", "run", item_id)
         step("carol", "anyone re-runs it and compares the hashes", "verify", item_id)
         step("alice", "the poster looks at the item", "status", item_id)
@@ -4230,8 +4270,8 @@ def demo():
 
         story = "Tell me a story."
         ollama.scripts[("llama3.2:1b", story)] = ScriptedModel(TolerantVerificationTest.TEXT, {5: 0.21, 12: 0.34})
-        out = step("alice", "a longer job", "post", "--prompt", story, "--model", "llama3.2:1b")
-        story_id = out.split("\n")[0].split()[-1]
+        out = step("alice", "a longer job", "post", "--prompt", story, "--model", "llama3.2:1b", "--max-tokens", "64")
+        story_id = re.search(r"Posted inference job: (w-[0-9a-f]+)", out).group(1)
         ollama.flips = {5, 12}  # bob's hardware takes the runner-up at two near-ties
         step("bob", "a worker on other hardware runs it", "run", story_id)
         ollama.flips = set()
@@ -4239,8 +4279,9 @@ def demo():
         step("carol", "tolerant verification: the near-ties are taken, the rest must follow from the model",
              "verify", story_id, "--tolerance", "0.5")
 
-        out = step("alice", "another job", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b")
-        item_id = out.split("\n")[0].split()[-1]
+        out = step("alice", "another job", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b",
+                   "--max-tokens", "32")
+        item_id = re.search(r"Posted inference job: (w-[0-9a-f]+)", out).group(1)
         board.fail("done", message="push rejected: upstream changed (non-fast-forward)", times=3)
         step("bob", "the board refuses the submission three times: the claim is released, the result kept",
              "run", item_id)
@@ -4257,9 +4298,65 @@ def demo():
         step("bob", "the open jobs on the board", "list")
         step("bob", "a worker takes every job it can do (one poll, for cron; `work` alone runs forever)",
              "work", "--once")
-        step("alice", "the poster verifies every completion in review and accepts the verified ones",
-             "audit", "--accept", "--reject")
+        step("alice", "the poster verifies every completion in review, tolerant of near-ties from other hardware: "
+             "accepts the verified, rejects the refuted", "audit", "--tolerance", "0.5", "--accept", "--reject")
     ollama.stop()
+
+
+def sandbox():
+    """`make sandbox`: the fake Ollama and the fake wl on a fresh board, for
+    trying the README's commands by hand. Prints the lines to paste into
+    another shell, then runs until Ctrl-C (or SIGTERM) and deletes the board.
+    The board starts with work from other rigs: an open job, an honest
+    completion, one from other hardware (a near-tie) and a forged one."""
+    import shutil
+
+    ollama = FakeOllama()
+    ollama.piece_delay = 0.02  # slow enough to watch the progress line
+    story = "Tell me a story."
+    ollama.scripts[("llama3.2:1b", story)] = ScriptedModel(TolerantVerificationTest.TEXT, {5: 0.21, 12: 0.34})
+    ollama.start()
+    folder = tempfile.mkdtemp(prefix="wl-infer-sandbox-")
+    stop = threading.Event()
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), lambda *_: stop.set())
+    try:
+        board = FakeBoard(folder, rig="you", mode="wild-west")
+        os.symlink(WL_INFER, os.path.join(folder, "wl_infer.py"))  # on PATH, as after the install
+        env = dict(os.environ, PATH=folder + os.pathsep + os.environ.get("PATH", ""), OLLAMA_HOST=ollama.address,
+                   XDG_STATE_HOME=os.path.join(folder, "state"))
+
+        def as_rig(rig, *args):
+            proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(env, FAKE_WL_RIG=rig),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.strip()
+
+        honest = as_rig("alice", "-q", "post", "--prompt", "Name a colour.", "--model", "llama3.2:1b",
+                        "--max-tokens", "32")
+        as_rig("carol", "-q", "run", honest)
+        near_tie = as_rig("alice", "-q", "post", "--prompt", story, "--model", "llama3.2:1b", "--max-tokens", "64")
+        ollama.flips = {5, 12}  # dave's hardware takes the runner-up at two near-ties
+        as_rig("dave", "-q", "run", near_tie)
+        ollama.flips = set()
+        forged = as_rig("alice", "-q", "post", "--prompt", "Say hi.", "--model", "llama3.2:1b", "--max-tokens", "16")
+        job = wl_infer.make_job("Say hi.", "llama3.2:1b", max_tokens=16)
+        board.wl("claim", forged, rig="mallory")
+        board.wl("done", forged, "--evidence=" + wl_infer.encode_evidence(wl_infer.make_evidence(
+            job, "Hi! (typed by hand, not by the model)")), rig="mallory")
+        as_rig("alice", "-q", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b",
+               "--max-tokens", "32")
+        print("# wl_infer sandbox: a fake Ollama at %s (models: %s) and a fake wl board in %s, where you are "
+              "rig 'you'.\n# Paste this line into another shell, then try the README's Quick start there:\n"
+              "export PATH=%s:\"$PATH\" OLLAMA_HOST=%s XDG_STATE_HOME=%s\n"
+              "# Ctrl-C here stops the sandbox and deletes the board."
+              % (ollama.address, ", ".join(sorted(ollama.models)), folder, _shell_quote(folder), ollama.address,
+                 _shell_quote(env["XDG_STATE_HOME"])), flush=True)
+        stop.wait()
+    finally:
+        ollama.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    print("# sandbox stopped; %s deleted" % folder, flush=True)
 
 
 def _shell_quote(arg):
@@ -4366,6 +4463,8 @@ def run_suite(classes=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["demo"]:
         demo()
+    elif sys.argv[1:2] == ["sandbox"]:
+        sandbox()
     elif sys.argv[1:2] == ["faults"]:
         sys.exit(run_suite(FAULT_TESTS))
     elif sys.argv[1:2] == ["fake-wl"]:
