@@ -3647,20 +3647,22 @@ class SandboxTest(unittest.TestCase):
         wait_for(lambda: out.has("# Ctrl-C here"), "the sandbox", deadline=60)
         [export] = [line for line in out.lines if line.startswith("export ")]
         folder = re.search(r"fake wl board in (\S+),", out.lines[0]).group(1)
-        quick_start = ('%s\ncd %s\nwl_infer.py list\nid=$(wl_infer.py -q post --prompt "What is 1+1?" '
-                       '--model llama3.2:1b --max-tokens 64)\nwl_infer.py run "$id"\nwl_infer.py verify "$id" '
-                       '&& echo "verified $id"\nwl_infer.py audit --tolerance 0.5 --accept --reject\n'
-                       'echo "audit: $?"\n' % (export, shlex.quote(self.empty_folder())))
-        shell = subprocess.run(["sh", "-c", quick_start], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        block = readme[readme.index("## Quick start"):]
+        commands = block[block.index("```sh\n") + 6:block.index("```\n", block.index("```sh\n"))].splitlines()
+        # the README's Quick start as written, line by line, each line's exit status after it
+        script = "\n".join([export, "cd %s" % shlex.quote(self.empty_folder())]
+                           + ["%s\necho \"exit: $?\"" % line for line in commands])
+        shell = subprocess.run(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, timeout=120)
-        self.assertEqual(shell.returncode, 0, shell.stderr)
-        item_id = re.search(r"verified (w-[0-9a-f]+)", shell.stdout).group(1)
+        exits = re.findall(r"^exit: (\d+)$", shell.stdout, re.M)
+        self.assertEqual(exits, ["0"] * (len(commands) - 1) + ["1"], shell.stdout + shell.stderr)  # audit: 1 forged
+        self.assertIn("✓ VERIFIED", shell.stdout)
         table = shell.stdout[shell.stdout.index("ID            MODEL"):].splitlines()
         actions = sorted(line.split("  ")[-1].strip() for line in table[1:] if line.startswith("w-"))
         self.assertEqual(actions, ["accepted", "accepted", "not accepted: completed by this rig (wl forbids "
                                    "accepting your own)", "rejected"], shell.stdout)
-        self.assertIn("audit: 1", shell.stdout)  # the forged one is a MISMATCH
-        self.assertIn(item_id, shell.stdout)
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(60), 0, proc.stderr.read())
         self.assertFalse(os.path.exists(folder))
