@@ -23,6 +23,10 @@ The flow:
           Verification holds what was found; `audit` verifies every item
           in review the same way.
 
+Output: stdout is data (a command's Report: its text, its -q lines or its
+--json document); stderr is for people (notes, warnings, errors, and on a
+terminal one status line saying what the command waits for).
+
 Sections, in reading order: errors, exit codes and signals; text safety;
 job/evidence codec; Ollama client; wl driver; result spool; what every
 command works with; running a job; verification; the worker; commands;
@@ -3238,44 +3242,52 @@ class Command(collections.namedtuple("Command", "name run help usage add_argumen
 
 
 COMMANDS = [
-    Command("post", cmd_post, "post an inference job on the board", "--model TAG --prompt TEXT [options]",
-            _post_arguments, [
-        'wl_infer.py post --prompt "What is 1+1?" --model llama3.2:1b --max-tokens 64',
-        'echo "Name a prime." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 32',
-        'id=$(wl_infer.py -q post --prompt-file question.txt --model llama3.2:1b --max-tokens 256)']),
-    Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result", "ID [options]",
-            _run_arguments, [
-        "wl_infer.py run w-3f9a",
-        "wl_infer.py run w-3f9a --skip-claim      # claimed already, with `wl claim`"]),
+    Command("post", cmd_post, "post an inference job on the board",
+            "--model TAG --prompt TEXT [options]", _post_arguments, [
+                'wl_infer.py post --prompt "What is 1+1?" --model llama3.2:1b --max-tokens 64',
+                'echo "Name a prime." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 32',
+                "id=$(wl_infer.py -q post --prompt-file question.txt --model llama3.2:1b --max-tokens 256)",
+            ]),
+    Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result",
+            "ID [options]", _run_arguments, [
+                "wl_infer.py run w-3f9a",
+                "wl_infer.py run w-3f9a --skip-claim      # claimed already, with `wl claim`",
+            ]),
     Command("verify", cmd_verify, "check a completion and re-run its job: exit 0 VERIFIED, 1 MISMATCH",
             "ID [options]", _verify_arguments, [
                 "wl_infer.py verify w-3f9a",
                 "wl_infer.py verify w-3f9a --tolerance 0.5   # the worker ran other hardware",
-                'if wl_infer.py -q verify w-3f9a; then echo verified; fi']),
+                "if wl_infer.py -q verify w-3f9a; then echo verified; fi",
+            ]),
     Command("status", cmd_status, "show a job, its claim and its completion (no model needed)",
             "ID [options]", _status_arguments, [
                 "wl_infer.py status w-3f9a",
                 "wl_infer.py -q status w-3f9a               # the status alone: open, claimed, in_review...",
-                "wl_infer.py --json status w-3f9a | jq .completion.checks"]),
-    Command("list", cmd_list, "list inference jobs on the board (one wl browse)", "[options]",
-            _list_arguments, [
-        "wl_infer.py list",
-        "wl_infer.py list --status in_review --model llama3.2:1b",
-        "wl_infer.py -q list --status in_review | xargs -n1 wl_infer.py verify"]),
-    Command("audit", cmd_audit, "verify every completion in review; accept or reject them", "[options]",
-            _audit_arguments, [
-        "wl_infer.py audit --tolerance 0.5",
-        "wl_infer.py audit --tolerance 0.5 --accept --reject"]),
+                "wl_infer.py --json status w-3f9a | jq .completion.checks",
+            ]),
+    Command("list", cmd_list, "list inference jobs on the board (one wl browse)",
+            "[options]", _list_arguments, [
+                "wl_infer.py list",
+                "wl_infer.py list --status in_review --model llama3.2:1b",
+                "wl_infer.py -q list --status in_review | xargs -n1 wl_infer.py verify",
+            ]),
+    Command("audit", cmd_audit, "verify every completion in review; accept or reject them",
+            "[options]", _audit_arguments, [
+                "wl_infer.py audit --tolerance 0.5",
+                "wl_infer.py audit --tolerance 0.5 --accept --reject",
+            ]),
     Command("work", cmd_work, "take jobs for the local models and run them, until stopped (a worker)",
             "[options]", _work_arguments, [
                 "wl_infer.py work",
                 "wl_infer.py work --once --models llama3.2:1b   # one poll, from cron",
-                "wl_infer.py work --ollama http://gpu1:11434 --ollama http://gpu2:11434"]),
+                "wl_infer.py work --ollama http://gpu1:11434 --ollama http://gpu2:11434",
+            ]),
     Command("spool", cmd_spool, "list finished results kept on disk because wl did not take them",
             "[options]", _spool_arguments, [
                 "wl_infer.py spool",
                 "wl_infer.py run w-3f9a                     # submits the kept result, without generating",
-                "wl_infer.py spool --drop w-3f9a"]),
+                "wl_infer.py spool --drop w-3f9a",
+            ]),
 ]
 COMMAND_BY_NAME = {command.name: command for command in COMMANDS}
 PROG = "wl_infer.py"  # in usage lines and in every command we suggest
