@@ -3690,7 +3690,8 @@ class HelpTest(CliTest):
             lines = out.splitlines()
             self.assertEqual(lines[0], "usage: wl_infer.py %s %s" % (command.name, command.usage))
             self.assertEqual(lines[2], command.help[0].upper() + command.help[1:] + ".")
-            own, shared = out.index("\noptions:\n"), out.index("\noptions for every command:\n")
+            own = re.search(r"\n(options|optional arguments):\n", out).start()  # Python 3.8-3.9 says the latter
+            shared = out.index("\noptions for every command:\n")
             self.assertLess(own, shared)
             examples = out[out.index("\nexamples:\n"):].splitlines()[2:]
             self.assertTrue(2 <= len(examples) <= 3 and all("wl_infer.py " in e for e in examples), examples)
