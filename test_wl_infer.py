@@ -163,6 +163,10 @@ class FakeOllama(object):
                                       runner-up at these token indexes
     render_supported = False          an older server (before 0.11.5): ignores
                                       `_debug_render_only` and generates
+    prompt_cost = x                   evaluating a prompt token costs x of piece_delay,
+                                      less the prefix shared with the previous request's
+                                      prompt and answer (Ollama's cache); `prefilled`
+                                      records the tokens evaluated per request
     requests                          one record per request: method, path, body, and
                                       `start` and `end` of its handling (time.time())
     streams                           one record per streamed generate: its prompt,
@@ -196,6 +200,9 @@ class FakeOllama(object):
         self.scripts = {}
         self.flips = set()
         self.render_supported = True
+        self.prompt_cost = 0.0  # a prompt token's cost, in generated tokens' piece_delay (0.1: a cost model)
+        self.context = ""  # the previous request's prompt and answer: Ollama's cache
+        self.prefilled = []  # prompt tokens evaluated per generate request, less the cached prefix
         self.streams = []
         self.version = "0.12.11"
         self.requests = []
@@ -238,12 +245,16 @@ class FakeOllama(object):
         wanted = wl_infer.full_model_name(name).lower()
         return next((n for n in self.models if n.lower() == wanted), None)
 
-    def chunks_for(self, model, prompt, options):
+    def chunks_for(self, model, prompt, options, after=""):
         """What the model generates as stream chunks: [(text, [token bytes, ...])],
-        and the done reason. num_predict counts tokens, not chunks."""
+        and the done reason. num_predict counts tokens, not chunks. `after`:
+        the text a raw prompt adds to the rendered one; the model goes on
+        from there (from the same place in its answer, whatever that text
+        says: an edited claim does not lead it astray)."""
         text = self.outputs.get((model, prompt))
         if text is None:
             text = default_output(model, prompt)
+        text = text[len(after):]
         if self.byte_tokens:
             chunks = [(ch, [bytes([b]) for b in ch.encode("utf-8")] if ord(ch) > 127 else [ch.encode()])
                       for ch in text]
@@ -264,8 +275,9 @@ class FakeOllama(object):
 
     def generation(self, body):
         """What the model generates for a request: chunks [(text, [token
-        bytes])], the done reason, and per token (its logprob, its
-        candidates) when a scripted model made it (else None)."""
+        bytes])], the done reason, per token (its logprob, its candidates)
+        when a scripted model made it (else None), and the index of its
+        first token in the answer (a raw prompt goes on from the middle)."""
         options = body.get("options") or {}
         prompt = body.get("prompt", "")
         fed = prompt if body.get("raw") is True else render_template(prompt)
@@ -275,9 +287,26 @@ class FakeOllama(object):
                 limit = options.get("num_predict", -1)
                 tokens, reason = script.generate(fed[len(head):], self.flips, limit if type(limit) is int else -1)
                 return ([(t, [t.encode("utf-8")]) for t, _, _ in tokens], reason,
-                        [(logprob, candidates) for _, logprob, candidates in tokens])
+                        [(logprob, candidates) for _, logprob, candidates in tokens], 0)
+        turn = re.match(r"<start_of_turn>user\n(.*?)<end_of_turn>\n<start_of_turn>model\n", fed, re.S)
+        if body.get("raw") is True and turn:
+            after = fed[turn.end():]
+            chunks, reason = self.chunks_for(body["model"], turn.group(1), options, after)
+            return chunks, reason, None, len(after) // self.piece_chars
         chunks, reason = self.chunks_for(body["model"], prompt, options)
-        return chunks, reason, None
+        return chunks, reason, None, 0
+
+    def prefill(self, fed, answer):
+        """Ollama's cost of evaluating the prompt `fed`: its tokens less the
+        prefix shared with the previous request's prompt and answer (the
+        KV cache Ollama keeps), at `prompt_cost` of a generated token's
+        `piece_delay`. Recorded in `prefilled`; returns the seconds."""
+        with self.lock:
+            shared = wl_infer._common_prefix(fed, self.context) if self.context else 0
+            new = -(-len(fed) // self.piece_chars) - shared // self.piece_chars
+            self.context = fed + answer
+            self.prefilled.append(new)
+        return new * self.piece_delay * self.prompt_cost
 
     def logprobs_for(self, index, token, top, scripted=None):
         """Ollama's logprob entry for answer token `index` (its bytes), with
@@ -406,7 +435,11 @@ class _OllamaHandlerMixin(object):
         key = json.dumps(body, sort_keys=True)
         if self.fake.burst and key in self.fake.rendered:
             return self._send_rendered(self.fake.rendered[key])
-        chunks, reason, scripted = self.fake.generation(body)
+        chunks, reason, scripted, first = self.fake.generation(body)
+        cost = self.fake.prefill(prompt if body.get("raw") is True else render_template(prompt),
+                                 "".join(text for text, _ in chunks))
+        if cost:
+            time.sleep(cost)
         thinking = self.fake.thinking.get((body["model"], prompt), "")
         thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
         logprobs = None  # per chunk: the entries of its tokens
@@ -415,13 +448,15 @@ class _OllamaHandlerMixin(object):
             import itertools
 
             piece = self.fake.endless.encode("utf-8")
-            return self._stream(name, prompt, [], (self.fake.endless for _ in itertools.count()),
+            limit = (body.get("options") or {}).get("num_predict")  # the one thing that stops it, as in Ollama
+            count = itertools.count() if not isinstance(limit, int) or limit <= 0 else range(limit)
+            return self._stream(name, prompt, [], (self.fake.endless for _ in count),
                                 ([self.fake.logprobs_for(i, piece, top)] for i in itertools.count())
-                                if want_logprobs else None, "stop", 0)
+                                if want_logprobs else None, "length", limit or 0)
         if want_logprobs:
-            index, logprobs = 0, []
+            index, logprobs = first, []
             for _, tokens in chunks:
-                logprobs.append([self.fake.logprobs_for(index + k, t, top, scripted and scripted[index + k])
+                logprobs.append([self.fake.logprobs_for(index + k, t, top, scripted and scripted[index - first + k])
                                  for k, t in enumerate(tokens)])
                 index += len(tokens)
         count = sum(len(tokens) for _, tokens in chunks) + len(thoughts)
@@ -2964,8 +2999,8 @@ class VerificationTest(CliTest):
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (6, 2))
         self.assertEqual((doc["diverged_at"]["submitted"], doc["diverged_at"]["rerun"]),
                          (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
-        self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (3, None))
-        stream = self.ollama.streams[-1]
+        self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (4, None))  # 3, and the probe's 1
+        stream = self.ollama.streams[-2]  # the re-run's (the last is the probe's)
         wait_for(stream["ended"].is_set, "the fake to notice the closed connection")
         self.assertLess(stream["sent"], 20)  # of 400: the client hung up and the server stopped
 
@@ -2975,7 +3010,7 @@ class VerificationTest(CliTest):
         # shorter claim: the re-run is longer, so stop as soon as it passes the claim's end
         doc = self.verify(self.completed(output=text[:30]))
         self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"], doc["tokens_generated"]),
-                         (30, 10, 11))
+                         (30, 10, 12))  # 11, and the probe's 1
         self.assertEqual(doc["diverged_at"]["submitted"], text[6:30])
         # longer claim: the re-run ends first; it ran in full, so its hash is known
         doc = self.verify(self.completed(output=text + "and more"))
@@ -3006,7 +3041,7 @@ class VerificationTest(CliTest):
         self.ollama.logprobs_supported = False  # without logprobs a near-tie cannot be told apart
         doc = self.verify(item_id)
         self.assertEqual(doc["cause"]["kind"], "unknown")
-        self.assertIn("this Ollama returned no logprobs at the divergence", doc["cause"]["message"])
+        self.assertIn("this Ollama returned no candidates (logprobs) at the divergence", doc["cause"]["message"])
 
     def test_byte_tokens_sent_as_whole_characters(self):
         # é and ü are two byte tokens each, sent as one chunk with two logprob entries
@@ -3016,29 +3051,30 @@ class VerificationTest(CliTest):
         code, out, err = self.cli("run", item_id, "--json")
         self.assertEqual(code, 0, err)
         evidence = json.loads(out)["evidence"]
-        self.assertEqual((evidence["eval_count"], len(evidence["logprobs"])), (9, 9))
-        self.assertEqual(self.verify(item_id, code=0)["logprob_max_diff"], 0.0)
-        for claim, char, token in (("é1é2éX", 5, 8), ("é1ü2é3", 2, 3)):
-            with self.subTest(claim=claim):
-                where = self.verify(self.completed(output=claim))["diverged_at"]
+        self.assertEqual((evidence["eval_count"], len(evidence["logprobs"]), evidence["token_lengths"]),
+                         (9, 9, [1, 0, 1, 1, 0, 1, 1, 0, 1]))  # a character is placed at its first byte token
+        self.assertEqual(self.verify(item_id, "--strict", code=0)["logprob_max_diff"], 0.0)
+        # token indexes count byte tokens where logprobs place them (--strict asks for them on every token);
+        # without them, a chunk of byte tokens counts as one
+        for claim, char, token, strict in (("é1é2éX", 5, 8, True), ("é1ü2é3", 2, 3, True), ("é1é2éX", 5, 5, False)):
+            with self.subTest(claim=claim, strict=strict):
+                where = self.verify(self.completed(output=claim), *["--strict"] * strict)["diverged_at"]
                 self.assertEqual((where["char"], where["token"]), (char, token))
         self.ollama.near_ties = {3: ("ü", 0.1)}  # the first byte token of the second é
-        doc = self.verify(self.completed(output="é1ü2é3"))
+        doc = self.verify(self.completed(output="é1ü2é3"), "--strict")
         self.assertEqual((doc["cause"]["kind"], doc["cause"]["token"]), ("near-tie", 3))
 
     def test_same_text_with_different_logprobs(self):
         item_id = self.board.add(self.job())
         self.assertEqual(self.cli("run", item_id)[0], 0)  # evidence with logprobs
+        self.ollama.logprob_shift = -0.3
+        doc = self.verify(item_id, code=0)  # logprobs are compared only by --strict, which asks for them
+        self.assertEqual((doc["verdict"], doc["logprob_max_diff"], doc["checks"][-1]["ok"]), ("VERIFIED", None, None))
+        self.assertIn("--strict compares them", doc["checks"][-1]["message"])
         self.ollama.logprob_shift = 0.05  # within the tolerance
-        doc = self.verify(item_id, code=0)
+        doc = self.verify(item_id, "--strict", code=0)
         self.assertEqual((doc["verdict"], doc["logprob_max_diff"], doc["checks"][-1]["ok"]), ("VERIFIED", 0.05, True))
         self.ollama.logprob_shift = -0.3
-        code, out, err = self.cli("verify", item_id)
-        self.assertEqual(code, 0, err)
-        self.assertTrue(out.startswith("✓ VERIFIED"), out)
-        self.assertIn("✗ same text, different numerics: logprobs differ by up to 0.3000 nats", out)
-        self.assertEqual(err.count("\n"), 1)
-        self.assertTrue(err.startswith("wl_infer: warning: same text, different numerics"), err)
         doc = self.verify(item_id, "--strict")
         self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["logprob_max_diff"]),
                          ("MISMATCH", "different-numerics", 0.3))
@@ -3051,13 +3087,15 @@ class VerificationTest(CliTest):
         doc = self.verify(item_id, code=0)
         self.assertEqual(set(doc), {"id", "verdict", "refuted", "exact", "tolerance", "forced", "checks", "cause",
                                     "diverged_at", "tokens_generated", "logprob_max_diff", "expected_hash",
-                                    "actual_hash", "job", "output", "evidence", "local"})
+                                    "actual_hash", "job", "output", "evidence", "local", "sampled", "windows",
+                                    "tokens_checked", "claim_tokens", "coverage", "sample_seed"})
         self.assertEqual((doc["verdict"], doc["exact"], doc["tolerance"], doc["forced"]), ("VERIFIED", True, 0, []))
+        self.assertEqual((doc["sampled"], doc["windows"], doc["coverage"]), (False, None, None))
         self.assertEqual([c["name"] for c in doc["checks"]],
                          ["decodes", "self-consistent", "binding", "local-model", "rerun", "logprobs"])
-        self.assertTrue(all(c["ok"] is True and c["message"] for c in doc["checks"]), doc["checks"])
+        self.assertTrue(all(c["ok"] is True and c["message"] for c in doc["checks"][:-1]), doc["checks"])
         self.assertEqual((doc["cause"], doc["diverged_at"], doc["tokens_generated"], doc["logprob_max_diff"]),
-                         (None, None, 18, 0.0))
+                         (None, None, 18, None))
         self.assertEqual(doc["evidence"], json.loads(self.board.item(item_id)["completion"]["evidence"]))
 
     def test_evidence_too_large_drops_logprobs_then_provenance(self):
@@ -3133,16 +3171,25 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual(doc["forced"][0]["rerun"], main[5])
         self.assertEqual(doc["forced"][0]["submitted"], main[5].swapcase())  # the runner-up the claim took
         self.assertEqual(doc["actual_hash"], evidence["output_hash"])
-        self.assertEqual(doc["tokens_generated"], len(main))  # each diverging token replaced a forced one
+        self.assertEqual(doc["tokens_generated"], len(main) + 2)  # each diverging token replaced a forced one; 2 probes
         requests = self.ollama.generate_requests()[before:]
-        self.assertEqual([bool(r.get("_debug_render_only")) for r in requests], [False, True, False, False])
-        self.assertEqual((requests[0]["top_logprobs"], "raw" in requests[0]), (5, False))
+        # the re-run, the render (asked once), then at each divergence a probe of one token with the
+        # candidates, and the continuation after the forced token: logprobs only where needed
+        self.assertEqual([("render" if r.get("_debug_render_only") else "probe" if r.get("logprobs") else
+                           "raw" if r.get("raw") else "rerun") for r in requests],
+                         ["rerun", "render", "probe", "raw", "probe", "raw"])
+        self.assertNotIn("logprobs", requests[0])
         self.assertEqual(requests[1], {"model": "llama3.2:1b", "prompt": self.PROMPT, "stream": False,
                                        "options": {"temperature": 0, "seed": 42, "num_predict": 1},
                                        "_debug_render_only": True})
+        head = render_template(self.PROMPT)
+        for probe, forced in zip((requests[2], requests[4]), doc["forced"]):
+            self.assertEqual(probe, dict(requests[0], prompt=head + claim[:forced["char"]], raw=True,
+                                         options=dict(requests[0]["options"], num_predict=1),
+                                         logprobs=True, top_logprobs=5))
         through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["submitted"])] for n in (0, 1)]
-        for request, text in zip(requests[2:], through):
-            self.assertEqual(request, dict(requests[0], prompt=render_template(self.PROMPT) + text, raw=True))
+        for request, text in zip((requests[3], requests[5]), through):
+            self.assertEqual(request, dict(requests[0], prompt=head + text, raw=True))
         code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
         self.assertEqual(code, 0, err)
         lines = out.splitlines()
@@ -3187,7 +3234,8 @@ class TolerantVerificationTest(CliTest):
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "0")
         self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"], doc["forced"]),
                          ("too-many-divergences", 2, []))
-        self.assertEqual(len(self.ollama.generate_requests()), before + 1)  # nothing rendered for nothing
+        # the re-run, the render and one probe for the candidates there; no continuation
+        self.assertEqual(len(self.ollama.generate_requests()), before + 3)
 
     def test_ollama_failing_in_a_continuation_is_an_error_with_its_text(self):
         item_id, evidence = self.claim({5: 0.2}, {5})
@@ -3201,13 +3249,17 @@ class TolerantVerificationTest(CliTest):
     def test_a_server_that_cannot_render_gives_the_exact_verdict_with_a_note(self):
         item_id, _ = self.claim({5: 0.2}, {5})
         self.ollama.render_supported = False  # older than 0.11.5: the field is ignored
+        before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5")
+        rerun, render, probe = self.ollama.generate_requests()[before:]
+        # the candidates at the divergence: the job's request again, up to that token, with logprobs
+        self.assertEqual(probe, dict(rerun, options=dict(rerun["options"], num_predict=6), logprobs=True,
+                                     top_logprobs=5))
         self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["forced"]), ("MISMATCH", "near-tie", []))
         note = next(c for c in doc["checks"] if c["name"] == "tolerance")
         self.assertIsNone(note["ok"])
         self.assertIn("does not render prompts (`_debug_render_only`, Ollama 0.11.5 and later)", note["message"])
         self.assertIn("the verdict is the exact one", note["message"])
-        render = self.ollama.generate_requests()[-1]
         self.assertEqual((render["_debug_render_only"], render["stream"], render["options"]["num_predict"]),
                          (True, False, 1))  # the old server generated: one token, not the whole answer
         code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
@@ -3219,13 +3271,13 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual((evidence["eval_count"], evidence["done_reason"]), (15, "length"))
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", code=0)
-        self.assertEqual(doc["tokens_generated"], 15)
-        self.assertEqual([r["options"].get("num_predict") for r in self.generated(before)], [15, 9, 2])
+        self.assertEqual(doc["tokens_generated"], 15 + 2)  # and a probe of 1 token at each near-tie
+        self.assertEqual([r["options"].get("num_predict") for r in self.generated(before)], [15, 1, 9, 1, 2])
         # the last token forced: the budget is spent, nothing more is asked (num_predict 0 has no limit)
         item_id, evidence = self.claim({14: 0.2}, {14}, max_tokens=15, prompt="the end")
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", code=0)
-        self.assertEqual(([s["token"] for s in doc["forced"]], len(self.generated(before))), ([14], 1))
+        self.assertEqual(([s["token"] for s in doc["forced"]], len(self.generated(before))), ([14], 2))  # +probe
         # a claim that goes on past the budget is refuted
         main = ScriptedModel(self.TEXT).main
         job = wl_infer.make_job("the end", "llama3.2:1b", max_tokens=15)
@@ -3306,16 +3358,15 @@ class TolerantVerificationTest(CliTest):
             {"token": "Help", "logprob": -0.1}, {"token": "Hell", "logprob": -0.2},
             {"token": "Hello", "logprob": -0.3}, {"token": "Hx", "logprob": -0.05}]}])
         gen.text, gen.diverged_at = "HiHelp", 5
-        evidence = {"output": "HiHello world", "token_lengths": None}
-        step = wl_infer.near_tie_step(gen, evidence, 0.5)
+        step = wl_infer.near_tie_step(gen, "HiHello world", [], 0.5)
         self.assertEqual((step.token, step.submitted, step.rerun, step.gap), (1, "Hello", "Help", 0.25))
-        evidence["token_lengths"] = [2, 4, 1]  # the worker's tokens: "Hi", "Hell", "o"
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5).submitted, "Hell")
-        evidence["token_lengths"] = [3, 4]  # boundaries that do not agree are ignored
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.5).submitted, "Hello")
-        self.assertEqual(wl_infer.near_tie_step(gen, evidence, 0.2).details["gap"], 0.25)
+        # the worker's tokens: "Hi", "Hell", "o"
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [2, 4, 1], 0.5).submitted, "Hell")
+        # boundaries that do not agree are ignored
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [3, 4], 0.5).submitted, "Hello")
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [], 0.2).details["gap"], 0.25)
         gen.thinking = "hmm"
-        self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, evidence, 0.5).why)
+        self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, "HiHello world", [], 0.5).why)
 
 
 class StatusCommandTest(CliTest):
@@ -3782,14 +3833,15 @@ class AuditTest(CliTest):
         self.assertLess(docs[forged]["tokens_generated"], 3)
         self.assertEqual(docs[honest]["evidence"]["output_hash"], docs[honest]["actual_hash"])
         # cheapest first: the inconsistent claim is never re-run; the shortest claim is re-run first
-        prompts = [b["prompt"] for b in self.ollama.generate_requests()[requests:]]
+        prompts = [b["prompt"] for b in self.ollama.generate_requests()[requests:]
+                   if not b.get("raw") and not b.get("_debug_render_only")]  # the re-runs, not probe or render
         self.assertEqual(prompts[0], "forged")
         self.assertEqual(sorted(prompts), ["forged", "honest", "own"])
         # the table
         code, out, err = self.cli("audit")
         self.assertIn("Audited 4 completions in review: 2 verified, 2 mismatched, 0 errors", err)
         self.assertEqual(next(ln for ln in out.splitlines() if ln.startswith(forged)).split()[2:5],
-                         ["MISMATCH", "different-output", "1"])
+                         ["MISMATCH", "different-output", "2"])  # the first token, and the probe's
         self.assertEqual([ln.split()[0] for ln in out.splitlines()], ["ID", own, inconsistent, forged, honest])
         self.assertIn("%s: inconsistent-evidence: the output does not hash to output_hash" % inconsistent, err)
 

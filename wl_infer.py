@@ -537,8 +537,9 @@ def provenance(gen, model_digest, ollama_version, options):
     chosen = gen.chosen_logprobs()
     if chosen is not None:
         found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
-        # where each token ends: a tolerant verifier takes the submitted token from here
-        ends = gen.token_ends[:len(chosen)]
+    ends = gen.token_ends
+    if ends and len(ends) == gen.eval_count:  # one end per token the server counted: the boundaries are exact
+        # where each token ends: verifiers cut windows and count tokens with them
         found["token_lengths"] = [end - start for start, end in zip([0] + ends, ends)]
     if gen.thinking:
         found["thinking_hash"] = output_hash(gen.thinking)
@@ -596,22 +597,25 @@ def ollama_options(job):
     return options
 
 
-def generate_request(job, top=TOP_LOGPROBS):
-    """Go's request plus logprobs (which do not change the text; servers
-    that do not know the fields ignore them)."""
-    return {"model": job.model, "prompt": job.prompt, "stream": True,
-            "options": ollama_options(job), "logprobs": True, "top_logprobs": top}
+def generate_request(job, top=TOP_LOGPROBS, budget=None):
+    """Go's request, streamed; with `top`, also each token's logprob and its
+    `top` candidates (which do not change the text, but cost time: servers
+    that do not know the fields ignore them). `budget`: tokens at most, in
+    place of the job's max_tokens."""
+    request = {"model": job.model, "prompt": job.prompt, "stream": True, "options": ollama_options(job)}
+    if budget is not None:
+        request["options"] = dict(request["options"], num_predict=budget)
+    if top:
+        request.update(logprobs=True, top_logprobs=top)
+    return request
 
 
-def continuation_request(job, rendered, text, budget, top=TOLERANT_TOP_LOGPROBS):
+def continuation_request(job, rendered, text, budget, top=None):
     """The job's request continued after `text`: the prompt as the server
     rendered it (its chat template applied) plus the text so far, sent raw
     so that the model sees the same tokens; `budget`: tokens left (None: the
     job sets no max)."""
-    request = dict(generate_request(job, top), prompt=rendered + text, raw=True)
-    if budget is not None:
-        request["options"] = dict(request["options"], num_predict=budget)
-    return request
+    return dict(generate_request(job, top, budget), prompt=rendered + text, raw=True)
 
 
 def render_request(job):
@@ -702,6 +706,7 @@ class Generation(object):
         self.token_ends = []  # character offset after each answer token
         self.chosen = []  # the chosen token's logprob (None: not sent), first LOGPROB_TOKENS tokens
         self.latest = (0, [])  # the latest piece: the index of its first token, its raw logprob entries
+        self.probed = None  # (token index, entry): candidates learned by another request (Ollama.candidates)
         self.thinking_pieces = []
         self.thinking = ""
         self.final = None
@@ -745,7 +750,10 @@ class Generation(object):
 
     def entry_at(self, index):
         """(logprob, [(candidate, logprob), ...]) of token `index` when it is
-        in the latest piece and the server sent a well-formed entry, else None."""
+        in the latest piece and the server sent a well-formed entry (or a
+        probe placed it), else None."""
+        if self.probed is not None and self.probed[0] == index:
+            return self.probed[1]
         first, entries = self.latest
         if index is None or not first <= index < first + len(entries):
             return None
@@ -759,7 +767,7 @@ class Generation(object):
         start = self.token_start(index)
         self.pieces = [self.text[:start]] if start else []
         del self.token_ends[index:], self.chosen[index:]
-        self.chunks, self.final, self.diverged_at = 0, None, None
+        self.chunks, self.final, self.diverged_at, self.probed = 0, None, None, None
         self.add(token, [{"token": token, "logprob": logprob}])
         self.text = "".join(self.pieces)
 
@@ -890,12 +898,21 @@ class Ollama(object):
                 found[full_model_name(name)] = digest if isinstance(digest, str) else ""
         return found
 
-    def generate(self, job, on_token=None, max_bytes=None):
+    def generate(self, job, on_token=None, max_bytes=None, top=TOP_LOGPROBS):
         """Run the job, streaming; return its Generation. `on_token(n)` is
         called after each streamed token. Reading stops once the output
         passes `max_bytes` (gen.too_long): a server that never stops costs
-        at most that much."""
-        return self._stream(generate_request(job), Generation(), on_token, max_bytes=max_bytes)
+        at most that much. `top`: candidates asked per token (None: no
+        logprobs at all)."""
+        return self._stream(generate_request(job, top), Generation(), on_token, max_bytes=max_bytes)
+
+    def candidates(self, request, token):
+        """Stream `request` to token index `token` (its budget must end
+        there) and return that token's (logprob, [(candidate, logprob)]), or
+        None when the server sent none. A verification asks this only where
+        it needs it, at a divergence: logprobs on every token cost time."""
+        gen = self._stream(request, Generation(), None, max_bytes=FIELD_LIMIT)
+        return gen.entry_at(token) if len(gen.token_ends) > token else None
 
     def compare(self, request, expected, on_token=None, into=None):
         """Stream `request` against the `expected` text and stop at the
@@ -1936,13 +1953,95 @@ class Policy(object):
     be what this model generates). tolerance > 0: at most `max_forced`
     tokens may be a candidate at most `tolerance` nats below the model's
     choice. strict: same text with logprobs further apart than the larger
-    of LOGPROB_TOLERANCE and the tolerance is a MISMATCH."""
+    of LOGPROB_TOLERANCE and the tolerance is a MISMATCH (only strict asks
+    for every token's logprobs). sample: a Sample, or None to re-run it all."""
 
-    def __init__(self, strict=False, tolerance=0.0, max_forced=DEFAULT_MAX_FORCED):
-        self.strict, self.tolerance, self.max_forced = strict, tolerance, max_forced
+    def __init__(self, strict=False, tolerance=0.0, max_forced=DEFAULT_MAX_FORCED, sample=None):
+        self.strict, self.tolerance, self.max_forced, self.sample = strict, tolerance, max_forced, sample
 
 
 EXACT = Policy()
+
+
+class Sample(collections.namedtuple("Sample", "windows tokens seed")):
+    """--sample K --window L --sample-seed S: re-generate K windows of L
+    tokens instead of the whole output. seed None: drawn from the system's
+    CSPRNG (and reported, so that anyone can re-check the same windows)."""
+
+    __slots__ = ()
+
+
+class Span(collections.namedtuple("Span", "char token budget last")):
+    """A stretch of the submitted output that a verification re-generates:
+    from character `char` (token `token`; None when the evidence does not
+    say), at most `budget` tokens (None: no limit), and to the output's end
+    when `last`. A whole verification is one Span from 0."""
+
+    __slots__ = ()
+
+
+DEFAULT_WINDOW = 16  # tokens per sampled window
+CHARS_PER_TOKEN = 4.0  # a guess where the evidence gives no token count
+
+
+def claim_tokens(evidence):
+    """The token lengths of the submitted output when the evidence's
+    token_lengths cover it exactly (else None): where its tokens start, and
+    how many there are."""
+    lengths = evidence["token_lengths"]
+    if lengths and sum(lengths) == len(evidence["output"]):
+        return lengths
+    return None
+
+
+def window_spans(job, evidence, sample, rng):
+    """The Spans a sampled verification re-generates, in order: one at the
+    start, one that ends at the output's end, and sample.windows - 2 drawn
+    with `rng` in between, none overlapping. A window starts at the start
+    of a word (before a whitespace character that follows another
+    character): there a raw prompt cut from the output re-tokenizes as the
+    model generated it. Where the evidence's token_lengths cover the output,
+    a window also starts on a token boundary and knows its token index.
+    Returns (spans, why not) with spans None when sampling cannot check this
+    output: it is short, or it may end at max_tokens and its token count is
+    unknown (Go's evidence), so where it ends could not be checked."""
+    claim, size = evidence["output"], sample.tokens
+    lengths = claim_tokens(evidence)
+    budget = job.max_tokens or None
+    if lengths is None and budget:
+        return None, ("the output may end at max_tokens, and the evidence gives no token count (Go's evidence "
+                      "records none), so where it ends cannot be sampled")
+    if lengths is not None:
+        count, cuts, at = len(lengths), [], 0
+        for index, n in enumerate(lengths):
+            if index == 0 or (n and claim[at].isspace() and not claim[at - 1].isspace()):
+                cuts.append((at, index))
+            at += n
+    else:
+        count = len(claim) / CHARS_PER_TOKEN
+        cuts = [(0, None)] + [(i, None) for i in range(1, len(claim)) if claim[i].isspace()
+                              and not claim[i - 1].isspace()]
+    if count <= sample.windows * size:
+        return None, "the output is short (%s), so it is re-run whole" % _tokens(int(count))
+
+    def position(cut):  # in tokens, estimated where the evidence does not say
+        return cut[1] if cut[1] is not None else cut[0] / CHARS_PER_TOKEN
+
+    last = max((c for c in cuts if position(c) <= count - size), key=position, default=cuts[0])
+    chosen = [cuts[0], last]
+    middle = [c for c in cuts if size <= position(c) <= position(last) - size]
+    for _ in range(50 * sample.windows):
+        if len(chosen) >= sample.windows or not middle:
+            break
+        cut = rng.choice(middle)
+        if all(abs(position(cut) - position(c)) >= size for c in chosen):
+            chosen.append(cut)
+    spans = []
+    for char, token in sorted(set(chosen)):
+        is_last = (char, token) == last
+        left = budget - token if budget and token is not None else None
+        spans.append(Span(char, token, left if is_last else min(size, left or size), is_last))
+    return spans, None
 
 
 class Check(collections.namedtuple("Check", "name ok message")):
@@ -1990,6 +2089,13 @@ def evidence_checks(job, raw):
                                          "hash to output_hash")], Cause(
             "inconsistent-evidence", "the output does not hash to output_hash; no honest run writes that, "
             "so the submitted output is refuted without a re-run")
+    lengths = evidence["token_lengths"]
+    if lengths and sum(lengths) > len(evidence["output"]):
+        return evidence, checks + [Check("self-consistent", False, "evidence is inconsistent: its token_lengths "
+                                         "add up to more than the output")], Cause(
+            "inconsistent-evidence", "the token_lengths add up to %d characters and the output has %d; no honest "
+            "run writes that (an output cut short?), so it is refuted without a re-run"
+            % (sum(lengths), len(evidence["output"])))
     checks.append(Check("self-consistent", True, "output hashes to output_hash"))
     if job is None:
         return evidence, checks + [Check("binding", None, "binding: not checked, the job does not decode")], None
@@ -2031,18 +2137,24 @@ def local_model_check(job, evidence, digest):
     return Check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
 
 
-def divergence(gen, submitted):
-    """Where the re-run left the submitted text: character and token index,
-    with a short excerpt of both texts around it."""
+def divergence(gen, claim, span):
+    """Where the re-run of `span` left the submitted output `claim`:
+    character and token index in the claim (token None when the span's
+    start token is unknown), with a short excerpt of both texts around it."""
     at = gen.diverged_at
     token = gen.token_at(at)
-    start = max(0, at - EXCERPT)
-    return {"char": at, "token": len(gen.token_ends) if token is None else token, "excerpt_start": start,
-            "submitted": submitted[start:at + EXCERPT], "rerun": gen.text[start:at + EXCERPT]}
+    token = len(gen.token_ends) if token is None else token
+    absolute = span.char + at
+    start = max(0, absolute - EXCERPT)
+    rerun = claim[start:span.char] + gen.text[:at + EXCERPT]
+    return {"char": absolute, "token": None if span.token is None else span.token + token, "excerpt_start": start,
+            "submitted": claim[start:absolute + EXCERPT], "rerun": rerun[:absolute - start + EXCERPT]}
 
 
-def diagnose(gen, job, evidence, digest, version):
-    """The likely Cause of a divergence. It informs a person; the verdict stays MISMATCH."""
+def diagnose(gen, job, evidence, digest, version, submitted):
+    """The likely Cause of a divergence of `gen` from `submitted` (the
+    claim from where the re-run started). It informs a person; the verdict
+    stays MISMATCH."""
     recorded_digest = evidence["model_digest"] or job.model_digest
     recorded_version = evidence["ollama_version"]
     if recorded_digest and digest and not same_digest(recorded_digest, digest):
@@ -2061,11 +2173,10 @@ def diagnose(gen, job, evidence, digest, version):
     runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
     if entry is None or runner_up is None:
         where = ("the re-run ended where the submitted output goes on" if token is None
-                 else "this Ollama returned no logprobs at the divergence" if entry is None
+                 else "this Ollama returned no candidates (logprobs) at the divergence" if entry is None
                  else "the re-run's logprobs at the divergence list no runner-up")
         return Cause("unknown", where + ", so a near-tie cannot be told from a different output")
     margin = entry[0] - runner_up[1]
-    submitted = evidence["output"]
     took_runner_up = bool(runner_up[0]) and submitted.startswith(runner_up[0], start)
     where = "at token %d the re-run chose %s over %s by %.2f nats where the submitted output has %s" % (
         token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
@@ -2097,13 +2208,14 @@ def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
                  % (diff, len(pairs))), diff
 
 
-def near_tie_step(gen, evidence, tolerance):
-    """At the divergence, what the tolerance makes of it: a ForcedStep when
-    the submitted text goes on with one of the model's candidates at most
-    `tolerance` nats below its choice; a Cause when it does not;
-    ToleranceNotApplied when the re-run cannot tell; None when one text
-    ends where the other goes on (no token to force)."""
-    submitted = evidence["output"]
+def near_tie_step(gen, submitted, lengths, tolerance):
+    """At the divergence of `gen` from `submitted` (the claim from where the
+    re-run started; `lengths`: its tokens' lengths, [] when unknown), what
+    the tolerance makes of it: a ForcedStep when the submitted text goes on
+    with one of the model's candidates at most `tolerance` nats below its
+    choice; a Cause when it does not; ToleranceNotApplied when the re-run
+    cannot tell; None when one text ends where the other goes on (no token
+    to force)."""
     token = gen.token_at(gen.diverged_at)
     start = gen.token_start(token) if token is not None else None
     if token is None or start >= len(submitted):
@@ -2122,7 +2234,6 @@ def near_tie_step(gen, evidence, tolerance):
                      "model's top %d candidates there: the output was not produced by this model and seed"
                      % (token, preview(_dumps(submitted[start:start + 12]), 24), len(entry[1])), gap=None,
                      token=token, rerun_token=chosen)
-    lengths = evidence["token_lengths"] or []
     length = lengths[token] if token < len(lengths) and sum(lengths[:token]) == start else None
     text, logprob = next((c for c in fits if len(c[0]) == length), max(fits, key=lambda c: len(c[0])))
     gap = round(best - logprob, 4) + 0.0
@@ -2151,8 +2262,10 @@ class Verification(object):
         self.tokens_generated = 0
         self.logprob_max_diff = None
         self.actual_hash = None  # of the re-run's whole output
-        self.output = None  # the re-run's output
+        self.output = None  # the re-run's output (None when sampled)
         self.local_digest = self.local_version = None
+        self.sampling = None  # sampled: {"windows", "sample_seed", "window_tokens", "tokens_checked", ...}
+        self.rendered, self.render_asked = None, False  # the server's rendering of the prompt, asked once
 
     @classmethod
     def check_evidence(cls, item):
@@ -2181,62 +2294,148 @@ class Verification(object):
     def rerun(self, ctx, policy=EXACT, position=""):
         """Re-run the job on the local Ollama, stopping at the first
         character that differs from the submitted output (tolerant: forcing
-        near-ties), and decide the verdict. `position`: where the progress
-        line says this is ("2 of 5: ", in audit)."""
-        job, evidence = self.job, self.evidence
+        near-ties), and decide the verdict; with policy.sample, re-run only
+        its windows. `position`: where the progress line says this is
+        ("2 of 5: ", in audit)."""
+        job, evidence, claim = self.job, self.evidence, self.evidence["output"]
         self.verdict, self.tolerance = MISMATCH, policy.tolerance
         digest = self.local_digest = require_local_model(ctx.ollama.models(), job.model, ctx.ollama.url)
         self.checks.append(local_model_check(job, evidence, digest))
-        gen = self._follow(ctx, policy, position)
-        self.tokens_generated, self.output = gen.eval_count, gen.text
-        if gen.final is not None:
-            self.actual_hash = output_hash(gen.text)
-        steps = " after %s" % _steps(len(self.forced)) if self.forced else ""
-        if gen.diverged_at is not None:
-            where = self.diverged_at = divergence(gen, evidence["output"])
-            self.checks.append(Check("rerun", False, "re-run diverges at character %d, token %d%s%s" % (
-                where["char"], where["token"], " (stopped after %s)" % _tokens(gen.eval_count)
-                if gen.final is None else "", steps)))
-            if self.cause is None:
-                self.local_version = local_version(ctx.ollama) if evidence["ollama_version"] else None
-                self.cause = diagnose(gen, job, evidence, digest, self.local_version)
-            return
-        ending = gen.final.get("done_reason")
-        if self.forced and evidence["done_reason"] and ending != evidence["done_reason"]:
+        spans = self._plan(ctx, policy)
+        for n, span in enumerate(spans):
+            label = "%sverifying %s%s" % (position, self.item_id, ", window %d of %d" % (n + 1, len(spans))
+                                          if self.sampling else "")
+            gen = self._follow(ctx, policy, span, label)
+            self.tokens_generated += gen.eval_count
+            if not self.sampling:
+                self.output = gen.text
+                self.actual_hash = output_hash(gen.text) if gen.final is not None else None
+            if self.sampling:
+                self.sampling["windows"].append({"start_token": span.token, "start_char": span.char,
+                                                 "tokens": len(gen.token_ends)})
+            if gen.diverged_at is not None:
+                return self._diverged(ctx, gen, span, digest)
+            if self.cause is not None:  # the tolerance decided
+                return
+        if self.forced and evidence["done_reason"] and gen.final.get("done_reason") != evidence["done_reason"]:
             # one request makes the ending the same as the submitted one's; forced steps split it over several
             message = ("the re-run ends where the submitted output does, but for another reason (%s, the evidence "
-                       "says %s)" % (preview(_dumps(ending), 20), preview(_dumps(evidence["done_reason"]), 20)))
+                       "says %s)" % (preview(_dumps(gen.final.get("done_reason")), 20),
+                                     preview(_dumps(evidence["done_reason"]), 20)))
             self.checks.append(Check("rerun", False, message))
             self.cause = Cause("different-ending", message)
             return
+        forcing = ", forcing %s" % _steps(len(self.forced)) if self.forced else ""
+        if self.sampling:
+            self._sampled(claim)
+            self.checks.append(Check("rerun", True, "%d windows re-generated the submitted text (%d of %s%s, "
+                                     "coverage %.1f%%, sample seed %d)" % (
+                                         len(spans), self.sampling["tokens_checked"],
+                                         _tokens(self.sampling["claim_tokens"]), forcing,
+                                         100 * self.sampling["coverage"], self.sampling["sample_seed"])))
+            self.checks.append(Check("logprobs", None, "logprobs: not compared (sampled)"))
+            self.verdict, self.exact = VERIFIED, False
+            return
         self.checks.append(Check("rerun", True, "re-run produced the submitted output (%s%s)" % (
-            _tokens(gen.eval_count), ", forcing %s" % _steps(len(self.forced)) if self.forced else "")))
+            _tokens(gen.eval_count), forcing)))
+        if not policy.strict:
+            self.checks.append(Check("logprobs", None, "logprobs: not compared (--strict compares them, at the cost "
+                                                       "of asking for them on every token)"))
+            self.verdict, self.exact = VERIFIED, not self.forced
+            return
         check, self.logprob_max_diff = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
         self.checks.append(check)
         if check.ok is False:
-            if policy.strict:
-                self.cause = Cause("different-numerics", check.message + " (--strict)")
-                return
-            ctx.warn(check.message + "; the text matches, so the verdict stands (--strict refuses this)")
+            self.cause = Cause("different-numerics", check.message + " (--strict)")
+            return
         self.verdict, self.exact = VERIFIED, not self.forced
 
-    def _follow(self, ctx, policy, position):
-        """The re-run, compared with the submitted output as it streams; with
-        a tolerance, forced through near-ties (self.forced) until it
-        reproduces the rest or the tolerance decides (self.cause). Returns
-        the Generation."""
-        job, submitted = self.job, self.evidence["output"]
-        top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
-        claim_tokens = next((n for n in (self.evidence["eval_count"], len(self.evidence["token_lengths"] or []))
-                             if n and n > 0), None)  # the submitted output's length, when the evidence says
-        progress = ctx.progress("%sverifying %s" % (position, self.item_id), claim_tokens)
-        gen, request, rendered = None, generate_request(job, top), None
+    def _plan(self, ctx, policy):
+        """The Spans to re-generate: the whole output, or its windows."""
+        job, evidence = self.job, self.evidence
+        whole = [Span(0, 0, job.max_tokens or None, True)]
+        if policy.sample is None:
+            return whole
+        seed = policy.sample.seed
+        if seed is None:
+            seed = random.SystemRandom().getrandbits(63)
+        # the positions are a function of the seed and the output: anyone can re-check them
+        spans, why_not = window_spans(job, evidence, policy.sample, random.Random("%d %s" % (
+            seed, evidence["output_hash"])))
+        if spans is not None and self._rendered(ctx) is None:
+            spans, why_not = None, ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
+                                    "and later), so it cannot start a window inside the output")
+        if spans is None:
+            self.checks.append(Check("sample", None, "not sampled: %s" % why_not))
+            return whole
+        self.sampling = {"windows": [], "sample_seed": seed, "window_tokens": policy.sample.tokens}
+        return spans
+
+    def _sampled(self, claim):
+        """The coverage of a sampled VERIFIED: the share of the output's
+        tokens that a window re-generated (an edit there is caught; an edit
+        elsewhere only may be, through a later window's prompt, so it is not
+        counted)."""
+        lengths = claim_tokens(self.evidence)
+        checked = sum(w["tokens"] for w in self.sampling["windows"])
+        windows = self.sampling["windows"]
+        if lengths is not None:
+            total = len(lengths)
+        else:  # estimated from the windows' own characters per token
+            chars = sum(len(claim) - w["start_char"] if i == len(windows) - 1 else 0 for i, w in enumerate(windows))
+            total = max(checked, int(round(len(claim) * windows[-1]["tokens"] / max(chars, 1))))
+        self.sampling.update(claim_tokens=total, tokens_checked=checked, coverage=round(min(1.0, checked / total), 4),
+                             claim_tokens_exact=lengths is not None)
+
+    def _rendered(self, ctx):
+        """The prompt as the server renders it, asked once (None: it cannot say)."""
+        if not self.render_asked:
+            self.rendered, self.render_asked = ctx.ollama.rendered_prompt(self.job), True
+        return self.rendered
+
+    def _diverged(self, ctx, gen, span, digest):
+        """A span's re-run left the submitted output: where, and the likely cause."""
+        evidence, claim = self.evidence, self.evidence["output"]
+        where = self.diverged_at = divergence(gen, claim, span)
+        steps = " after %s" % _steps(len(self.forced)) if self.forced else ""
+        self.checks.append(Check("rerun", False, "re-run diverges at character %d%s%s%s%s" % (
+            where["char"], ", token %d" % where["token"] if where["token"] is not None else "",
+            " (in window %d of the sample)" % len(self.sampling["windows"]) if self.sampling else "",
+            " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None else "", steps)))
+        if self.cause is None:
+            self.local_version = local_version(ctx.ollama) if evidence["ollama_version"] else None
+            self.cause = diagnose(gen, self.job, evidence, digest, self.local_version, claim[span.char:])
+
+    def _follow(self, ctx, policy, span, label):
+        """The re-run of one span, compared with the submitted output as it
+        streams; with a tolerance, forced through near-ties (self.forced)
+        until it reproduces the rest or the tolerance decides (self.cause).
+        Logprobs are asked only with --strict: elsewhere the candidates at a
+        divergence come from one probe. Returns the Generation."""
+        job, claim = self.job, self.evidence["output"]
+        submitted = claim[span.char:]
+        lengths = claim_tokens(self.evidence) or []
+        lengths = lengths[span.token:] if span.token is not None else []
+        top = TOP_LOGPROBS if policy.strict else None
+        total = span.budget if not span.last else self.evidence["eval_count"] if not span.char else None
+        progress = ctx.progress(label, total if total and total > 0 else None)  # of the claim's tokens
+        request = (generate_request(job, top, span.budget) if not span.char
+                   else continuation_request(job, self._rendered(ctx), claim[:span.char], span.budget, top))
+        gen = None
         try:
             while True:
                 gen = ctx.ollama.compare(request, submitted, progress, into=gen)
-                if gen.diverged_at is None or not policy.tolerance:
+                if gen.diverged_at is not None and not span.last and gen.final is not None and \
+                        gen.final.get("done_reason") == "length" and gen.diverged_at == len(gen.text):
+                    gen.diverged_at = None  # the window's budget ended it; the output goes on
+                if gen.diverged_at is None:
                     return gen
-                step = near_tie_step(gen, self.evidence, policy.tolerance)
+                token = gen.token_at(gen.diverged_at)
+                if token is not None and gen.entry_at(token) is None:
+                    self._probe(ctx, policy, span, gen, token)
+                if not policy.tolerance:
+                    return gen
+                step = near_tie_step(gen, submitted, lengths, policy.tolerance)
                 if isinstance(step, ForcedStep) and len(self.forced) >= policy.max_forced:
                     self.cause = Cause(
                         "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f nats) for "
@@ -2244,12 +2443,10 @@ class Verification(object):
                         % (step.token, step.gap, _ordinal(len(self.forced) + 1), policy.max_forced),
                         token=step.token, gap=step.gap, near_ties=len(self.forced) + 1)
                     return gen
-                if isinstance(step, ForcedStep) and rendered is None:
-                    rendered = ctx.ollama.rendered_prompt(job)  # asked once, and only when needed
-                    if rendered is None:
-                        step = ToleranceNotApplied("this Ollama does not render prompts (`_debug_render_only`, "
-                                                   "Ollama 0.11.5 and later), so it cannot continue from the "
-                                                   "submitted text")
+                if isinstance(step, ForcedStep) and self._rendered(ctx) is None:
+                    step = ToleranceNotApplied("this Ollama does not render prompts (`_debug_render_only`, "
+                                               "Ollama 0.11.5 and later), so it cannot continue from the "
+                                               "submitted text")
                 if isinstance(step, ToleranceNotApplied):
                     self.checks.append(Check("tolerance", None, "tolerance not applied: %s; the verdict is the "
                                                                 "exact one" % step.why))
@@ -2257,21 +2454,44 @@ class Verification(object):
                 if not isinstance(step, ForcedStep):  # a Cause, or no token to force
                     self.cause = step
                     return gen
-                self.forced.append(step)
+                self.forced.append(step._replace(token=step.token + (span.token or 0), char=step.char + span.char))
                 gen.force(step.token, step.submitted, step.logprob)
-                budget = job.max_tokens - len(gen.token_ends) if job.max_tokens else None
+                budget = span.budget - len(gen.token_ends) if span.budget else None
                 if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
                     gen.final = {"done": True, "done_reason": "length"}
-                    gen.compare_end(submitted)
+                    if span.last:
+                        gen.compare_end(submitted)
                     return gen
-                request = continuation_request(job, rendered, gen.text, budget)
+                request = continuation_request(job, self._rendered(ctx), claim[:span.char] + gen.text, budget, top)
         finally:
             progress.clear()
 
+    def _probe(self, ctx, policy, span, gen, token):
+        """The model's candidates at the divergence token, asked only now:
+        one token after the output so far, sent raw (or, on a server that
+        cannot render prompts, the job's request again up to that token)."""
+        top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
+        prefix = self.evidence["output"][:span.char] + gen.text[:gen.token_start(token)]
+        rendered = self._rendered(ctx)
+        if rendered is not None:
+            entry = ctx.ollama.candidates(continuation_request(self.job, rendered, prefix, 1, top), 0)
+            self.tokens_generated += 1
+        elif not span.char:
+            entry = ctx.ollama.candidates(generate_request(self.job, top, token + 1), token)
+            self.tokens_generated += token + 1
+        else:
+            return
+        if entry is not None:
+            gen.probed = (token, entry)
+
     def document(self):
         """verify's --json document (audit prints one per item)."""
+        sampling = self.sampling or {}
         return {"id": self.item_id, "verdict": self.verdict, "refuted": self.refuted, "exact": self.exact,
-                "tolerance": self.tolerance,
+                "tolerance": self.tolerance, "sampled": bool(self.sampling),
+                "windows": sampling.get("windows"), "tokens_checked": sampling.get("tokens_checked"),
+                "claim_tokens": sampling.get("claim_tokens"), "coverage": sampling.get("coverage"),
+                "sample_seed": sampling.get("sample_seed"),
                 "forced": [step._asdict() for step in self.forced], "checks": [c._asdict() for c in self.checks],
                 "cause": self.cause and self.cause.document(), "diverged_at": self.diverged_at,
                 "tokens_generated": self.tokens_generated, "logprob_max_diff": self.logprob_max_diff,
@@ -2283,20 +2503,34 @@ class Verification(object):
     def report(self):
         """verify's report, for a person."""
         ok = self.verdict == VERIFIED
-        cause, where = self.cause, self.diverged_at
-        if ok and self.forced:
-            headline = "✓ VERIFIED (within tolerance %g nats: %s)" % (self.tolerance, _steps(len(self.forced)))
+        cause, where, sampling = self.cause, self.diverged_at, self.sampling
+        within = " within tolerance %g nats: %s" % (self.tolerance, _steps(len(self.forced))) if self.forced else ""
+        if ok and sampling:
+            headline = "✓ VERIFIED by sampling (%d windows, %d of %s checked, coverage %.1f%%%s)" % (
+                len(sampling["windows"]), sampling["tokens_checked"], _tokens(sampling["claim_tokens"]),
+                100 * sampling["coverage"], ";" + within if within else "")
+        elif ok and self.forced:
+            headline = "✓ VERIFIED (%s)" % within.strip()
         elif ok:
             headline = "✓ VERIFIED — the re-run produced the submitted output, hashes match"
         elif where is not None:
             headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause.kind)
         elif self.tokens_generated:
-            headline = "✗ MISMATCH — same text, different numerics (--strict)"
+            headline = "✗ MISMATCH — %s" % (cause.kind if cause.kind != "different-numerics"
+                                            else "same text, different numerics (--strict)")
         else:
             headline = "✗ MISMATCH — %s, without a re-run" % cause.kind
         text = [headline,
                 "  Item:      %s (completed by %s)" % (self.item_id, printable(self.completed_by or "unknown")),
                 "  Checks:"] + _check_lines(self.checks, "    ")
+        if sampling:
+            text.append("  Windows:   " + ", ".join(
+                "tokens %s-%s" % (w["start_token"], w["start_token"] + w["tokens"]) if w["start_token"] is not None
+                else "characters from %d (%s)" % (w["start_char"], _tokens(w["tokens"])) for w in sampling["windows"]))
+            if ok:
+                text.append("  Sampled:   not an exact verification: an edit outside the windows is not proven "
+                            "absent (re-check: --sample %d --window %d --sample-seed %d)" % (
+                                len(sampling["windows"]), sampling["window_tokens"], sampling["sample_seed"]))
         if cause:
             text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
             text.append("  Refuted:   " + ("yes: the submitted output is not this job's" if self.refuted else
@@ -2307,13 +2541,15 @@ class Verification(object):
                 "  Forced:   " if n == 0 else "            ", step.token, preview(_dumps(step.submitted), 24),
                 preview(_dumps(step.rerun), 24), step.gap))
         if where is not None:
-            text += ["  Diverged:  character %d, token %d" % (where["char"], where["token"]),
+            text += ["  Diverged:  character %d%s" % (where["char"], ", token %d" % where["token"]
+                                                      if where["token"] is not None else ""),
                      "    submitted: " + _excerpt(where, "submitted"),
                      "    re-run:    " + _excerpt(where, "rerun")]
-        if ok:
+        if ok and self.output is not None:
             text.append("  Output:    " + preview(self.output))
         text += ["  Expected:  " + printable(self.expected_hash),
-                 "  Actual:    " + (self.actual_hash or ("none (the re-run stopped at the divergence)"
+                 "  Actual:    " + (self.actual_hash or ("none (sampled: only the windows were re-generated)"
+                                                         if ok else "none (the re-run stopped at the divergence)"
                                                          if self.tokens_generated else "none (no re-run)")),
                  "  Cost:      %s generated" % _tokens(self.tokens_generated)]
         if self.logprob_max_diff is not None:
@@ -3185,13 +3421,28 @@ def _policy_arguments(p):
                    "(0.5 for mixed hardware; default 0: exact)")
     p.add_argument("--max-forced", type=_max_tokens, metavar="N",
                    help="with --tolerance: at most N such tokens (default %d)" % DEFAULT_MAX_FORCED)
+    p.add_argument("--sample", type=_count, metavar="K",
+                   help="re-generate K windows of the output (the first, the last and K-2 at random) instead of "
+                   "all of it: a fraction of the cost, VERIFIED with a stated coverage, never exact")
+    p.add_argument("--window", type=_count, metavar="L", help="with --sample: tokens per window (default %d)"
+                   % DEFAULT_WINDOW)
+    p.add_argument("--sample-seed", type=_seed, metavar="S",
+                   help="with --sample: draw the windows from seed S (default: a random one, which the report "
+                   "gives), so that anyone can re-check the same windows")
 
 
 def verify_policy(args):
     if args.max_forced is not None and not args.tolerance:
         raise UserError("--max-forced needs --tolerance: exact verification forces nothing")
-    return Policy(args.strict, args.tolerance,
-                  DEFAULT_MAX_FORCED if args.max_forced is None else args.max_forced)
+    if (args.window is not None or args.sample_seed is not None) and not args.sample:
+        raise UserError("--window and --sample-seed need --sample K")
+    if args.sample and args.strict:
+        raise UserError("--strict compares the logprobs of every token, so it cannot be sampled; leave out one")
+    if args.sample is not None and args.sample < 2:
+        raise UserError("--sample needs at least 2 windows: the first and the last")
+    sample = Sample(args.sample, args.window or DEFAULT_WINDOW, args.sample_seed) if args.sample else None
+    return Policy(args.strict, args.tolerance, DEFAULT_MAX_FORCED if args.max_forced is None else args.max_forced,
+                  sample)
 
 
 def _status_arguments(p):
