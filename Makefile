@@ -1,7 +1,7 @@
 # wl_infer: everything here needs only Python 3.8+ (standard library).
 PYTHON ?= python3
 
-.PHONY: test faults demo sandbox bench compat lint
+.PHONY: test faults demo sandbox bench realmodel compat lint
 
 # The whole suite, against the built-in fake Ollama and fake wl.
 test:
@@ -24,6 +24,11 @@ sandbox:
 # Ratios against baselines measured in the same run (not part of test).
 bench:
 	$(PYTHON) bench_wl_infer.py
+
+# post -> run -> verify (exact, tolerant, sampled) and forgeries on a real model
+# (../shared/realmodel; says how to set it up when it is not). Not part of test.
+realmodel:
+	$(PYTHON) bench_wl_infer.py realmodel
 
 # The suite on the oldest and newest supported Pythons, when installed.
 compat:

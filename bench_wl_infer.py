@@ -36,6 +36,12 @@ Rows:
   exact verification of a same-hardware claim (fake Ollama at 400 tokens/s):
   tokens generated (target: the claim's length; the forced steps cost
   requests, not tokens), requests, and the wall-time ratio.
+- sampled verification: `verify --sample 4 --window 16` of an honest
+  1,000-token claim against its full verification, on a fake Ollama with a
+  cost model (a prompt token costs 1/10 of a generated one; the prefix
+  shared with the previous request is free, as with Ollama's cache); also
+  in the fake's token-units, against the floor of that cost model (the
+  windows generated, plus the rest of the claim evaluated once as prompt).
 - worker: 30 jobs behind a slow wl (0.25 s per call) and Ollama (0.5 s per
   job): jobs/min and Ollama busy fraction of `work --once` against a shell
   loop of `run` per job; target busy >= 0.9.
@@ -209,11 +215,12 @@ class Fakes(object):
     def output(self, prompt):
         return self.ollama.outputs.get((MODEL, prompt)) or fakes.default_output(MODEL, prompt)
 
-    def completed(self, prompt, output=None, rig="carol"):
+    def completed(self, prompt, output=None, rig="carol", **provenance):
         """An in_review item whose evidence (of `output`, else the model's own) another rig submitted."""
         item_id = self.add(prompt)
         text = self.output(prompt) if output is None else output
-        evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(prompt, MODEL), text))
+        evidence = wl_infer.encode_evidence(wl_infer.make_evidence(wl_infer.make_job(prompt, MODEL), text,
+                                                                   provenance))
         for argv in (("claim", item_id), ("done", item_id, "--evidence=" + evidence)):
             assert self.board.wl(*argv, rig=rig).returncode == 0
         return item_id
@@ -434,6 +441,46 @@ def bench_tolerance(setup, tokens=400, rate=400.0, ties=(100, 200, 300), n=5):
                              forced=len(doc["forced"]))}
 
 
+def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
+    """verify --sample 4 --window 16 of an honest 1,000-token claim against
+    its full verification, on a fake Ollama with a cost model: a prompt
+    token costs 1/10 of a generated one, and the prefix shared with the
+    previous request is free (Ollama's cache). Also in the fake's own units:
+    tokens generated plus a tenth of the prompt tokens evaluated."""
+    fake = Fakes(setup)
+    try:
+        fake.ollama.piece_chars, fake.ollama.piece_delay, fake.ollama.prompt_cost = 5, 1.0 / rate, 0.1
+        text = "".join(" w%03d" % (i % 1000) for i in range(tokens))  # tokens of 5 characters
+        fake.ollama.outputs[(MODEL, "write 1000 tokens")] = text
+        item_id = fake.completed("write 1000 tokens", token_lengths=[5] * tokens)
+        sample = ["--sample", "4", "--window", "16"]
+
+        def units(argv):  # the fake's cost of one verification: generated + prompt_cost x prompt tokens
+            streams, prefilled = len(fake.ollama.streams), len(fake.ollama.prefilled)
+            setup.run(["verify", item_id, "-q"] + argv, env=fake.env)
+            generated = sum(s["sent"] for s in fake.ollama.streams[streams:])
+            return generated + fake.ollama.prompt_cost * sum(fake.ollama.prefilled[prefilled:])
+
+        cost = {"sampled": units(sample), "full": units([])}
+        found = interleaved(n, sampled=lambda: setup.run(["verify", item_id, "-q"] + sample, env=fake.env),
+                            full=lambda: setup.run(["verify", item_id, "-q"], env=fake.env))
+    finally:
+        fake.stop()
+    ratio = statistics.median(found["sampled"]) / statistics.median(found["full"])
+    # the least any sampling that checks the end can cost: the windows generated, and the rest of the claim
+    # evaluated once as prompt (the last window's prompt is all of it but the window; the cache keeps the rest)
+    floor = (4 * 16 + 0.1 * (tokens - 4 * 16)) / tokens
+    return {"sampling": row("verify --sample 4 --window 16: honest %d-token claim (%g tok/s, prompt 1/10, cached "
+                            "prefix)" % (tokens, rate), found["sampled"], found["full"], ratio,
+                            "token-units at the floor, %.1f%%" % (100 * floor),
+                            cost["sampled"] / cost["full"] <= floor * 1.02,
+                            figure="%s; %.0f of %.0f token-units (%.1f%%)" % (
+                                timing(found["sampled"], lambda v: "%.2f s" % v), cost["sampled"], cost["full"],
+                                100 * cost["sampled"] / cost["full"]),
+                            base_figure="%s full" % timing(found["full"], lambda v: "%.2f s" % v),
+                            units=cost, units_ratio=cost["sampled"] / cost["full"], floor=floor)}
+
+
 def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
     fake = Fakes(setup)
     try:
@@ -487,6 +534,195 @@ def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
 # =============================================================================
 
 
+# =============================================================================
+# A real model (`make realmodel`; never part of `make test`)
+# =============================================================================
+
+REAL_MODEL = "gemma3:270m"
+REAL_PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+                "Explain how a bicycle stays upright while it moves.",
+                "Describe a busy market in a coastal town at dawn.",
+                "Write a letter from a young sailor to his family.",
+                "List the steps to bake a loaf of bread, with a sentence on each."]
+REAL_SETUP = ("../shared/realmodel/setup.sh builds it once (about 20 minutes; under $REALMODEL, default "
+              "~/.cache/wl-infer-realmodel)")
+
+
+def realmodel_paths():
+    """(python of the AVX2 build, of the AVX-512 build or None, the GGUF, the shim), or None when not set up."""
+    root = os.environ.get("REALMODEL") or os.path.expanduser("~/.cache/wl-infer-realmodel")
+    shim = os.path.join(HERE, "..", "shared", "realmodel", "ollama_shim.py")
+    builds = [os.path.join(root, name, "bin", "python") for name in ("venv-avx2", "venv-avx512")]
+    models = sorted(f for f in os.listdir(os.path.join(root, "models")) if f.endswith(".gguf")) \
+        if os.path.isdir(os.path.join(root, "models")) else []
+    if not (os.path.exists(shim) and os.path.exists(builds[0]) and models):
+        return None
+    return builds[0], builds[1] if os.path.exists(builds[1]) else None, os.path.join(root, "models", models[0]), shim
+
+
+class Shim(object):
+    """One ollama_shim.py server on a free port, until stop()."""
+
+    def __init__(self, python, gguf, shim, log):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([python, shim, "--model-path", gguf, "--port", str(self.port), "--quiet"],
+                                     stdout=subprocess.DEVNULL, stderr=log)
+        self.url = "http://127.0.0.1:%d" % self.port
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                wl_infer.Ollama(self.url, 5).version()
+                return
+            except wl_infer.UserError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("realmodel: the server did not start (see %s)" % log.name)
+                time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def realmodel(argv):
+    """post -> run -> verify (exact, tolerant, sampled) and forgeries on a
+    real model, through the command line against a fake wl board."""
+    paths = realmodel_paths()
+    if paths is None:
+        print("realmodel: the real model is not set up here; %s. Then run `make realmodel` again." % REAL_SETUP)
+        return 0
+    avx2, avx512, gguf, shim_path = paths
+    sample = ["--sample", "4", "--window", "16"]
+    with tempfile.TemporaryDirectory() as folder, open(os.path.join(folder, "shim.log"), "w") as log:
+        same = Shim(avx2, gguf, shim_path, log)
+        other = Shim(avx512, gguf, shim_path, log) if avx512 else None
+        try:
+            board = fakes.FakeBoard(folder, rig="poster")
+
+            def cli(rig, server, *args):
+                env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=server.url, FAKE_WL_RIG=rig,
+                           XDG_STATE_HOME=os.path.join(folder, rig))
+                start = time.perf_counter()
+                proc = subprocess.run([sys.executable, os.path.join(HERE, "wl_infer.py"), "--json"] + list(args),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                elapsed = time.perf_counter() - start
+                doc = json.loads(proc.stdout.decode("utf-8"))
+                if proc.returncode == 2:
+                    raise SystemExit("realmodel: wl_infer %s: %s" % (" ".join(args), doc.get("error")))
+                return doc, elapsed
+
+            def forge(job, output, lengths):
+                """A completion by mallory with `output` and consistent token_lengths (a careful forger)."""
+                item_id = board.add(wl_infer.encode_job(job))
+                evidence = dict(wl_infer.make_evidence(job, output), token_lengths=lengths)
+                board.wl("claim", item_id, rig="mallory")
+                board.wl("done", item_id, "--evidence=" + wl_infer.encode_evidence(evidence), rig="mallory")
+                return item_id
+
+            def timed(call, *args, **kwargs):
+                start = time.perf_counter()
+                call(*args, **kwargs)
+                return time.perf_counter() - start
+
+            results = []
+            for prompt in REAL_PROMPTS:
+                sys.stderr.write("realmodel: %s\n" % prompt)
+                job = wl_infer.make_job(prompt, REAL_MODEL, max_tokens=400)
+                client = wl_infer.Ollama(same.url, 600)
+                r = {"prompt": prompt,
+                     "bare_s": timed(client.generate, job, top=None),  # Go's request, no logprobs
+                     "logprobs_s": timed(client.generate, job)}  # what `run` asks by default
+                honest = board.add(wl_infer.encode_job(job))
+                doc, r["run_s"] = cli("alice", same, "run", honest)
+                r["evidence"] = doc["evidence"]
+                doc, r["exact_s"] = cli("carol", same, "verify", honest)
+                r["exact"] = doc["verdict"]
+                doc, r["sampled_s"] = cli("carol", same, "verify", honest, *sample)
+                r["sampled"], r["coverage"] = doc["verdict"], doc["coverage"]
+                if other is not None:
+                    moved = board.add(wl_infer.encode_job(job))
+                    cli("bob", other, "run", moved)
+                    r["other_exact"] = cli("carol", same, "verify", moved)[0]
+                    r["other_tolerant"] = cli("carol", same, "verify", moved, "--tolerance", "0.5")[0]["verdict"]
+                    r["other_sampled"] = cli("carol", same, "verify", moved, "--tolerance", "0.5", *sample)[0]
+                results.append(r)
+            forgeries = {"cut at 60%": [], "another prompt's output": [], "half honest, then pasted": [],
+                         "one word changed": []}
+            coverage = []
+            for n, r in enumerate(results):
+                job = wl_infer.make_job(r["prompt"], REAL_MODEL, max_tokens=400)
+                text, lengths = r["evidence"]["output"], r["evidence"]["token_lengths"]
+                other_r = results[(n + 1) % len(results)]["evidence"]
+                ends = [sum(lengths[:i + 1]) for i in range(len(lengths))]
+                cut = ends[int(len(ends) * 0.6)]
+                half = ends[len(ends) // 2]
+                cases = [("cut at 60%", text[:cut], lengths[:int(len(ends) * 0.6) + 1]),
+                         ("another prompt's output", other_r["output"], other_r["token_lengths"]),
+                         ("half honest, then pasted", text[:half] + other_r["output"][half:],
+                          lengths[:len(ends) // 2 + 1] + [len(other_r["output"][half:])])]
+                for name, output, claimed in cases:
+                    item_id = forge(job, output, claimed)
+                    forgeries[name].append(cli("carol", same, "verify", item_id, *sample)[0]["verdict"])
+                words = [i for i in range(len(text) // 4, 3 * len(text) // 4) if text[i] == " " and text[i + 1:i + 2]
+                         .isalpha()]
+                for trial in range(8):
+                    at = words[(trial * 7919) % len(words)] + 1
+                    end = at + 1
+                    while end < len(text) and text[end].isalpha():
+                        end += 1
+                    word = text[at:end]
+                    edited = text[:at] + ("x" * len(word) if word != "x" * len(word) else "y" * len(word)) + text[end:]
+                    doc = cli("carol", same, "verify", forge(job, edited, lengths), *sample)[0]
+                    forgeries["one word changed"].append(doc["verdict"])
+                    if doc["coverage"] is not None:
+                        coverage.append(doc["coverage"])
+        finally:
+            same.stop()
+            if other is not None:
+                other.stop()
+    print(realmodel_report(results, forgeries, coverage, other is not None))
+    return 0
+
+
+def realmodel_report(results, forgeries, coverage, other):
+    def median(key):
+        return statistics.median(r[key] for r in results)
+
+    n = len(results)
+    lines = ["wl_infer %s against %s on llama.cpp (ollama_shim.py), %d prompts, 400-token jobs; %s" % (
+        wl_infer.__version__, REAL_MODEL, n, platform.platform(terse=True)),
+        "  bare generation (Go's request)      %.2f s" % median("bare_s"),
+        "  the same with logprobs (run's)      %.2f s: %.2fx (the worker's logprob tax)" % (
+            median("logprobs_s"), median("logprobs_s") / median("bare_s")),
+        "  run                                 %.2f s" % median("run_s"),
+        "  verify, exact (honest, same build)  %.2f s: %.2fx a bare generation; VERIFIED %d/%d" % (
+            median("exact_s"), median("exact_s") / median("bare_s"), sum(r["exact"] == "VERIFIED" for r in results),
+            n),
+        "  verify --sample 4 --window 16       %.2f s: %.0f%% of the exact one; VERIFIED %d/%d, coverage %.1f%%" % (
+            median("sampled_s"), 100 * median("sampled_s") / median("exact_s"),
+            sum(r["sampled"] == "VERIFIED" for r in results), n, 100 * statistics.median(r["coverage"] or 0
+                                                                                        for r in results))]
+    if other:
+        lines += ["  other build, exact                  VERIFIED %d/%d (MISMATCH causes: %s)" % (
+                      sum(r["other_exact"]["verdict"] == "VERIFIED" for r in results), n,
+                      ", ".join(sorted(set(r["other_exact"]["cause"]["kind"] for r in results
+                                           if r["other_exact"]["cause"])) or "none")),
+                  "  other build, --tolerance 0.5        VERIFIED %d/%d" % (
+                      sum(r["other_tolerant"] == "VERIFIED" for r in results), n),
+                  "  other build, tolerant and sampled   VERIFIED %d/%d" % (
+                      sum(r["other_sampled"]["verdict"] == "VERIFIED" for r in results), n)]
+    for name, verdicts in forgeries.items():
+        lines.append("  forgery: %-27s refuted %d/%d" % (name, verdicts.count("MISMATCH"), len(verdicts)))
+    if coverage:
+        lines.append("  (one word changed: caught %.0f%%, next to the stated coverage %.1f%%)" % (
+            100 * forgeries["one word changed"].count("MISMATCH") / len(forgeries["one word changed"]),
+            100 * statistics.mean(coverage)))
+    return "\n".join(lines)
+
+
 def machine():
     return {"python": platform.python_version(), "platform": platform.platform(terse=True),
             "cpus": os.cpu_count() or 0, "wl_infer": wl_infer.__version__}
@@ -503,6 +739,8 @@ def table(rows):
 
 
 def main(argv):
+    if argv[:1] == ["realmodel"]:
+        return realmodel(argv[1:])
     want_json = "--json" in argv
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -511,6 +749,7 @@ def main(argv):
                  ("own cost and wl calls", lambda: bench_overhead(setup)),
                  ("memory", lambda: bench_memory(setup)), ("streaming", lambda: bench_streaming(setup)),
                  ("early exit", lambda: bench_early_exit(setup)), ("tolerance", lambda: bench_tolerance(setup)),
+                 ("sampling", lambda: bench_sampling(setup)),
                  ("worker", lambda: bench_worker(setup))]
         for name, step in steps:
             if not want_json:

@@ -3369,6 +3369,189 @@ class TolerantVerificationTest(CliTest):
         self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, "HiHello world", [], 0.5).why)
 
 
+class SampledVerificationTest(CliTest):
+    """verify/audit --sample K --window L: K windows re-generated instead of
+    the whole output; VERIFIED with a coverage, never exact."""
+
+    PROMPT = "count to two hundred"
+    WORDS = "".join(" w%03d" % i for i in range(200))  # 200 tokens of " w000" (5 characters)
+
+    def setUp(self):
+        super(SampledVerificationTest, self).setUp()
+        self.ollama.piece_chars = 5
+        self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = self.WORDS
+
+    def honest(self, max_tokens=0, *run_args):
+        item_id = self.board.add(self.job(self.PROMPT, max_tokens=max_tokens))
+        code, out, err = self.cli("run", item_id, "--json", *run_args, env=self.env(FAKE_WL_RIG="carol"))
+        self.assertEqual(code, 0, err)
+        return item_id, json.loads(out)["evidence"]
+
+    def verify(self, item_id, *extra, code=0):
+        result = self.cli("verify", item_id, "--json", *extra)
+        self.assertEqual(result[0], code, result)
+        return json.loads(result[1])
+
+    def forged(self, output, lengths, max_tokens=0):
+        """A completion whose token_lengths agree with its (forged) output."""
+        job = wl_infer.make_job(self.PROMPT, "llama3.2:1b", max_tokens=max_tokens)
+        evidence = dict(wl_infer.make_evidence(job, output), token_lengths=lengths)
+        return self.completed(self.PROMPT, evidence=wl_infer.encode_evidence(evidence))
+
+    def test_windows_are_first_last_and_random_reproducible_with_a_seed(self):
+        item_id, evidence = self.honest()
+        self.assertEqual(len(evidence["token_lengths"]), 200)
+        before = len(self.ollama.generate_requests())
+        doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "7")
+        self.assertEqual((doc["verdict"], doc["sampled"], doc["exact"], doc["sample_seed"]),
+                         ("VERIFIED", True, False, 7))
+        windows = doc["windows"]
+        starts = [w["start_token"] for w in windows]
+        self.assertEqual(len(windows), 4)
+        self.assertEqual((starts[0], starts[-1] + windows[-1]["tokens"]), (0, 200))  # the start and the end
+        self.assertEqual([w["tokens"] for w in windows], [8, 8, 8, 8])
+        self.assertEqual(starts, sorted(starts))
+        self.assertTrue(all(b - a >= 8 for a, b in zip(starts, starts[1:])), starts)  # no overlap
+        self.assertEqual([w["start_char"] for w in windows], [5 * t for t in starts])
+        self.assertEqual((doc["tokens_checked"], doc["claim_tokens"], doc["coverage"]), (32, 200, 0.16))
+        self.assertEqual((doc["actual_hash"], doc["output"]), (None, None))
+        # the requests: the render, then one per window, raw from the output before it; no logprobs anywhere
+        requests = self.ollama.generate_requests()[before:]
+        self.assertFalse(any(r.get("logprobs") for r in requests), requests)
+        windows_asked = [r for r in requests if not r.get("_debug_render_only")]
+        self.assertEqual([r["options"].get("num_predict") for r in windows_asked], [8, 8, 8, None])
+        head = render_template(self.PROMPT)
+        self.assertEqual([r.get("raw", False) and r["prompt"][len(head):] for r in windows_asked],
+                         [False] + [self.WORDS[:w["start_char"]] for w in windows[1:]])
+        self.assertEqual(self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "7")["windows"],
+                         windows)  # anyone can re-check the same windows
+        other = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "8")["windows"]
+        self.assertNotEqual([w["start_token"] for w in other], starts)
+        drawn = self.verify(item_id, "--sample", "4", "--window", "8")
+        self.assertIsInstance(drawn["sample_seed"], int)  # drawn from the system's CSPRNG, and told
+        code, out, err = self.cli("verify", item_id, "--sample", "4", "--window", "8", "--sample-seed", "7")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("✓ VERIFIED by sampling (4 windows, 32 of 200 tokens checked, coverage "
+                                       "16.0%)"), out)
+        self.assertIn("not an exact verification", out)
+        self.assertIn("--sample 4 --window 8 --sample-seed 7", out)
+        self.assertIn("  Windows:   tokens 0-8, ", out)
+
+    def test_an_edit_inside_a_window_is_caught_and_one_outside_every_window_is_not_seen(self):
+        item_id, evidence = self.honest()
+        windows = self.verify(item_id, "--sample", "3", "--window", "8", "--sample-seed", "3")["windows"]
+        inside = windows[1]["start_token"] + 4
+        gap = next(t for t in range(8, 200) if all(not w["start_token"] <= t < w["start_token"] + 8 for w in windows))
+        for token, verdict in ((inside, "MISMATCH"), (gap, "VERIFIED")):
+            with self.subTest(token=token):
+                edited = self.WORDS[:5 * token] + " x999" + self.WORDS[5 * token + 5:]
+                doc = self.verify(self.forged(edited, evidence["token_lengths"]), "--sample", "3", "--window", "8",
+                                  "--sample-seed", "3", code=0 if verdict == "VERIFIED" else 1)
+                self.assertEqual(doc["verdict"], verdict)
+        # inside: the window re-generates the token and differs from it there; outside: each later
+        # window's prompt holds the edit, but this model (like a real one, often) goes on as before, so
+        # it is not seen, and the coverage counts only the windows' own tokens
+        self.assertEqual((doc["coverage"], doc["tokens_checked"]), (0.12, 24))
+        mismatch = self.verify(self.forged(self.WORDS[:5 * inside] + " x999" + self.WORDS[5 * inside + 5:],
+                                           evidence["token_lengths"]), "--sample", "3", "--window", "8",
+                               "--sample-seed", "3", code=1)
+        self.assertEqual((mismatch["diverged_at"]["char"], mismatch["diverged_at"]["token"]),
+                         (5 * inside + 1, inside))
+        rerun = next(c for c in mismatch["checks"] if c["name"] == "rerun")
+        self.assertIn("in window 2 of the sample", rerun["message"])
+
+    def test_the_end_is_checked_a_claim_cut_short_is_refuted(self):
+        item_id, evidence = self.honest(max_tokens=200)
+        self.assertEqual(evidence["done_reason"], "length")
+        before = len(self.ollama.generate_requests())
+        doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "5")
+        last = [r for r in self.ollama.generate_requests()[before:] if not r.get("_debug_render_only")][-1]
+        self.assertEqual(last["options"]["num_predict"], 200 - doc["windows"][-1]["start_token"])  # the budget left
+        cut = self.forged(self.WORDS[:600], evidence["token_lengths"][:120], max_tokens=200)  # 60%, consistent
+        doc = self.verify(cut, "--sample", "4", "--window", "8", code=1)
+        self.assertEqual((doc["diverged_at"]["char"], doc["refuted"]), (600, True))  # the model goes on
+        pasted = self.WORDS[:500] + "".join(" z%03d" % i for i in range(100))
+        doc = self.verify(self.forged(pasted, evidence["token_lengths"], max_tokens=200), "--sample", "4",
+                          "--window", "8", code=1)
+        self.assertEqual(doc["verdict"], "MISMATCH")  # the last window re-generates the end
+
+    def test_go_evidence_is_sampled_by_words_unless_its_end_cannot_be_checked(self):
+        go = wl_infer.encode_go_json({"output": self.WORDS, "output_hash": wl_infer.output_hash(self.WORDS),
+                                      "model": "llama3.2:1b", "seed": 42})
+        item_id = self.completed(self.PROMPT, evidence=go)
+        doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "1")
+        self.assertEqual((doc["verdict"], doc["sampled"]), ("VERIFIED", True))
+        self.assertEqual([w["start_token"] for w in doc["windows"]], [None] * 4)  # no token count in the evidence
+        self.assertEqual(doc["windows"][0]["start_char"], 0)
+        self.assertTrue(all(self.WORDS[w["start_char"]] == " " for w in doc["windows"]))  # before a space
+        self.assertEqual(doc["claim_tokens"], 200)  # estimated from the last window's characters per token
+        capped = wl_infer.make_job(self.PROMPT, "llama3.2:1b", max_tokens=200)
+        item_id = self.board.add(wl_infer.encode_job(capped))
+        self.assertEqual(self.board.wl("claim", item_id, rig="carol").returncode, 0)
+        self.assertEqual(self.board.wl("done", item_id, "--evidence=" + go, rig="carol").returncode, 0)
+        doc = self.verify(item_id, "--sample", "4")
+        self.assertEqual((doc["verdict"], doc["sampled"], doc["exact"]), ("VERIFIED", False, True))
+        note = next(c for c in doc["checks"] if c["name"] == "sample")
+        self.assertIn("not sampled: the output may end at max_tokens, and the evidence gives no token count",
+                      note["message"])
+        short = self.verify(self.completed("short"), "--sample", "4")  # 18 tokens: cheaper whole
+        self.assertIn("the output is short", next(c for c in short["checks"] if c["name"] == "sample")["message"])
+
+    def test_tolerance_applies_inside_windows(self):
+        text = TolerantVerificationTest.TEXT * 3
+        ties = dict((i, 0.2) for i in range(3, 75, 10))
+        self.ollama.scripts[("llama3.2:1b", "other")] = ScriptedModel(text, ties)
+        item_id = self.board.add(self.job("other"))
+        self.ollama.flips = set(ties)  # "other hardware"
+        code, out, err = self.cli("run", item_id, env=self.env(FAKE_WL_RIG="bob"))
+        self.ollama.flips = set()
+        self.assertEqual(code, 0, err)
+        args = ("--sample", "3", "--window", "12", "--sample-seed", "2")
+        exact = self.verify(item_id, *args, code=1)
+        self.assertEqual((exact["cause"]["kind"], exact["refuted"]), ("near-tie", False))
+        doc = self.verify(item_id, *args, "--tolerance", "0.5")
+        self.assertEqual((doc["verdict"], doc["sampled"], doc["exact"]), ("VERIFIED", True, False))
+        self.assertTrue(doc["forced"], doc)
+        starts = [(w["start_token"], w["start_token"] + w["tokens"]) for w in doc["windows"]]
+        for step in doc["forced"]:  # tokens of the whole output, inside a window
+            self.assertIn(step["token"], ties)
+            self.assertTrue(any(a <= step["token"] < b for a, b in starts), (step, starts))
+
+    def test_audit_samples_and_says_so_when_it_accepts(self):
+        item_id, _ = self.honest()
+        code, out, err = self.cli("audit", "--sample", "4", "--window", "8", "--sample-seed", "9", "--accept")
+        self.assertEqual(code, 0, err)
+        row = next(ln for ln in out.splitlines() if ln.startswith(item_id)).split()
+        self.assertEqual(row[2:5], ["VERIFIED", "sampled:", "16%"])
+        accept = next(c["argv"] for c in self.board.calls() if c["argv"][:2] == ["accept", item_id])
+        self.assertIn("--message=verified by wl_infer by sampling (4 windows, 16.0% coverage, --sample-seed 9): "
+                      "sha256:", " ".join(accept))
+
+    def test_logprobs_are_asked_only_where_they_are_needed(self):
+        before = len(self.ollama.generate_requests())
+        item_id, evidence = self.honest()
+        run, = self.ollama.generate_requests()[before:]
+        self.assertEqual((run["logprobs"], run["top_logprobs"]), (True, 2))  # run records them by default
+        item_id, evidence = self.honest(0, "--no-logprobs")
+        self.assertNotIn("logprobs", self.ollama.generate_requests()[-1])
+        self.assertNotIn("logprobs", evidence)
+        self.assertEqual(len(evidence["token_lengths"]), 200)  # one chunk per token: the boundaries are known
+        before = len(self.ollama.generate_requests())
+        self.verify(item_id)
+        self.verify(item_id, "--sample", "4")
+        self.assertFalse(any(r.get("logprobs") for r in self.ollama.generate_requests()[before:]))
+        self.verify(self.honest()[0], "--strict")
+        self.assertTrue(self.ollama.generate_requests()[-1]["logprobs"])  # --strict compares them
+
+    def test_option_errors(self):
+        item_id, _ = self.honest()
+        self.assertError(self.cli("verify", item_id, "--window", "8"), "--window and --sample-seed need --sample K")
+        self.assertError(self.cli("verify", item_id, "--sample-seed", "1"), "need --sample K")
+        self.assertError(self.cli("verify", item_id, "--sample", "4", "--strict"), "cannot be sampled")
+        self.assertError(self.cli("verify", item_id, "--sample", "1"), "at least 2 windows")
+        self.assertError(self.cli("audit", "--sample", "0"), "--sample")
+
+
 class StatusCommandTest(CliTest):
     def test_status_json_document(self):
         item_id = self.completed()

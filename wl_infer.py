@@ -1816,7 +1816,8 @@ class JobRun(object):
         there."""
         if self.full is None:
             job = self.job
-            gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT)
+            top = None if self.ctx.args.no_logprobs else TOP_LOGPROBS
+            gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT, top=top)
             if gen.too_long:
                 raise JobError("the output passed %d bytes after %s, so its evidence could never fit wl's "
                                "%d-byte field; generation stopped; the job needs a smaller max_tokens"
@@ -1997,11 +1998,13 @@ def claim_tokens(evidence):
 def window_spans(job, evidence, sample, rng):
     """The Spans a sampled verification re-generates, in order: one at the
     start, one that ends at the output's end, and sample.windows - 2 drawn
-    with `rng` in between, none overlapping. A window starts at the start
-    of a word (before a whitespace character that follows another
-    character): there a raw prompt cut from the output re-tokenizes as the
-    model generated it. Where the evidence's token_lengths cover the output,
-    a window also starts on a token boundary and knows its token index.
+    with `rng` in between, none overlapping. Where the evidence's
+    token_lengths cover the output, a window starts on one of its token
+    boundaries that is also a word boundary (between a whitespace character
+    and another), and knows its token index; without them, just before a
+    whitespace character that follows another (tokenizers start a word's
+    token with its space). There a raw prompt cut from the output
+    re-tokenizes as the model generated it.
     Returns (spans, why not) with spans None when sampling cannot check this
     output: it is short, or it may end at max_tokens and its token count is
     unknown (Go's evidence), so where it ends could not be checked."""
@@ -2013,8 +2016,8 @@ def window_spans(job, evidence, sample, rng):
                       "records none), so where it ends cannot be sampled")
     if lengths is not None:
         count, cuts, at = len(lengths), [], 0
-        for index, n in enumerate(lengths):
-            if index == 0 or (n and claim[at].isspace() and not claim[at - 1].isspace()):
+        for index, n in enumerate(lengths):  # a token boundary at a word boundary
+            if index == 0 or (n and claim[at].isspace() != claim[at - 1].isspace()):
                 cuts.append((at, index))
             at += n
     else:
@@ -2359,9 +2362,8 @@ class Verification(object):
         seed = policy.sample.seed
         if seed is None:
             seed = random.SystemRandom().getrandbits(63)
-        # the positions are a function of the seed and the output: anyone can re-check them
-        spans, why_not = window_spans(job, evidence, policy.sample, random.Random("%d %s" % (
-            seed, evidence["output_hash"])))
+        # the positions are a function of the seed and the output's token boundaries: anyone can re-check them
+        spans, why_not = window_spans(job, evidence, policy.sample, random.Random(seed))
         if spans is not None and self._rendered(ctx) is None:
             spans, why_not = None, ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
                                     "and later), so it cannot start a window inside the output")
@@ -3260,6 +3262,10 @@ def _accept(ctx, verification):
     try:
         within = " within tolerance %g nats (%s)" % (verification.tolerance, _steps(len(verification.forced))) \
             if verification.forced else ""
+        sampling = verification.sampling
+        if sampling:
+            within += " by sampling (%d windows, %.1f%% coverage, --sample-seed %d)" % (
+                len(sampling["windows"]), 100 * sampling["coverage"], sampling["sample_seed"])
         ctx.wl.accept(verification.item_id, "verified by wl_infer%s: %s" % (within, verification.expected_hash))
         return "accepted"
     except WlError as exc:
@@ -3278,7 +3284,9 @@ def audit_report(rows, policy):
         if verification is not None:
             doc = dict(verification.document(), action=row.action, error=row.error)
             cause = verification.cause
+            sampled = verification.sampling and verification.verdict == VERIFIED
             table.append([item_id, preview(verification.job.model, 24), verdict, cause.kind if cause else
+                          "sampled: %.0f%% coverage" % (100 * verification.sampling["coverage"]) if sampled else
                           "tolerance: %d forced" % len(verification.forced) if verification.forced else "-",
                           "%d" % verification.tokens_generated, row.action or ""])
             if cause:
@@ -3401,9 +3409,16 @@ def _post_arguments(p):
     _no_push(p)
 
 
+def _logprobs(p):
+    p.add_argument("--no-logprobs", action="store_true",
+                   help="do not record logprobs in the evidence: asking for them slows generation (13%% on a CPU "
+                   "test server); verifiers then cannot compare numerics (--strict)")
+
+
 def _run_arguments(p):
     p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
     p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
+    _logprobs(p)
     _no_push(p)
 
 
@@ -3477,6 +3492,7 @@ def _work_arguments(p):
                    help="take jobs with max_tokens 0 (the model's default, no limit)")
     p.add_argument("--max-prompt-bytes", type=_count, default=32768, metavar="N",
                    help="skip jobs whose prompt is longer (default 32768)")
+    _logprobs(p)
     _no_push(p)
 
 
@@ -3649,7 +3665,8 @@ def parse_args(argv):
         args = build_parser().parse_args(argv)
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
                 "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
-                "json": False, "quiet": False, "no_push": False}  # no_push: for commands without it
+                "json": False, "quiet": False, "no_push": False,
+                "no_logprobs": False}  # no_push, no_logprobs: for commands without them
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
