@@ -646,7 +646,7 @@ def realmodel(argv):
                     moved = board.add(wl_infer.encode_job(job))
                     cli("bob", other, "run", moved)
                     r["other_exact"] = cli("carol", same, "verify", moved)[0]
-                    r["other_tolerant"] = cli("carol", same, "verify", moved, "--tolerance", "0.5")[0]["verdict"]
+                    r["other_tolerant"] = cli("carol", same, "verify", moved, "--tolerance", "0.5")[0]
                     r["other_sampled"] = cli("carol", same, "verify", moved, "--tolerance", "0.5", *sample)[0]
                 results.append(r)
             forgeries = {"cut at 60%": [], "another prompt's output": [], "half honest, then pasted": [],
@@ -691,6 +691,10 @@ def realmodel_report(results, forgeries, coverage, other):
     def median(key):
         return statistics.median(r[key] for r in results)
 
+    def causes(docs):
+        found = ["%s%s" % (d["cause"]["kind"], "" if d["refuted"] else ", not refuted") for d in docs if d["cause"]]
+        return " (MISMATCH: %s)" % "; ".join(found) if found else ""
+
     n = len(results)
     lines = ["wl_infer %s against %s on llama.cpp (ollama_shim.py), %d prompts, 400-token jobs; %s" % (
         wl_infer.__version__, REAL_MODEL, n, platform.platform(terse=True)),
@@ -710,10 +714,12 @@ def realmodel_report(results, forgeries, coverage, other):
                       sum(r["other_exact"]["verdict"] == "VERIFIED" for r in results), n,
                       ", ".join(sorted(set(r["other_exact"]["cause"]["kind"] for r in results
                                            if r["other_exact"]["cause"])) or "none")),
-                  "  other build, --tolerance 0.5        VERIFIED %d/%d" % (
-                      sum(r["other_tolerant"] == "VERIFIED" for r in results), n),
-                  "  other build, tolerant and sampled   VERIFIED %d/%d" % (
-                      sum(r["other_sampled"]["verdict"] == "VERIFIED" for r in results), n)]
+                  "  other build, --tolerance 0.5        VERIFIED %d/%d%s" % (
+                      sum(r["other_tolerant"]["verdict"] == "VERIFIED" for r in results), n,
+                      causes(r["other_tolerant"] for r in results)),
+                  "  other build, tolerant and sampled   VERIFIED %d/%d%s" % (
+                      sum(r["other_sampled"]["verdict"] == "VERIFIED" for r in results), n,
+                      causes(r["other_sampled"] for r in results))]
     for name, verdicts in forgeries.items():
         lines.append("  forgery: %-27s refuted %d/%d" % (name, verdicts.count("MISMATCH"), len(verdicts)))
     if coverage:

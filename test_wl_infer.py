@@ -3220,6 +3220,20 @@ class TolerantVerificationTest(CliTest):
         self.assertIn("2.00 nats below the model's choice", doc["cause"]["message"])
         self.assertEqual(self.verify(item_id, "--tolerance", "2", code=0)["forced"][0]["gap"], 2.0)
 
+    def test_a_divergence_right_after_a_forced_token_is_not_a_refutation(self):
+        # a raw continuation re-reads the forced text, which a real tokenizer may split otherwise than
+        # the worker's model made it (seen on llama.cpp: " anaknya" generated as one token): right
+        # after a forced token, a claim the model does not follow is unexplained, not refuted
+        self.ollama.scripts[("llama3.2:1b", self.PROMPT)] = ScriptedModel(self.TEXT, {5: 0.2})
+        flipped = "".join(t for t, _, _ in ScriptedModel(self.TEXT, {5: 0.2}).generate("", {5}, -1)[0])
+        at = sum(len(t) for t in ScriptedModel(self.TEXT).main[:5]) + 4  # the forced token, then one more
+        for where, kind, refuted in ((at + 4, "unknown", False), (at + 40, "different-output", True)):
+            with self.subTest(where=where):
+                claim = flipped[:where] + "QQQQ" + flipped[where + 4:]
+                doc = self.verify(self.completed(self.PROMPT, output=claim), "--tolerance", "0.5")
+                self.assertEqual((doc["cause"]["kind"], doc["refuted"], len(doc["forced"])), (kind, refuted, 1))
+                self.assertEqual("right after a forced token" in doc["cause"]["message"], kind == "unknown")
+
     def test_more_near_ties_than_max_forced_is_a_mismatch(self):
         ties = dict((i, 0.1) for i in range(2, 20, 2))  # 9 of them
         item_id, _ = self.claim(ties, set(ties))

@@ -19,9 +19,10 @@ The flow:
           claiming and submitting overlap generation.
   verify  decode the evidence, run the checks that need no model, then
           re-run the job, comparing as it streams and stopping at the first
-          character that differs (with --tolerance, forcing near-ties). A
-          Verification holds what was found; `audit` verifies every item
-          in review the same way.
+          character that differs (with --tolerance, forcing near-ties; with
+          --sample, only windows of it, each a raw request from the output
+          before it). A Verification holds what was found; `audit` verifies
+          every item in review the same way.
 
 Output: stdout is data (a command's Report: its text, its -q lines or its
 --json document); stderr is for people (notes, warnings, errors, and on a
@@ -42,7 +43,7 @@ its subclasses; only main() writes to stdout.
 __all__ = [
     "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence", "encode_evidence",
     "fit_evidence", "output_hash", "BoardItem", "Completion", "Ollama", "Generation", "Wl", "Verification",
-    "Policy", "verify_item", "UserError", "JobError", "WlError", "OllamaError", "main",
+    "Policy", "Sample", "verify_item", "UserError", "JobError", "WlError", "OllamaError", "main",
 ]
 
 import argparse
@@ -1942,6 +1943,9 @@ LOGPROB_TOLERANCE = 0.1  # nats: more, on identical text, is different numerics
 NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausible
 EXCERPT = 24  # characters shown on each side of a divergence
 DEFAULT_MAX_FORCED = 8  # near-tie steps a tolerant verification forces at most
+# tokens after a forced one where a continuation's raw prompt may still be split into other tokens than
+# the worker's model made (" anaknya" generated as one token, read back as two): no refutation there
+RETOKENIZED_REACH = 4
 VERIFIED, MISMATCH = "VERIFIED", "MISMATCH"
 # Causes that refute the submitted output whatever the hardware: it does not
 # hash to its own hash, it is for another job, or the model would not write it
@@ -1985,7 +1989,7 @@ DEFAULT_WINDOW = 16  # tokens per sampled window
 CHARS_PER_TOKEN = 4.0  # a guess where the evidence gives no token count
 
 
-def claim_tokens(evidence):
+def exact_token_lengths(evidence):
     """The token lengths of the submitted output when the evidence's
     token_lengths cover it exactly (else None): where its tokens start, and
     how many there are."""
@@ -2009,7 +2013,7 @@ def window_spans(job, evidence, sample, rng):
     output: it is short, or it may end at max_tokens and its token count is
     unknown (Go's evidence), so where it ends could not be checked."""
     claim, size = evidence["output"], sample.tokens
-    lengths = claim_tokens(evidence)
+    lengths = exact_token_lengths(evidence)
     budget = job.max_tokens or None
     if lengths is None and budget:
         return None, ("the output may end at max_tokens, and the evidence gives no token count (Go's evidence "
@@ -2149,9 +2153,9 @@ def divergence(gen, claim, span):
     token = len(gen.token_ends) if token is None else token
     absolute = span.char + at
     start = max(0, absolute - EXCERPT)
-    rerun = claim[start:span.char] + gen.text[:at + EXCERPT]
+    rerun = claim[start:span.char] + gen.text[max(0, start - span.char):at + EXCERPT]
     return {"char": absolute, "token": None if span.token is None else span.token + token, "excerpt_start": start,
-            "submitted": claim[start:absolute + EXCERPT], "rerun": rerun[:absolute - start + EXCERPT]}
+            "submitted": claim[start:absolute + EXCERPT], "rerun": rerun}
 
 
 def diagnose(gen, job, evidence, digest, version, submitted):
@@ -2378,7 +2382,7 @@ class Verification(object):
         tokens that a window re-generated (an edit there is caught; an edit
         elsewhere only may be, through a later window's prompt, so it is not
         counted)."""
-        lengths = claim_tokens(self.evidence)
+        lengths = exact_token_lengths(self.evidence)
         checked = sum(w["tokens"] for w in self.sampling["windows"])
         windows = self.sampling["windows"]
         if lengths is not None:
@@ -2416,9 +2420,9 @@ class Verification(object):
         divergence come from one probe. Returns the Generation."""
         job, claim = self.job, self.evidence["output"]
         submitted = claim[span.char:]
-        lengths = claim_tokens(self.evidence) or []
+        lengths = exact_token_lengths(self.evidence) or []
         lengths = lengths[span.token:] if span.token is not None else []
-        top = TOP_LOGPROBS if policy.strict else None
+        top = (TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS) if policy.strict else None
         total = span.budget if not span.last else self.evidence["eval_count"] if not span.char else None
         progress = ctx.progress(label, total if total and total > 0 else None)  # of the claim's tokens
         request = (generate_request(job, top, span.budget) if not span.char
@@ -2453,6 +2457,11 @@ class Verification(object):
                     self.checks.append(Check("tolerance", None, "tolerance not applied: %s; the verdict is the "
                                                                 "exact one" % step.why))
                     return gen
+                if isinstance(step, Cause) and self.forced and step.details.get("token") is not None and \
+                        step.details["token"] - (self.forced[-1].token - (span.token or 0)) <= RETOKENIZED_REACH:
+                    step = Cause("unknown", "%s; but this is right after a forced token, where the continuation's "
+                                 "prompt may not split into tokens as the worker's model made them, so a forgery "
+                                 "cannot be told from an honest output here" % step.message, **step.details)
                 if not isinstance(step, ForcedStep):  # a Cause, or no token to force
                     self.cause = step
                     return gen
