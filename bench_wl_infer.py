@@ -42,6 +42,10 @@ Rows:
   shared with the previous request is free, as with Ollama's cache); also
   in the fake's token-units, against the floor of that cost model (the
   windows generated, plus the rest of the claim evaluated once as prompt).
+- many workers: 1, 2, 4 and 8 `work --once` processes on one board of 40
+  jobs, every wl call 0.2 s: jobs/min, wl calls and claim attempts per job
+  (from the fake wl's log), the largest share against the fair one;
+  target for 8: at most 4 calls and 2 claims per job, every job done once.
 - worker: 30 jobs behind a slow wl (0.25 s per call) and Ollama (0.5 s per
   job): jobs/min and Ollama busy fraction of `work --once` against a shell
   loop of `run` per job; target busy >= 0.9.
@@ -482,6 +486,53 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
                             units=cost, units_ratio=cost["sampled"] / cost["full"], floor=floor)}
 
 
+def bench_scaling(setup, jobs=40, wl_call=0.2, fleet=(1, 2, 4, 8)):
+    """1, 2, 4 and 8 `work --once` processes (distinct rigs) on one board of
+    40 jobs of one priority, every wl call taking 0.2 s: throughput, and from
+    the fake wl's log the wl calls and claim attempts per job, and the
+    largest share against the fair one."""
+    found, base = {}, setup.folder
+    for workers in fleet:
+        setup.folder = os.path.join(base, "fleet of %d" % workers)  # a board of its own
+        os.makedirs(setup.folder)
+        fake = Fakes(setup)
+        setup.folder = base
+        try:
+            ids = [fake.add("job %d" % n, max_tokens=16) for n in range(jobs)]
+            for command in ("browse", "claim", "done", "unclaim", "status"):
+                fake.board.fail(command, delay=wl_call)
+            rigs = ["w%d" % n for n in range(workers)]
+            start = time.perf_counter()
+            procs = [subprocess.Popen([setup.exe, "work", "--once", "-q"], env=dict(fake.env, FAKE_WL_RIG=rig),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rig in rigs]
+            for proc in procs:
+                if proc.wait() != 0:
+                    raise SystemExit("bench: work --once failed: %s" % proc.stderr.read().decode().strip())
+                proc.stderr.close()
+            wall = time.perf_counter() - start
+            calls = [c for c in fake.board.calls() if c["rig"] in rigs]
+        finally:
+            fake.stop()
+        done = [c["argv"][1] for c in calls if c["argv"][0] == "done" and c["exit"] == 0]
+        shares = [len([c for c in calls if c["rig"] == rig and c["argv"][0] == "done" and c["exit"] == 0])
+                  for rig in rigs]
+        found[workers] = {"jobs_per_min": 60 * len(done) / wall, "wall_s": wall,
+                          "calls_per_job": len(calls) / jobs,
+                          "claims_per_job": len([c for c in calls if c["argv"][0] == "claim"]) / jobs,
+                          "once_each": sorted(done) == sorted(ids), "max_share": max(shares) / (jobs / workers),
+                          "idle": shares.count(0)}
+    big, one = found[max(fleet)], found[min(fleet)]
+    met = (all(f["once_each"] for f in found.values()) and big["calls_per_job"] <= 4
+           and big["claims_per_job"] <= 2 and not (big["idle"] and big["max_share"] > 2)
+           and one["calls_per_job"] <= 2 + 1.0 / jobs)
+    figure = "; ".join("%d: %.0f jobs/min, %.2f wl calls and %.2f claims per job, largest share %.1fx" % (
+        n, f["jobs_per_min"], f["calls_per_job"], f["claims_per_job"], f["max_share"]) for n, f in found.items())
+    return {"scaling": row("work --once by 1, 2, 4 and 8 workers on one board: %d jobs, wl %g s/call"
+                           % (jobs, wl_call), [f["wall_s"] for f in found.values()][-1:],
+                           [one["wall_s"]], None, "8 workers: <= 4 calls, <= 2 claims per job; 1: 2 per job + "
+                           "1 browse", met, figure=figure, base_figure="", fleet=found)}
+
+
 def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
     fake = Fakes(setup)
     try:
@@ -760,7 +811,7 @@ def main(argv):
                  ("own cost and wl calls", lambda: bench_overhead(setup)),
                  ("memory", lambda: bench_memory(setup)), ("streaming", lambda: bench_streaming(setup)),
                  ("early exit", lambda: bench_early_exit(setup)), ("tolerance", lambda: bench_tolerance(setup)),
-                 ("sampling", lambda: bench_sampling(setup)),
+                 ("sampling", lambda: bench_sampling(setup)), ("scaling", lambda: bench_scaling(setup)),
                  ("worker", lambda: bench_worker(setup))]
         for name, step in steps:
             if not want_json:

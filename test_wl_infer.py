@@ -3617,7 +3617,7 @@ class StatusCommandTest(CliTest):
 
 
 class WorkerTest(WorkTest):
-    def test_eligible_jobs_run_by_priority_then_age_the_rest_skipped_with_reasons_never_claimed(self):
+    def test_eligible_jobs_run_by_priority_the_rest_skipped_with_reasons_never_claimed(self):
         older = self.add("older, priority 2")
         urgent = self.add("urgent", priority=1)
         newer = self.add("newer, priority 2")
@@ -3635,7 +3635,8 @@ class WorkerTest(WorkTest):
         code, out, err = self.work("--once", "--models", "llama3.2:1b,mistral:7b", "--max-prompt-bytes", "100",
                                    "--json")
         self.assertEqual(code, 0, err)
-        self.assertEqual(self.claims(), [urgent, older, newer, low])
+        claims = self.claims()  # within a priority, in this worker's own order (workers spread)
+        self.assertEqual((claims[0], set(claims[1:3]), claims[3:]), (urgent, {older, newer}, [low]))
         for item_id in (urgent, older, newer, low):
             self.assertEqual(self.status(item_id), "in_review")
             self.assertIn("done %s " % item_id, err)
@@ -3651,11 +3652,15 @@ class WorkerTest(WorkTest):
 
     def test_a_claim_lost_to_another_worker_is_logged_and_the_next_job_taken(self):
         first, second = self.add("first"), self.add("second")
-        self.board.fail("claim", message='wanted item "%s" is not open or does not exist' % first, times=1)
+        self.board.fail("claim", message='wanted item "w-0" is not open or does not exist', times=1)
         code, out, err = self.work("--once", "--json")
         self.assertEqual(code, 0, err)
-        self.assertIn("lost %s to another worker (wl claim failed: wanted item" % first, err)
-        self.assertEqual((self.status(first), self.status(second)), ("open", "in_review"))
+        lost = next(c["argv"][1] for c in self.board.calls() if c["argv"][0] == "claim")
+        self.assertIn("lost %s to another worker (wl claim failed: wanted item \"w-0\" is not open or does not "
+                      "exist); looking at the board again" % lost, err)
+        # not the next item of a stale list: one fresh browse, then the claims (here the board still had both)
+        self.assertEqual(self.board.commands(rig=self.rig)[:4], ["browse", "claim", "browse", "claim"])
+        self.assertEqual((self.status(first), self.status(second)), ("in_review", "in_review"))
         self.assertNotIn("unclaim", self.board.commands())
         self.assertEqual(json.loads(out)["lost"], 1)
 
@@ -3716,11 +3721,13 @@ class WorkerTest(WorkTest):
         self.assertNotIn("claim", self.board.commands())
 
     def test_first_signal_finishes_the_job_in_flight_and_releases_the_one_claimed_ahead(self):
-        first, second = self.add("first"), self.add("second")
+        ids = [self.add("first"), self.add("second")]
         self.ollama.gate = threading.Event()  # the first generation waits for it before it ends
         proc = self.start()
-        wait_for(lambda: self.claims() == [first, second] and self.ollama.generating.is_set(),
+        wait_for(lambda: len(self.claims()) == 2 and self.ollama.generating.is_set(),
                  "the first job generating and the second claimed ahead")
+        first, second = self.claims()  # in the worker's own order
+        self.assertEqual(set(ids), {first, second})
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: proc.log.has("stopping: no new jobs"), "the worker to say it stops")
         self.ollama.gate.set()
@@ -3728,7 +3735,7 @@ class WorkerTest(WorkTest):
         self.assertEqual(code, 0, err)
         self.assertEqual((self.status(first), self.status(second)), ("in_review", "open"))
         self.assertIn("released %s: the claim on %s was released" % (second, second), err)
-        self.assertEqual(self.generated("second"), 0)
+        self.assertEqual(self.generated("second" if second == ids[1] else "first"), 0)
         self.assertIn("work: 1 done, 0 failed", err)
 
     def test_second_signal_aborts_the_job_in_flight_and_releases_its_claim(self):
@@ -3793,10 +3800,10 @@ class WorkerTest(WorkTest):
         ids = [self.add("job %d" % i) for i in range(4)]
         proc = self.start("--once", "--json")
         # job 1 is claimed while job 0 is still generating ...
-        wait_for(lambda: self.claims() == ids[:2] and len(self.ollama.streams) == 1, "a claim during a generation")
+        wait_for(lambda: len(self.claims()) == 2 and len(self.ollama.streams) == 1, "a claim during a generation")
         self.ollama.gates[0].set()
-        # ... and job 0 is submitted while job 1 generates
-        wait_for(lambda: self.status(ids[0]) == "in_review", "a submission during a generation")
+        # ... and job 0 is submitted while job 1 generates (in the worker's own order)
+        wait_for(lambda: self.status(self.claims()[0]) == "in_review", "a submission during a generation")
         self.assertEqual((len(self.ollama.streams), self.ollama.streams[1]["ended"].is_set()), (2, False))
         self.ollama.gates[1].set()
         code, out, err = self.finish(proc)
@@ -3807,6 +3814,60 @@ class WorkerTest(WorkTest):
             claimed = len([c for c in calls if c["end"] <= call["end"]])
             started = len([s for s in self.ollama.streams if s["start"] <= call["end"]])
             self.assertLessEqual(claimed - started, 1, "more than one job claimed ahead")
+
+
+class FleetTest(WorkTest):
+    """Several `work --once` processes (distinct rigs) on one board; every
+    count comes from the fake wl's call log, never from timings."""
+
+    def fleet(self, rigs, wl_delay=0.1):
+        """Run one `work --once --json` per rig at once, each wl call taking `wl_delay`
+        seconds: {rig: its --json summary}."""
+        for command in ("browse", "claim", "done", "unclaim", "status"):
+            self.board.fail(command, delay=wl_delay)  # and then runs normally: a slow board
+        self.ollama.piece_delay = 0.01  # a job generates for about 0.2 s
+        procs = dict((rig, self.start("--once", "--json", env=self.env(FAKE_WL_RIG=rig))) for rig in rigs)
+        found = {}
+        for rig, proc in procs.items():
+            code, out, err = self.finish(proc)
+            self.assertEqual(code, 0, err)
+            found[rig] = json.loads(out)
+        return found
+
+    def test_every_job_once_few_lost_races_fair_shares_and_a_fresh_look_after_a_loss(self):
+        ids = [self.add("job %d" % n) for n in range(16)]
+        rigs = ["w%d" % n for n in range(4)]
+        docs = self.fleet(rigs)
+        calls = [c for c in self.board.calls() if c["rig"] in rigs]
+        done = [c["argv"][1] for c in calls if c["argv"][0] == "done" and c["exit"] == 0]
+        self.assertEqual(sorted(done), sorted(ids))  # every job done, exactly once
+        self.assertTrue(all(self.status(i) == "in_review" for i in ids))
+        self.assertNotIn("unclaim", [c["argv"][0] for c in calls])  # no claim left to release
+        claims = [c for c in calls if c["argv"][0] == "claim"]
+        self.assertLessEqual(len(claims), 2 * len(ids), "claim attempts")
+        self.assertLessEqual(len(calls), 4 * len(ids), "wl calls in all")
+        shares = dict((rig, docs[rig]["done"]) for rig in rigs)
+        self.assertEqual(sum(shares.values()), len(ids))
+        self.assertTrue(all(n >= 1 for n in shares.values()) and max(shares.values()) <= 2 * len(ids) // len(rigs),
+                        shares)  # nobody idle while another takes more than twice its fair share
+        self.assertEqual(sum(d["lost"] for d in docs.values()), len([c for c in claims if c["exit"] != 0]))
+        for rig in rigs:  # each reports its own wl calls, and per job
+            own = [c for c in calls if c["rig"] == rig]
+            self.assertEqual((docs[rig]["wl_calls"], docs[rig]["wl_calls_per_job"]),
+                             (len(own), round(len(own) / shares[rig], 2)))
+            looks = sorted((c for c in own if c["argv"][0] in ("browse", "claim")), key=lambda c: c["start"])
+            for before, after in zip(looks, looks[1:]):  # after a lost race: one fresh browse, not a stale item
+                if before["argv"][0] == "claim" and before["exit"] != 0:
+                    self.assertEqual(after["argv"][0], "browse", [c["argv"][:2] for c in looks])
+
+    def test_urgent_jobs_are_claimed_first(self):
+        urgent = [self.add("urgent %d" % n, priority=0) for n in range(4)]
+        normal = [self.add("normal %d" % n, priority=3) for n in range(8)]
+        rigs = ["w%d" % n for n in range(4)]
+        self.fleet(rigs)
+        won = [c["argv"][1] for c in self.board.calls() if c["argv"][0] == "claim" and c["exit"] == 0]
+        self.assertEqual(set(won[:4]), set(urgent), won)  # every urgent job before any other
+        self.assertEqual(set(won[4:]), set(normal))
 
 
 class PipelineTest(CliTest):

@@ -1328,6 +1328,8 @@ class Wl(object):
         self.no_push = no_push
         self.turn = _NoLock()  # a lock when calls must not overlap (work with --local-db)
         self.status_line = status_line  # shows a slow call; None: calls are not shown (work's threads)
+        self.calls = 0  # wl processes started (the worker reports them per job)
+        self.counting = threading.Lock()
 
     def call(self, command, *args, mutating=False):
         argv = [self.exe, command] + list(args) + self.global_args
@@ -1335,6 +1337,8 @@ class Wl(object):
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
         what = "`wl %s`" % " ".join([command] + [a for a in args[:1] if is_item_id(a)])
+        with self.counting:
+            self.calls += 1
         with self.turn, SIGNALS.protected(what if mutating else None):  # from before wl starts until it has ended
             try:
                 # Its own session: a Ctrl-C at the terminal reaches us, not wl,
@@ -2660,6 +2664,8 @@ class Worker(object):
         self.stopping = False
         self.fatal = None  # an error that ends the worker (--once: the board or Ollama cannot be used)
         self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
+        self.rng = random.Random()  # seeded from the system: workers on one board draw different orders
+        self.lost_race = False  # a claim was lost: look at the board again before claiming anything else
         self.skip_logged = {}  # id -> reason, so a skip is logged once
         self.failures = {}  # id -> [failures, not before (clock)]
         self.taken = 0
@@ -2770,11 +2776,11 @@ class Worker(object):
         while not self.stopping:
             if self.candidates:
                 return self.candidates.pop(0)
-            if self.polls and self.args.once:
+            again, self.lost_race = self.lost_race, False  # a lost race looks again at once, --once too
+            if self.polls and self.args.once and not again:
                 return None
-            if self.polls and not self.found and not self.failing:  # nothing to do: idle, with jitter
-
-                self.pause(self.args.interval * random.uniform(0.8, 1.2))
+            if self.polls and not self.found and not self.failing and not again:  # nothing to do: idle
+                self.pause(self.args.interval * random.uniform(0.8, 1.2))  # with jitter
                 if self.stopping:
                     return None
             self.poll()
@@ -2782,7 +2788,9 @@ class Worker(object):
 
     def poll(self):
         """One `wl browse` and one /api/tags per server: the eligible jobs,
-        lowest priority number first, then oldest."""
+        lowest priority number first, in an order of this worker's own
+        within a priority, so that workers sharing a board spread over its
+        jobs instead of racing for the same one."""
         self.polls += 1
         self.found = False
         try:
@@ -2802,8 +2810,8 @@ class Worker(object):
         if self.failing:
             self.info("wl works again")
             self.failing = 0
-        # wl lists newest first within a priority: reversed, then a stable sort
-        items = sorted(reversed(items), key=lambda i: 99 if i.priority is None else i.priority)
+        self.rng.shuffle(items)
+        items.sort(key=lambda i: 99 if i.priority is None else i.priority)  # stable: still shuffled within one
         for item in items:
             found = self.eligible(item)
             if isinstance(found, Candidate):
@@ -2874,7 +2882,10 @@ class Worker(object):
         except (UserError, Interrupted) as exc:
             if run.phase == CLAIMING and getattr(run.cause, "conflict", False):
                 self.count("lost")
-                self.info("lost %s to another worker (%s)" % (run.id, run.cause))
+                # the rest of this poll's jobs are as stale as this one: one browse costs less than the
+                # claims that would fail
+                self.candidates, self.lost_race = [], True
+                self.info("lost %s to another worker (%s); looking at the board again" % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
             with self.cond:
@@ -2977,15 +2988,19 @@ class Worker(object):
     def summary(self):
         wall = self.clock() - self.start
         c = self.counts
-        text = ["work: %d done, %d failed, %d skipped, %d lost to other workers; %s in %s" % (
-            c["done"], c["failed"], c["skipped"], c["lost"], _tokens(c["tokens"]), _seconds(wall))]
+        calls = self.ctx.wl.calls
+        per_job = round(calls / c["done"], 2) if c["done"] else None
+        text = ["work: %d done, %d failed, %d skipped, %d lost to other workers; %s in %s; %d wl calls%s" % (
+            c["done"], c["failed"], c["skipped"], c["lost"], _tokens(c["tokens"]), _seconds(wall), calls,
+            " (%.1f per job done)" % per_job if per_job is not None else "")]
         servers = []
         for s in self.servers:
             busy = s.busy / wall if wall > 0 else 0.0
             servers.append({"url": s.url, "jobs": s.jobs, "busy_s": round(s.busy, 3), "busy_fraction": round(busy, 3)})
             text.append("  Ollama at %s: %d job%s, busy %.0f%% (%s generating)" % (
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
-        doc = dict(c, wall_s=round(wall, 3), servers=servers, jobs=[dict(r) for r in self.jobs])
+        doc = dict(c, wall_s=round(wall, 3), wl_calls=calls, wl_calls_per_job=per_job, servers=servers,
+                   jobs=[dict(r) for r in self.jobs])
         return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, [], text)
 
 
