@@ -4591,6 +4591,8 @@ def demo():
         step("carol", "exact verification on carol's hardware: a MISMATCH at the first near-tie", "verify", story_id)
         step("carol", "tolerant verification: the near-ties are taken, the rest must follow from the model",
              "verify", story_id, "--tolerance", "0.5")
+        step("carol", "sampled verification: three windows of four tokens instead of the whole output",
+             "verify", story_id, "--tolerance", "0.5", "--sample", "3", "--window", "4", "--sample-seed", "1")
 
         out = step("alice", "another job", "post", "--prompt", "Name a prime number.", "--model", "llama3.2:1b",
                    "--max-tokens", "32")
