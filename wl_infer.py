@@ -2318,12 +2318,12 @@ class Verification(object):
                                           if self.sampling else "")
             gen = self._follow(ctx, policy, span, label)
             self.tokens_generated += gen.eval_count
-            if not self.sampling:
-                self.output = gen.text
-                self.actual_hash = output_hash(gen.text) if gen.final is not None else None
             if self.sampling:
                 self.sampling["windows"].append({"start_token": span.token, "start_char": span.char,
                                                  "tokens": len(gen.token_ends)})
+            else:
+                self.output = gen.text
+                self.actual_hash = output_hash(gen.text) if gen.final is not None else None
             if gen.diverged_at is not None:
                 return self._diverged(ctx, gen, span, digest)
             if self.cause is not None:  # the tolerance decided
