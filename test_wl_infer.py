@@ -981,6 +981,24 @@ def fake_wl_executable():
         return _FAKE_WL["path"]
 
 
+def installed_copy():
+    """wl_infer.py copied once per test process (for InstallTest, which runs
+    it as ./wl_infer.py): writing an executable while another thread forks
+    lets the child inherit a writable descriptor, and running it then fails
+    with ETXTBSY, so each test links this copy instead of writing its own."""
+    with _FAKE_WL["lock"]:
+        if _FAKE_WL.get("installed") is None:
+            import atexit
+            import shutil
+
+            folder = tempfile.mkdtemp(prefix="wl-infer-install-")
+            atexit.register(shutil.rmtree, folder, True)
+            path = os.path.join(folder, "wl_infer.py")
+            shutil.copy2(WL_INFER, path)
+            _FAKE_WL["installed"] = path
+        return _FAKE_WL["installed"]
+
+
 class FakeBoard(object):
     """A fake wl executable in a temp dir, with helpers to set up and read
     its board."""
@@ -2474,9 +2492,12 @@ class InstallTest(CliTest):
         os.makedirs(self.home)
         os.makedirs(bin_dir)
         self.exe = os.path.join(self.home, "wl_infer.py")
-        import shutil
+        try:  # a link to one copy written before any thread forks (see fake_wl_executable: ETXTBSY)
+            os.link(installed_copy(), self.exe)
+        except OSError:
+            import shutil
 
-        shutil.copy2(WL_INFER, self.exe)
+            shutil.copy2(installed_copy(), self.exe)
         os.symlink(sys.executable, os.path.join(bin_dir, "python3"))  # the interpreter under test
         self.path = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
@@ -4754,6 +4775,7 @@ def run_suite(classes=None):
             test(result)
 
     fake_wl_executable()  # written before any thread can fork
+    installed_copy()
     started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(r,)) for r in results]
     for t in threads:
