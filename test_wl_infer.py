@@ -3679,11 +3679,23 @@ class WorkerTest(WorkTest):
         lost = next(c["argv"][1] for c in self.board.calls() if c["argv"][0] == "claim")
         self.assertIn("lost %s to another worker (wl claim failed: wanted item \"w-0\" is not open or does not "
                       "exist); looking at the board again" % lost, err)
-        # not the next item of a stale list: one fresh browse, then the claims (here the board still had both)
+        # not the next item of a stale list: one fresh browse, then the other job (the lost one is another
+        # worker's, even where this board still lists it as open)
         self.assertEqual(self.board.commands(rig=self.rig)[:4], ["browse", "claim", "browse", "claim"])
-        self.assertEqual((self.status(first), self.status(second)), ("in_review", "in_review"))
+        other = second if lost == first else first
+        self.assertEqual((self.status(lost), self.status(other)), ("open", "in_review"))
         self.assertNotIn("unclaim", self.board.commands())
         self.assertEqual(json.loads(out)["lost"], 1)
+
+    def test_a_board_that_keeps_listing_a_lost_job_as_open_does_not_keep_the_worker_looking(self):
+        ids = [self.add("first"), self.add("second")]
+        self.board.fail("claim", message='wanted item "w-0" is not open or does not exist')  # every claim, always
+        code, out, err = self.work("--once", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["lost"], 2)
+        # one fresh look after each loss, each without the jobs already lost; then --once ends
+        self.assertEqual(self.board.commands(rig=self.rig), ["browse", "claim", "browse", "claim", "browse"])
+        self.assertEqual(sorted(self.claims()), sorted(ids))
 
     def test_a_poison_job_is_tried_three_times_with_growing_delay_then_left_alone(self):
         poison, good = self.add("poison"), self.add("good")

@@ -2387,15 +2387,14 @@ class Verification(object):
         elsewhere only may be, through a later window's prompt, so it is not
         counted)."""
         lengths = exact_token_lengths(self.evidence)
-        checked = sum(w["tokens"] for w in self.sampling["windows"])
         windows = self.sampling["windows"]
+        checked = sum(w["tokens"] for w in windows)
         if lengths is not None:
             total = len(lengths)
-        else:  # estimated from the windows' own characters per token
-            chars = sum(len(claim) - w["start_char"] if i == len(windows) - 1 else 0 for i, w in enumerate(windows))
-            total = max(checked, int(round(len(claim) * windows[-1]["tokens"] / max(chars, 1))))
-        self.sampling.update(claim_tokens=total, tokens_checked=checked, coverage=round(min(1.0, checked / total), 4),
-                             claim_tokens_exact=lengths is not None)
+        else:  # estimated from the characters per token of the last window, which runs to the end
+            last = windows[-1]
+            total = max(checked, int(round(len(claim) * last["tokens"] / max(len(claim) - last["start_char"], 1))))
+        self.sampling.update(claim_tokens=total, tokens_checked=checked, coverage=round(min(1.0, checked / total), 4))
 
     def _rendered(self, ctx):
         """The prompt as the server renders it, asked once (None: it cannot say)."""
@@ -2666,6 +2665,9 @@ class Worker(object):
         self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
         self.rng = random.Random()  # seeded from the system: workers on one board draw different orders
         self.lost_race = False  # a claim was lost: look at the board again before claiming anything else
+        # jobs lost to other workers since the last regular poll: a board that still lists one as open
+        # (a lagging clone) must not make the fresh looks after a loss go round for ever
+        self.lost_ids = set()
         self.skip_logged = {}  # id -> reason, so a skip is logged once
         self.failures = {}  # id -> [failures, not before (clock)]
         self.taken = 0
@@ -2783,6 +2785,8 @@ class Worker(object):
                 self.pause(self.args.interval * random.uniform(0.8, 1.2))  # with jitter
                 if self.stopping:
                     return None
+            if not again:
+                self.lost_ids.clear()
             self.poll()
         return None
 
@@ -2841,6 +2845,8 @@ class Worker(object):
         with self.cond:
             if item.id in self.held:  # released a moment ago; its failure is being recorded
                 return None
+        if item.id in self.lost_ids:  # another worker has it, whatever this look at the board says
+            return None
         if failed and failed[0] >= JOB_TRIES:
             return Skip("failed %d times; not tried again by this worker" % failed[0])
         if failed and failed[1] > self.clock():
@@ -2885,6 +2891,7 @@ class Worker(object):
                 # the rest of this poll's jobs are as stale as this one: one browse costs less than the
                 # claims that would fail
                 self.candidates, self.lost_race = [], True
+                self.lost_ids.add(run.id)
                 self.info("lost %s to another worker (%s); looking at the board again" % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
@@ -2921,6 +2928,7 @@ class Worker(object):
         generated = run.full is None
         if len(self.servers) > 1 and generated:
             self.info("running %s on %s" % (run.id, server.url))
+
         def on_token(tokens):
             server.tokens = tokens
             SIGNALS.check()  # a second signal stops a generation at its next token
@@ -3435,8 +3443,8 @@ def _post_arguments(p):
 
 def _logprobs(p):
     p.add_argument("--no-logprobs", action="store_true",
-                   help="do not record logprobs in the evidence: asking for them slows generation (13%% on a CPU "
-                   "test server); verifiers then cannot compare numerics (--strict)")
+                   help="do not record logprobs in the evidence: asking for them slows generation (about 15%% on "
+                   "a CPU test server); verifiers then cannot compare numerics (--strict)")
 
 
 def _run_arguments(p):
