@@ -890,6 +890,9 @@ def fake_wl_main(argv, state_path):
         try:
             command, flags, args = _parse_wl_argv(argv)
             fail = state.get("fail", {}).get(command)
+            if fail and fail.get("skip"):  # this many calls succeed before the failure starts
+                fail["skip"] -= 1
+                fail = None
             if fail and fail.get("times", 1) != 0:
                 if "times" in fail:
                     fail["times"] -= 1
@@ -1045,7 +1048,8 @@ class FakeBoard(object):
         fail with `message` (and `hint`); print `stdout` and exit 0; crash
         with raw `stderr` and `exit` status; `hang`;
         `delay` seconds, then run normally (or fail, given a `message`);
-        with `after`, make the change and then fail."""
+        with `after`, make the change and then fail; after `skip` calls
+        that succeed."""
         self.update(lambda s: s["fail"].__setitem__(command, spec))
 
     def wl(self, *argv, rig=None):
@@ -3978,6 +3982,587 @@ class PipelineTest(CliTest):
         self.assertEqual((code, json.loads(out)["job"]["prompt"]), (0, "-q"), err)
 
 
+# =============================================================================
+# Posters: a file of prompts in, a file of verified answers out
+# =============================================================================
+
+
+def openai_line(custom_id, url="/v1/completions", method="POST", **body):
+    """One request line of an OpenAI batch file."""
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
+
+
+def chat_line(custom_id, content, *more, **body):
+    messages = [{"role": "user", "content": content}] + list(more)
+    return openai_line(custom_id, "/v1/chat/completions", messages=messages, **body)
+
+
+class BatchTest(CliTest):
+    """Batch files, posted and collected through the command line."""
+
+    def write(self, lines, name="prompts.jsonl"):
+        path = os.path.join(self.tmp.name, name)
+        with open(path, "wb") as f:
+            f.write(b"".join((l if isinstance(l, bytes) else l.encode("utf-8")) + b"\n" for l in lines))
+        return path
+
+    def prompts(self, n, name="prompts.jsonl", **job):
+        return self.write([json.dumps(dict({"prompt": "question %d" % i}, **job)) for i in range(n)], name)
+
+    def post_batch(self, path, *extra, code=0):
+        result = self.cli("post", "--batch", path, "--model", "llama3.2:1b", "--max-tokens", "32", *extra)
+        self.assertEqual(result[0], code, result)
+        return result
+
+    def posted(self):
+        """{custom_id: [item IDs]} of the batch jobs on the board."""
+        found = {}
+        for item in self.board.load()["items"].values():
+            job = wl_infer.decode_job(item["description"])
+            found.setdefault(job.custom_id, []).append(item["id"])
+        return found
+
+    def ledger_of(self, name="prompts"):
+        with open(os.path.join(self.state_home, "wl-infer", "batches", name + ".jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def do(self, item_id, output=None, rig="carol", **provenance):
+        """A worker `rig` submits `output` for the job (default: the model's own answer)."""
+        item = self.board.item(item_id)
+        job = wl_infer.decode_job(item["description"])
+        if output is None:  # what the fake model generates for the job
+            chunks, _ = self.ollama.chunks_for(job.model, job.prompt, wl_infer.ollama_options(job))
+            output = "".join(text for text, _ in chunks)
+        evidence = wl_infer.encode_evidence(wl_infer.make_evidence(job, output, provenance))
+        self.assertEqual(self.board.wl("claim", item_id, rig=rig).returncode, 0)
+        self.assertEqual(self.board.wl("done", item_id, "--evidence=" + evidence, rig=rig).returncode, 0)
+
+    def results(self, *args, code=0):
+        code_, out, err = self.cli("results", *args)
+        self.assertEqual(code_, code, (out, err))
+        self.assertNotIn("Traceback", err)
+        return [json.loads(line) for line in out.splitlines()], err
+
+
+class PostBatchTest(BatchTest):
+    def test_our_lines_and_openai_lines_each_post_one_job_that_go_workers_run_as_is(self):
+        path = self.write([
+            json.dumps({"prompt": "Name a colour.", "custom_id": "colour"}),
+            json.dumps({"prompt": "Name a fruit.", "model": "qwen2.5:0.5b", "seed": 7, "max_tokens": 9}),
+            "",
+            openai_line("comp", prompt="2+2=", model="llama3.2:1b", max_tokens=8, seed=3, temperature=0),
+            chat_line("chat", "Say hi.", model="llama3.2:1b", max_completion_tokens=16, temperature=0.0, n=1,
+                      top_p=0.9, user="u1"),
+            chat_line("parts", [{"type": "text", "text": "Hello?"}], stream=False, stop=None),
+        ])
+        code, out, err = self.post_batch(path)
+        rows = [line.split("  ") for line in out.splitlines()]
+        self.assertEqual([r[1] for r in rows], ["colour", "2", "comp", "chat", "parts"], out)
+        self.assertTrue(all(wl_infer.is_item_id(r[0]) for r in rows), out)
+        self.assertEqual(self.board.commands().count("post"), 5)  # one wl call per job, and no other
+        self.assertEqual(len(self.board.commands()), 5)
+        jobs = dict((r[1], wl_infer.decode_job(self.board.item(r[0])["description"])) for r in rows)
+        self.assertEqual([(j.prompt, j.model, j.seed, j.max_tokens) for j in jobs.values()], [
+            ("Name a colour.", "llama3.2:1b", 42, 32), ("Name a fruit.", "qwen2.5:0.5b", 7, 9),
+            ("2+2=", "llama3.2:1b", 3, 8), ("Say hi.", "llama3.2:1b", 42, 16), ("Hello?", "llama3.2:1b", 42, 32)])
+        [batch] = set(j.batch for j in jobs.values())
+        self.assertTrue(batch.startswith("prompts."), batch)
+        description = self.board.item(rows[0][0])["description"]
+        # Go's keys first, as Go writes them; ours after them, which Go's decoder ignores
+        self.assertTrue(description.startswith('{"prompt":"Name a colour.","model":"llama3.2:1b","seed":42,'
+                                               '"max_tokens":32,"model_digest":"a80c4f17acd5'), description)
+        self.assertTrue(description.endswith(',"batch":"%s","custom_id":"colour"}' % batch), description)
+        fields, _ = wl_infer.decode_struct(description, wl_infer.JOB_FIELDS[:4], "job")
+        self.assertEqual(fields["prompt"], "Name a colour.")
+        self.assertIn("Batch prompts: 5 jobs, 5 posted now", err)
+        code, out, err = self.cli("run", rows[3][0])  # a worker runs a batch job as any other
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.cli("-q", "verify", rows[3][0])[0], 0)
+
+    def test_quiet_prints_the_ids_and_json_one_document(self):
+        path = self.prompts(3)
+        code, out, err = self.post_batch(path, "-q")
+        ids = out.split()
+        self.assertEqual((len(ids), err), (3, ""))
+        code, out, err = self.post_batch(path, "--json")  # again: nothing new is posted
+        doc = json.loads(out)
+        self.assertEqual([j["id"] for j in doc["jobs"]], ids)
+        self.assertEqual((doc["batch"], doc["posted"], doc["posted_before"]), ("prompts", 0, 3))
+        self.assertEqual([j["custom_id"] for j in doc["jobs"]], ["1", "2", "3"])
+        self.assertEqual(len(self.board.load()["items"]), 3)
+
+    def test_a_batch_is_checked_whole_first_and_every_line_that_is_not_a_job_is_named(self):
+        hostile = [
+            json.dumps({"prompt": "fine"}),
+            "not json",
+            json.dumps({"prompt": 42}),
+            json.dumps({"prompt": "x" * 70000}),
+            json.dumps({"prompt": "a\u0000b"}),
+            json.dumps({"prompt": "dup", "custom_id": "a"}),
+            json.dumps({"prompt": "dup again", "custom_id": "a"}),
+            chat_line("sys", "hi", model="llama3.2:1b") .replace('[{"role": "user"', '[{"role": "system", '
+                                                                '"content": "be nice"}, {"role": "user"'),
+            chat_line("turns", "hi", {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}),
+            openai_line("hot", prompt="hi", temperature=0.7),
+            openai_line("many", prompt="hi", n=2),
+            openai_line("stops", prompt="hi", stop=["\n"]),
+            chat_line("tools", "hi", tools=[{"type": "function"}]),
+            chat_line("json", "hi", response_format={"type": "json_object"}),
+            openai_line("get", prompt="hi", method="GET"),
+            openai_line("embed", url="/v1/embeddings", input="hi"),
+            json.dumps({"prompt": "hi", "max_token": 5}),
+            b"\xff\xfe not utf-8",
+            json.dumps({"prompt": "y" * (1 << 20)}),
+            json.dumps({"prompt": "no model", "model": "llama 3"}),
+            '{"prompt": "twice", "prompt": "again"}',
+            json.dumps({"prompt": "hi", "seed": 1.5}),
+            openai_line("list", prompt=["a", "b"]),
+        ]
+        path = self.write(hostile)
+        code, out, err = self.post_batch(path, code=2)
+        lines = err.splitlines()
+        self.assertTrue(all(line.startswith("wl_infer: error: ") for line in lines), err)
+        self.assertEqual(lines[-1], "wl_infer: error: 21 of 23 lines of %s are not jobs that can be posted; "
+                                    "nothing was posted" % path)
+        self.assertEqual(lines[-2], "wl_infer: error: ... and 1 more line refused (--json lists them all)")
+        said = dict((int(re.match(r"wl_infer: error: line (\d+): ", line).group(1)), line) for line in lines[:-2])
+        expected = {2: "not valid JSON", 3: 'key "prompt" must be a string, got the number 42',
+                    4: "over wl's 65535-byte field limit", 5: 'contains a NUL character',
+                    7: 'custom_id "a" is also on line 6', 8: "a system message cannot be expressed",
+                    9: "3 messages cannot be expressed", 10: 'body "temperature" is the number 0.7',
+                    11: 'body "n" is the number 2', 12: 'body "stop" is an array', 13: 'body "tools" is an array',
+                    14: 'body "response_format" is an object', 15: '"method" must be "POST", got the string "GET"',
+                    16: '"url" must be /v1/completions or /v1/chat/completions',
+                    17: 'key "max_token" is not one of a job line\'s', 18: "not UTF-8",
+                    19: "over 1048576 bytes", 20: '"llama 3" is not an Ollama model name',
+                    21: 'gives "prompt" twice', 22: 'key "seed" must be an integer, got the number 1.5'}
+        self.assertEqual(sorted(said), sorted(expected), err)  # the first 20
+        for number, fragment in expected.items():
+            self.assertIn(fragment, said[number])
+        self.assertEqual(self.board.calls(), [])  # nothing was posted, wl never ran
+        self.assertFalse(os.path.exists(os.path.join(self.state_home, "wl-infer", "batches", "prompts.jsonl")))
+        FAULTS.count("malformed batch lines refused before a post", len(expected) + 1)
+        code, out, err = self.cli("--json", "post", "--batch", path, "--model", "llama3.2:1b")
+        refused = json.loads(out)["lines_refused"]
+        self.assertEqual([e["line"] for e in refused], sorted(said) + [23])
+        self.assertIn('body "prompt" must be one string, got an array', refused[-1]["error"])
+
+    def test_a_job_without_max_tokens_or_with_a_long_prompt_is_warned_about_once_for_the_batch(self):
+        path = self.write([json.dumps({"prompt": "p%d" % i}) for i in range(3)]
+                          + [json.dumps({"prompt": "z" * 40000, "max_tokens": 8})])
+        code, out, err = self.cli("post", "--batch", path, "--model", "llama3.2:1b")
+        self.assertEqual(code, 0, err)
+        self.assertIn("wl_infer: warning: 3 jobs without max_tokens (lines 1, 2, 3) run to the model's own limit", err)
+        self.assertIn("wl_infer: warning: 1 prompt (line 4) is over the 32768 bytes that workers running `work` "
+                      "take by default", err)
+
+    def test_standard_input_needs_a_name_and_the_same_name_resumes_it(self):
+        lines = "\n".join(json.dumps({"prompt": "q%d" % i}) for i in range(3)).encode()
+        self.assertError(self.cli("post", "--batch", "-", "--model", "llama3.2:1b", stdin=lines), "needs --name")
+        for _ in range(2):
+            code, out, err = self.cli("post", "--batch", "-", "--name", "night-run", "--model", "llama3.2:1b",
+                                      "--max-tokens", "8", stdin=lines)
+            self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(self.posted()), ["1", "2", "3"])
+        self.assertIn("0 posted now, 3 posted before", err)
+        self.assertError(self.cli("post", "--batch", "-", "--name", "../x", "--model", "m", stdin=lines),
+                         "is not a batch name")
+
+    def test_wl_failing_half_way_and_again_posts_what_is_missing_and_nothing_twice(self):
+        path = self.prompts(6)
+        self.board.fail("post", message="push rejected: upstream changed", skip=2, times=1)
+        code, out, err = self.post_batch(path, code=2)
+        self.assertEqual(len(out.splitlines()), 2)  # the two posted before the failure, each said at once
+        self.assertError((code, out, err), "wl post failed: push rejected: upstream changed; 2 of 6 jobs of batch "
+                         "prompts are posted (2 by this run); run the same command again to post the rest "
+                         "(line 3 is looked up on the board first")
+        self.board.fail("post", message="timeout", skip=1, times=1)
+        self.post_batch(path, code=2)
+        code, out, err = self.post_batch(path)
+        self.assertEqual(len(out.splitlines()), 6)
+        self.assertEqual(sorted(self.posted()), ["1", "2", "3", "4", "5", "6"])
+        self.assertTrue(all(len(ids) == 1 for ids in self.posted().values()), self.posted())
+        # each cut-off line is looked up with one browse, before it is posted again
+        self.assertEqual(self.board.commands().count("browse"), 2)
+        FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
+
+    def test_a_post_that_happened_although_wl_said_it_failed_is_found_not_posted_again(self):
+        path = self.prompts(3)
+        self.board.fail("post", message="push failed after the write", after=True, skip=1, times=1)
+        self.post_batch(path, code=2)
+        self.assertEqual(len(self.board.load()["items"]), 2)
+        code, out, err = self.post_batch(path)
+        self.assertIn("1 posted now, 1 found on the board, 1 posted before", err)
+        self.assertEqual(sorted((k, len(v)) for k, v in self.posted().items()), [("1", 1), ("2", 1), ("3", 1)])
+        FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
+
+    def test_a_hung_post_is_stopped_and_the_next_run_finds_it_was_never_made(self):
+        path = self.prompts(3)
+        self.board.fail("post", hang=True, skip=1, times=1)
+        self.assertError(self.cli("--wl-timeout", "1", "post", "--batch", path, "--model", "llama3.2:1b",
+                                  "--max-tokens", "32"), "did not finish within 1 s", "1 of 3 jobs")
+        self.assertEqual(self.board.helpers_alive(), [])
+        self.post_batch(path)
+        self.assertEqual(sorted((k, len(v)) for k, v in self.posted().items()), [("1", 1), ("2", 1), ("3", 1)])
+        FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
+
+    def test_killed_during_a_post_the_next_run_finds_the_job_on_the_board(self):
+        path = self.prompts(4)
+        self.board.fail("post", delay=1.0, skip=2, times=1)  # the third post is slow: the kill lands in it
+        proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--batch", path, "--model", "llama3.2:1b",
+                                 "--max-tokens", "32"], env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: self.board.started().count("post") == 3, "the third wl post")
+        proc.kill()  # a crash: no handler runs
+        proc.communicate(timeout=60)
+        # the cut-off wl post runs on in its own session and writes the job (then fails to print its report)
+        wait_for(lambda: len(self.board.load()["items"]) == 3, "the cut-off wl post to write the job")
+        ledger = self.ledger_of()
+        self.assertEqual([r.get("id") is not None for r in ledger[1:]], [False, True, False, True, False])
+        code, out, err = self.post_batch(path)
+        self.assertIn("1 posted now, 1 found on the board, 2 posted before", err)
+        self.assertEqual(sorted((k, len(v)) for k, v in self.posted().items()),
+                         [("1", 1), ("2", 1), ("3", 1), ("4", 1)])
+        FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
+
+    def test_a_signal_during_a_post_lets_it_finish_records_it_and_stops(self):
+        path = self.prompts(4)
+        self.board.fail("post", delay=1.0, skip=1, times=1)
+        proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--batch", path, "--model", "llama3.2:1b",
+                                 "--max-tokens", "32"], env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: self.board.started().count("post") == 2, "the second wl post")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertIn(b"interrupted; 2 of 4 jobs of batch prompts are posted (2 by this run); run the same command "
+                      b"again to post the rest", err)
+        self.assertEqual(len(out.splitlines()), 2)
+        code, out, err = self.post_batch(path)
+        self.assertIn("2 posted now, 2 posted before", err)
+        self.assertNotIn("browse", self.board.commands())  # every ID was recorded: nothing to look up
+        self.assertEqual(len(self.board.load()["items"]), 4)
+        FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
+
+    def test_a_line_changed_after_it_was_posted_is_refused_and_one_batch_posts_at_a_time(self):
+        path = self.prompts(2)
+        self.post_batch(path)
+        self.write([json.dumps({"prompt": "question 0"}), json.dumps({"prompt": "another question"})])
+        code, out, err = self.post_batch(path, code=2)
+        self.assertTrue(err.startswith('wl_infer: error: line 2: custom_id "2" was posted in batch prompts as w-'), err)
+        self.assertIn("with another job; give this batch another --name", err)
+        self.post_batch(path, "--name", "prompts-2")
+        self.assertEqual(len(self.board.load()["items"]), 4)
+        self.board.fail("post", delay=1.0, times=1)
+        other = self.prompts(2, "other.jsonl")
+        proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--batch", other, "--model", "llama3.2:1b"],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for(lambda: "post" in self.board.started()[4:], "the first post of the other batch")
+        self.assertError(self.post_batch(other, code=2), "batch other is being posted by another wl_infer.py")
+        self.assertEqual(proc.wait(60), 0)
+
+    def test_option_errors(self):
+        path = self.prompts(1)
+        self.assertError(self.cli("post", "--batch", path, "--prompt", "p"), "do not go together")
+        self.assertError(self.cli("post", "--batch", path, "--wait"), "post --batch does not wait")
+        self.assertError(self.cli("post", "--prompt", "p"), "post needs --model TAG")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "m", "--name", "n"), "--name names a batch")
+        self.assertError(self.cli("post", "--batch", os.path.join(self.tmp.name, "none.jsonl")), "cannot read --batch")
+        self.assertError(self.cli("post", "--batch", self.write([""], "empty.jsonl"), "--model", "m"), "has no jobs")
+        self.assertError(self.cli("post", "--prompt", "p", "--model", "m", "--tolerance", "0.5"),
+                         "--tolerance is for waiting: it needs --wait")
+
+
+class ResultsTest(BatchTest):
+    def batch(self, n=4, name="prompts.jsonl", **job):
+        path = self.prompts(n, name, **job)
+        out = self.post_batch(path)[1]
+        return path, [line.split()[0] for line in out.splitlines()]
+
+    def test_each_job_once_in_input_order_checked_with_exit_codes_for_every_outcome(self):
+        path, ids = self.batch(5)
+        self.do(ids[0])
+        self.do(ids[1], rig="dave")
+        self.do(ids[2], output="a forged answer", rig="mallory")
+        self.do(ids[4])
+        lines, err = self.results(path, code=1)
+        self.assertEqual([(l["custom_id"], l["id"], l["line"]) for l in lines],
+                         [(str(i + 1), ids[i], i + 1) for i in range(5)])
+        self.assertEqual([(l["status"], l["worker"], l["checked"], l["verdict"], l["refuted"]) for l in lines], [
+            ("in_review", "carol", True, "VERIFIED", False), ("in_review", "dave", True, "VERIFIED", False),
+            ("in_review", "mallory", True, "MISMATCH", True), ("open", None, False, None, None),
+            ("in_review", "carol", True, "VERIFIED", False)])
+        self.assertEqual(lines[0]["output"], default_output("llama3.2:1b", "question 0"))
+        self.assertEqual(lines[0]["output_hash"], wl_infer.output_hash(lines[0]["output"]))
+        self.assertEqual(lines[2]["cause"]["kind"], "different-output")
+        self.assertIsNone(lines[3]["output"])
+        self.assertIn("Results of batch prompts: 5 jobs: 3 verified, 1 MISMATCH (1 refuted), 0 not checked, 1 not "
+                      "done by a worker, 0 errors", err)
+        calls = [c["argv"] for c in self.board.calls()][5:]  # after the 5 posts
+        self.assertEqual([c[0] for c in calls].count("browse"), 1)
+        self.assertEqual(sorted(c[1] for c in calls if c[0] == "status"), sorted(ids[:3] + ids[4:]))
+        self.assertNotIn("--long", calls[0])  # the browse needs no descriptions
+        self.do(ids[3])
+        self.board.wl("reject", ids[2], "--reason=forged", rig="poster")  # back to mallory, who does it again
+        self.board.update(lambda s: s["items"][ids[2]].__setitem__("status", "in_review"))
+        self.board.update(lambda s: s["items"][ids[2]]["completion"].__setitem__("evidence", wl_infer.encode_evidence(
+            wl_infer.make_evidence(wl_infer.decode_job(s["items"][ids[2]]["description"]),
+                                   default_output("llama3.2:1b", "question 2")))))
+        lines, err = self.results(path, code=0)
+        self.assertEqual([l["verdict"] for l in lines], ["VERIFIED"] * 5)
+        lines, err = self.results(path, "--no-verify", code=0)
+        self.assertEqual([(l["checked"], l["verdict"]) for l in lines], [(False, None)] * 5)
+        self.board.fail("status", message="connection refused", skip=2, times=1)
+        lines, err = self.results(path, "--no-verify", code=2)
+        self.assertEqual(sum(1 for l in lines if l["error"]), 1)
+        self.assertIn("wl_infer: error: w-", err)
+
+    def test_wait_looks_at_the_board_once_a_poll_and_reads_each_done_job_once(self):
+        path, ids = self.batch(3)
+        proc = subprocess.Popen([sys.executable, WL_INFER, "results", path, "--wait", "--interval", "0.1"],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        for item_id in ids:
+            polls = self.board.commands().count("browse")
+            wait_for(lambda: self.board.commands().count("browse") >= polls + 2, "two more polls")
+            self.do(item_id)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual([json.loads(l)["verdict"] for l in out.splitlines()], ["VERIFIED"] * 3)
+        calls = [c["argv"] for c in self.board.calls() if c["rig"] == self.rig][3:]
+        self.assertEqual(sorted(c[1] for c in calls if c[0] == "status"), sorted(ids))
+        self.assertGreaterEqual([c[0] for c in calls].count("browse"), 7)
+        self.assertEqual(set(c[0] for c in calls), {"browse", "status"})
+        code, out, err = self.cli("results", path, "--wait", "--wait-timeout", "0")
+        self.assertEqual(code, 0, err)
+        path, ids = self.batch(2, "short.jsonl", max_tokens=4)
+        self.do(ids[1])
+        code, out, err = self.cli("results", ids[0], ids[1], "--wait", "--interval", "0.05", "--wait-timeout", "0.3")
+        self.assertEqual(code, 3, err)
+        self.assertEqual([json.loads(l)["status"] for l in out.splitlines()], ["open", "in_review"])
+        self.assertIn("1 job not done by a worker yet", err)
+
+    def test_as_completed_writes_a_line_as_soon_as_it_is_final(self):
+        path, ids = self.batch(2)
+        self.do(ids[1])
+        proc = subprocess.Popen([sys.executable, WL_INFER, "results", path, "--wait", "--as-completed",
+                                 "--interval", "0.05"], env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        out = Lines(proc.stdout)
+        wait_for(lambda: out.lines, "the first line")
+        self.assertEqual(json.loads(out.lines[0])["id"], ids[1])
+        self.assertIsNone(proc.poll())
+        self.do(ids[0])
+        self.assertEqual(proc.wait(60), 0, proc.stderr.read())
+        self.assertEqual([json.loads(l)["id"] for l in out.text().splitlines()], [ids[1], ids[0]])
+
+    def test_spot_checks_a_share_of_each_worker_at_least_one_and_all_of_a_worker_once_refuted(self):
+        path, ids = self.batch(10, max_tokens=8)
+        for item_id in ids[:6]:
+            self.do(item_id, rig="carol")
+        for item_id in ids[6:]:  # mallory forges every answer
+            self.do(item_id, output="forged", rig="mallory")
+        before = len(self.ollama.generate_requests())
+        lines, err = self.results(path, "--spot-check", "0.000001", code=1)
+        carol = [l for l in lines if l["worker"] == "carol"]
+        mallory = [l for l in lines if l["worker"] == "mallory"]
+        self.assertEqual(sum(l["checked"] for l in carol), 1, lines)
+        self.assertEqual([(l["checked"], l["refuted"]) for l in mallory], [(True, True)] * 4)
+        self.assertEqual([l["verdict"] for l in carol if not l["checked"]], [None] * 5)
+        self.assertIn("carol: 1 of 6 results checked, none refuted; had carol forged 1 of 6 / 3 of 6, the chance "
+                      "it went unchecked: 83% / 50%", err)
+        self.assertIn("mallory: 4 of 4 results refuted, so every one was checked", err)
+        reruns = [b for b in self.ollama.generate_requests()[before:] if not b.get("_debug_render_only")]
+        self.assertEqual(len([b for b in reruns if b.get("raw") is not True]), 5)  # 1 of carol's, all 4 of mallory's
+        code, out, err = self.cli("--json", "results", path, "--spot-check", "100%")
+        doc = json.loads(out)
+        self.assertEqual([r["checked"] for r in doc["results"]], [True] * 10)
+        self.assertEqual([(w["worker"], w["checked"], w["unchecked_chance"]["1"]) for w in doc["workers"]],
+                         [("carol", 6, 0.0), ("mallory", 4, 0.0)])
+        self.assertEqual(wl_infer.unchecked_chance(10, 3, 1), 0.7)
+
+    def test_openai_output_lines(self):
+        path = self.write([
+            openai_line("c1", prompt="2+2=", model="llama3.2:1b", max_tokens=8),
+            chat_line("c2", "Say hi.", model="llama3.2:1b", max_tokens=8),
+            chat_line("c3", "Forge me.", model="llama3.2:1b", max_tokens=8),
+            chat_line("c4", "Nobody does me.", model="llama3.2:1b", max_tokens=8)])
+        ids = [line.split()[0] for line in self.post_batch(path)[1].splitlines()]
+        self.do(ids[0], eval_count=3, done_reason="length")
+        self.do(ids[1])
+        self.do(ids[2], output="forged", rig="mallory")
+        lines, err = self.results(path, "--format", "openai", code=1)
+        self.assertEqual([(l["custom_id"], l["id"]) for l in lines], list(zip(["c1", "c2", "c3", "c4"], ids)))
+        text, chat = lines[0]["response"]["body"], lines[1]["response"]["body"]
+        self.assertEqual((lines[0]["response"]["status_code"], lines[0]["error"]), (200, None))
+        self.assertEqual((text["object"], text["model"], text["choices"][0]["text"], text["choices"][0]["finish_reason"],
+                          text["usage"]["completion_tokens"]),
+                         ("text_completion", "llama3.2:1b", lines[0]["wl_infer"]["output_hash"] and
+                          self.cli("output", ids[0])[1], "length", 3))
+        self.assertEqual(wl_infer.output_hash(text["choices"][0]["text"]), lines[0]["wl_infer"]["output_hash"])
+        self.assertTrue(text["id"].startswith("cmpl-"))
+        self.assertEqual((chat["object"], chat["choices"][0]["message"]),
+                         ("chat.completion", {"role": "assistant", "content": self.cli("output", ids[1])[1]}))
+        self.assertEqual(lines[1]["wl_infer"]["verdict"], "VERIFIED")
+        self.assertEqual((lines[2]["response"], lines[2]["error"]["code"]), (None, "refuted"))
+        self.assertIn("different-output", lines[2]["error"]["message"])
+        self.assertEqual((lines[3]["response"], lines[3]["error"]["code"]), (None, "unfinished"))
+        self.assertTrue(all(set(l) == {"id", "custom_id", "response", "error", "wl_infer"} for l in lines))
+
+    def test_accept_and_reject_act_on_this_batchs_items_only(self):
+        path, ids = self.batch(3)
+        self.do(ids[0])
+        self.do(ids[1], output="forged", rig="mallory")
+        self.do(ids[2], rig=self.rig)  # our own: wl forbids accepting it
+        other = self.completed("not in the batch", output="forged too")
+        lines, err = self.results(path, "--accept", "--reject", code=1)
+        self.assertEqual([l["action"] for l in lines], [
+            "accepted", "rejected", "not accepted: completed by this rig (wl forbids accepting your own)"])
+        self.assertEqual([self.board.item(i)["status"] for i in ids], ["completed", "claimed", "in_review"])
+        self.assertEqual(self.board.item(other)["status"], "in_review")
+        self.assertIn("On the board: accepted 1, not accepted: completed by this rig", err)
+        lines, err = self.results(path, "--accept", code=3)  # the rejected one is not done any more
+        self.assertEqual([l["status"] for l in lines], ["completed", "claimed", "in_review"])
+        self.assertError(self.cli("results", path, "--accept", "--no-verify"), "--accept accepts only verified")
+
+    def test_ids_an_ids_file_and_a_ledger_name_as_the_batch(self):
+        path, ids = self.batch(2)
+        for item_id in ids:
+            self.do(item_id)
+        posted = self.write(["%s  %d" % (item_id, n) for n, item_id in enumerate(ids, 1)], "posted.txt")
+        self.assertEqual([l["id"] for l in self.results("--ids", posted)[0]], ids)
+        self.assertEqual([l["id"] for l in self.results(ids[1][:8], ids[0])[0]], [ids[1], ids[0]])
+        self.assertEqual([l["custom_id"] for l in self.results("prompts")[0]], ["1", "2"])
+        code, out, err = self.cli("results", "--ids", "-", stdin=("\n".join(ids) + "\n").encode())
+        self.assertEqual((code, len(out.splitlines())), (0, 2), err)
+        self.assertError(self.cli("results", "nosuch"), "no batch nosuch here")
+        self.assertError(self.cli("-q", "results", "w-00000000ff")[:1] + ("", self.cli("results", "w-00000000ff")[2]
+                                                                    .splitlines()[0] + "\n"),
+                         "w-00000000ff: w-00000000ff is not on the board")
+        self.assertError(self.cli("results", "--ids", self.write(["not-an-id"], "bad.txt")), "is not an item ID")
+        self.assertError(self.cli("results"), "results needs a batch")
+
+    def test_checks_are_spread_over_servers_one_at_a_time_on_each(self):
+        second = FakeOllama().start()
+        self.addCleanup(second.stop)
+        for fake in (self.ollama, second):
+            fake.piece_delay = 0.02
+        path, ids = self.batch(6, max_tokens=8)
+        for item_id in ids:
+            self.do(item_id)
+        lines, err = self.results(path, "--ollama", self.ollama.address, "--ollama", second.address)
+        self.assertEqual([l["verdict"] for l in lines], ["VERIFIED"] * 6)
+        for fake in (self.ollama, second):
+            streams = sorted((s["start"], s["end"]) for s in fake.streams)
+            self.assertGreater(len(streams), 0)
+            self.assertTrue(all(a[1] <= b[0] for a, b in zip(streams, streams[1:])), streams)
+        self.assertEqual(len(self.ollama.streams) + len(second.streams), 6)
+
+    def test_sampled_and_tolerant_checks_in_results(self):
+        text = TolerantVerificationTest.TEXT
+        self.ollama.scripts[("llama3.2:1b", "question 0")] = ScriptedModel(text, {5: 0.21})
+        path, ids = self.batch(1)
+        self.ollama.flips = {5}  # the worker's hardware takes the runner-up at a near-tie
+        code, out, err = self.cli("run", ids[0])
+        self.assertEqual(code, 0, err)
+        self.ollama.flips = set()
+        lines, err = self.results(path, code=1)
+        self.assertEqual((lines[0]["verdict"], lines[0]["cause"]["kind"], lines[0]["refuted"]),
+                         ("MISMATCH", "near-tie", False))
+        lines, err = self.results(path, "--tolerance", "0.5")
+        self.assertEqual((lines[0]["verdict"], lines[0]["exact"]), ("VERIFIED", False))
+        lines, err = self.results(path, "--tolerance", "0.5", "--sample", "2", "--window", "4", "--sample-seed", "3")
+        self.assertEqual((lines[0]["verdict"], lines[0]["sampled"]), ("VERIFIED", True))
+        self.assertGreater(lines[0]["coverage"], 0)
+
+
+class PostWaitTest(BatchTest):
+    def start_wait(self, *args, stdin=None):
+        proc = subprocess.Popen([sys.executable, WL_INFER, "post", "--model", "llama3.2:1b", "--max-tokens", "32",
+                                 "--wait", "--interval", "0.05"] + list(args), env=self.env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        if stdin is not None:
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+        proc.stdin = None  # communicate() must not flush it
+        wait_for(lambda: self.board.load()["items"], "the job on the board")
+        [item_id] = self.board.load()["items"]
+        return proc, item_id
+
+    def test_one_job_as_a_filter_prints_exactly_the_answer(self):
+        prompt = "Summarise: the sky is blue\n\n"
+        self.ollama.outputs[("llama3.2:1b", prompt[:-1])] = "The sky is blue.\n  "
+        proc, item_id = self.start_wait("--prompt", "-", stdin=prompt.encode())
+        self.do(item_id)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out), (0, "The sky is blue.\n  ".encode()), err)
+        self.assertIn(b"VERIFIED answer to %s (completed by carol)" % item_id.encode(), err)
+
+    def test_a_forged_answer_is_not_printed_and_a_deadline_is_exit_3(self):
+        proc, item_id = self.start_wait("--prompt", "p")
+        self.do(item_id, output="forged", rig="mallory")
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out), (1, b""), err)
+        self.assertIn(b"is a MISMATCH (different-output, refuted), so it is not printed", err)
+        code, out, err = self.cli("-q", "post", "--prompt", "q", "--model", "llama3.2:1b", "--max-tokens", "8", "--wait",
+                                  "--interval", "0.05", "--wait-timeout", "0.2")
+        self.assertEqual((code, out), (3, ""), err)
+        self.assertIn("within 0.2 s; it stays posted: collect its answer with `wl_infer.py results w-", err)
+
+    def test_no_verify_and_json(self):
+        proc, item_id = self.start_wait("--prompt", "p", "--no-verify", "--json")
+        self.do(item_id, output="whatever carol says")
+        out, err = proc.communicate(timeout=60)
+        doc = json.loads(out)
+        self.assertEqual((proc.returncode, doc["id"], doc["result"]["output"], doc["result"]["checked"]),
+                         (0, item_id, "whatever carol says", False), err)
+        self.assertEqual(len([b for b in self.ollama.generate_requests()]), 0)
+
+
+class OutputTest(BatchTest):
+    def test_outputs_exactly_as_submitted_several_and_nul_separated(self):
+        path, ids = ResultsTest.batch(self, 2)
+        self.do(ids[0], output="two\nlines")
+        self.do(ids[1], output="tab\tand \x1b[2J escape")
+        code, out, err = self.cli("output", ids[0])
+        self.assertEqual((code, out, err), (0, "two\nlines", ""))
+        self.assertEqual(self.cli("output", ids[0], ids[1])[1], "two\nlines\ntab\tand \x1b[2J escape\n")
+        self.assertEqual(self.cli("output", "-z", ids[0], ids[1])[1], "two\nlines\0tab\tand \x1b[2J escape\0")
+        doc = [json.loads(d) for d in re.split(r"(?<=\n})\n", self.cli("--json", "output", ids[0], ids[1])[1]) if d]
+        self.assertEqual([d["output"] for d in doc], ["two\nlines", "tab\tand \x1b[2J escape"])
+        self.board.update(lambda s: s["items"][ids[0]]["completion"].__setitem__(
+            "evidence", s["items"][ids[0]]["completion"]["evidence"].replace("two", "TWO")))
+        code, out, err = self.cli("output", ids[0])
+        self.assertEqual((code, out), (0, "TWO\nlines"))
+        self.assertIn("wl_infer: warning: %s: the output is refuted without a re-run (inconsistent-evidence)" % ids[0],
+                      err)
+        open_item = self.board.add(self.job())
+        self.assertError(self.cli("output", ids[1], open_item), "has no completion, so no output (status open)")
+
+
+class SeveralIdsTest(CliTest):
+    def test_verify_and_status_take_several_ids_and_exit_with_the_worst(self):
+        good = self.completed("one")
+        bad = self.completed("two", output="forged")
+        code, out, err = self.cli("verify", good, bad)
+        self.assertEqual(code, 1, err)
+        self.assertEqual(out.count("VERIFIED"), 1)
+        self.assertEqual(out.count("✗ MISMATCH"), 1)
+        self.assertIn("\n\n✗ MISMATCH", out)
+        code, out, err = self.cli("--json", "verify", good, bad, "w-0000000000")
+        self.assertEqual(code, 2, err)
+        docs = [json.loads(d) for d in re.split(r"(?<=\n})\n", out) if d]
+        self.assertEqual([d.get("verdict") for d in docs], ["VERIFIED", "MISMATCH", None])
+        self.assertIn("no wanted item matching", docs[2]["error"])
+        code, out, err = self.cli("verify", good, "w-0000000000")
+        self.assertEqual(code, 2)
+        self.assertEqual(err.splitlines(), ['wl_infer: error: w-0000000000: wl status failed: no wanted item matching '
+                                            '"w-0000000000"'])
+        code, out, err = self.cli("-q", "status", good, bad)
+        self.assertEqual((code, out), (0, "in_review\nin_review\n"))
+
+
 class SandboxTest(unittest.TestCase):
     def test_the_sandbox_runs_the_quick_start_and_cleans_up_after_ctrl_c(self):
         env = dict(os.environ)
@@ -4024,8 +4609,9 @@ class HelpTest(CliTest):
         self.assertEqual((code, out), (2, ""))
         lines = err.splitlines()
         self.assertEqual(lines[0], "usage: wl_infer.py [options] COMMAND [options]")
+        width = max(len(command.name) for command in wl_infer.COMMANDS)
         for command in wl_infer.COMMANDS:
-            self.assertIn("  %s  %s" % (command.name.ljust(6), command.help), lines)
+            self.assertIn("  %s  %s" % (command.name.ljust(width), command.help), lines)
 
     def test_each_command_says_what_it_does_lists_its_own_options_first_and_ends_with_examples(self):
         for command in wl_infer.COMMANDS:
@@ -4082,7 +4668,9 @@ class ListTest(CliTest):
         for _ in range(3):
             self.board.add(self.job())
         self.assertEqual(len(json.loads(self.cli("list", "--limit", "2", "--json")[1])), 2)
-        self.assertIn("--limit=2", self.board.calls()[-1]["argv"])
+        code, out, err = self.cli("list", "--limit", "2")
+        self.assertEqual((code, len(out.splitlines()), err), (0, 3, "showing 2 of 3 open inference jobs (--limit 2)\n"))
+        self.assertEqual(self.cli("list", "--limit", "3")[2], "3 open inference jobs\n")
         self.assertEqual(self.cli("list", "--status", "in_review")[1:],
                          ("", "No in_review inference jobs on the board.\n"))
         self.assertError(self.cli("list", "--status", "done"), "invalid choice: 'done'")

@@ -49,8 +49,10 @@ __all__ = [
 import argparse
 import bisect
 import collections
+import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -77,7 +79,13 @@ EXIT_INTERRUPTED = 130  # SIGINT, SIGTERM or SIGHUP
 
 
 class UserError(Exception):
-    """An error a user can cause or meet: one line on stderr, exit 2."""
+    """An error a user can cause or meet: one line on stderr, exit 2.
+    `lines`: what it sums up, one line each before it (a batch file's
+    refused lines); `details`: more keys for the --json error document."""
+
+    def __init__(self, message, lines=(), **details):
+        Exception.__init__(self, message)
+        self.lines, self.details = list(lines), details
 
 
 class JobError(UserError):
@@ -217,7 +225,8 @@ def preview(text, limit=80):
 #       compact, max_tokens omitted when 0, seed always present.
 #   evidence (completion):   {"output":s,"output_hash":"sha256:<hex>","model":s,"seed":i}
 # Our additions come after Go's keys, and Go's decoder ignores them: a job may
-# pin "model_digest"; evidence carries provenance (PROVENANCE_FIELDS).
+# pin "model_digest" and, posted from a batch file, name its "batch" and
+# "custom_id"; evidence carries provenance (PROVENANCE_FIELDS).
 # Decoding follows Go's encoding/json rules so both sides accept exactly the
 # same documents.
 
@@ -231,7 +240,9 @@ TOP_LOGPROBS = 2  # asked of Ollama: the chosen token and its runner-up, enough 
 TOLERANT_TOP_LOGPROBS = 5  # asked by tolerant verification: where to look for the claim's token
 MAX_TOP_LOGPROBS = 20  # Ollama's own limit: candidates beyond it are a server's garbage
 
-JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str))
+# model_digest, batch and custom_id are ours (a pin; where a batch file put the job)
+JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str),
+              ("batch", str), ("custom_id", str))
 GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
 PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict), ("done_reason", str),
                      ("eval_count", int), ("eval_ms", int), ("tokens_per_s", float), ("logprobs", list),
@@ -494,24 +505,31 @@ def encode_go_json(obj):
 
 class Job(collections.namedtuple("Job", [name for name, _ in JOB_FIELDS])):
     """An inference job: what a worker runs and a verifier re-runs.
-    max_tokens 0 is the model's default; model_digest "" pins nothing."""
+    max_tokens 0 is the model's default; model_digest "" pins nothing;
+    batch and custom_id "": not posted from a batch file."""
 
     __slots__ = ()
 
     def document(self):
-        return self._asdict()
+        """For --json: every field, but batch and custom_id only when set (as in the description)."""
+        doc = self._asdict()
+        for name in ("batch", "custom_id"):
+            if not doc[name]:
+                del doc[name]
+        return dict(doc)
 
 
-def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest=""):
-    return Job(prompt, model, seed, max_tokens, model_digest)
+def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest="", batch="", custom_id=""):
+    return Job(prompt, model, seed, max_tokens, model_digest, batch, custom_id)
 
 
 def encode_job(job):
     doc = {"prompt": job.prompt, "model": job.model, "seed": job.seed}
     if job.max_tokens:
         doc["max_tokens"] = job.max_tokens
-    if job.model_digest:
-        doc["model_digest"] = job.model_digest
+    for name in ("model_digest", "batch", "custom_id"):  # ours, after Go's, only when set
+        if getattr(job, name):
+            doc[name] = getattr(job, name)
     return encode_go_json(doc)
 
 
@@ -637,6 +655,228 @@ def post_title(prompt, limit=60):
     control characters become single spaces so wl's header stays one line."""
     flat = " ".join("".join(" " if _is_control(c) else c for c in prompt).split())
     return "infer: " + flat[:limit] + ("..." if len(flat) > limit else "")
+
+
+# =============================================================================
+# Batch files: one job per line, ours or OpenAI's Batch API (no I/O here)
+# =============================================================================
+#
+# Our line:  {"prompt": s, "model": s, "seed": i, "max_tokens": i, "custom_id": s}
+#            (only the prompt is needed: post's --model, --seed and --max-tokens
+#            give the rest, and custom_id is the line number; "model_digest" pins)
+# OpenAI's:  {"custom_id": s, "method": "POST", "url": "/v1/completions",
+#             "body": {"model": s, "prompt": s, "max_tokens": i, "seed": i, "temperature": 0}}
+#            or "url": "/v1/chat/completions" with "messages": [{"role": "user",
+#            "content": s}] (Ollama renders a prompt as one user turn) and
+#            max_tokens or max_completion_tokens.
+# A line that a job cannot express exactly is refused with the reason. Keys
+# are matched exactly and once: a batch file is written by its own poster,
+# and a typo must not pass as Go's case folding would let it.
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+BATCH_LINE_MAX = 1 << 20  # bytes; a job is at most 65,535, even with every character escaped it fits
+CUSTOM_ID_MAX = 256  # characters
+OUR_LINE_KEYS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("custom_id", str),
+                 ("model_digest", str))
+# OpenAI body keys a job takes as they are: labels, or no effect on greedy decoding (top_p keeps the best token)
+_INERT_BODY_KEYS = ("user", "metadata", "store", "service_tier", "top_p")
+# and those it takes at their neutral values only, with what a job always does instead
+_NEUTRAL_BODY_VALUES = {
+    "temperature": ((0,), "every job runs at temperature 0 (greedy decoding)"),
+    "n": ((1,), "a job has one answer"),
+    "best_of": ((1,), "a job has one answer"),
+    "presence_penalty": ((0,), "a job runs without penalties"),
+    "frequency_penalty": ((0,), "a job runs without penalties"),
+    "stream": ((False,), "results are collected with `wl_infer.py results`"),
+    "echo": ((False,), "an answer never repeats its prompt"),
+    "logprobs": ((False, None), "answers come without logprobs"),
+    "top_logprobs": ((0, None), "answers come without logprobs"),
+    "stop": ((None, "", []), "a job stops where the model does, or at max_tokens"),
+    "suffix": ((None, ""), "a job has no suffix"),
+    "logit_bias": ((None, {}), "a job runs without biases"),
+    "tools": ((None, []), "a job has no tools"),
+    "tool_choice": ((None, "none"), "a job has no tools"),
+    "parallel_tool_calls": ((None,), "a job has no tools"),
+    "functions": ((None, []), "a job has no tools"),
+    "function_call": ((None, "none"), "a job has no tools"),
+    "response_format": ((None, {"type": "text"}), "a job's answer is plain text"),
+    "stream_options": ((None,), "results are collected with `wl_infer.py results`"),
+}
+
+
+class BatchRequest(collections.namedtuple("BatchRequest", "line custom_id url job")):
+    """One line of a batch file: its line number, its custom_id, the OpenAI
+    endpoint it was written for ("" for our own line) and its Job (batch
+    and custom_id not yet set)."""
+
+    __slots__ = ()
+
+
+class JobDefaults(collections.namedtuple("JobDefaults", "model seed max_tokens")):
+    """What post's own options give a batch line that leaves them out (model None: none)."""
+
+    __slots__ = ()
+
+
+def parse_batch_line(text, number, defaults):
+    """A BatchRequest from line `number` of a batch file; JobError with the
+    reason when it is not a job, or not one a job can express exactly."""
+    if _nesting(text) > MAX_NESTING:
+        raise JobError("it nests arrays or objects more than %d deep" % MAX_NESTING)
+    try:
+        doc = _loads(text)
+    except ValueError as exc:
+        raise JobError("it is not valid JSON (%s)" % exc)
+    fields = _batch_object(doc, "the line")
+    if any(key in fields for key in ("method", "url", "body")):
+        return _openai_request(fields, number, defaults)
+    return _our_request(fields, number, defaults)
+
+
+def _batch_object(value, what):
+    """A JSON object of a batch line as a dict; a key given twice is refused (which one counts?)."""
+    if not isinstance(value, _JsonObject):
+        raise JobError("%s must be a JSON object, got %s" % (what, _describe_json(value)))
+    found = {}
+    for key, item in value:
+        if key in found:
+            raise JobError("%s gives %s twice" % (what, preview(_dumps(key), 40)))
+        found[key] = item
+    return found
+
+
+def _batch_value(fields, key, kind, what):
+    """fields[key] held to `kind` (str or int), or None when absent; null counts as absent."""
+    value = fields.get(key)
+    if value is None:
+        return None
+    return _decode_value(value, kind, '%s "%s"' % (what, key))
+
+
+def _our_request(fields, number, defaults):
+    known = [name for name, _ in OUR_LINE_KEYS]
+    unknown = [key for key in fields if key not in known]
+    if unknown:
+        raise JobError('key %s is not one of a job line\'s (%s), and the line is not an OpenAI batch request '
+                       '(method, url, body)' % (preview(_dumps(unknown[0]), 40), ", ".join(known)))
+    values = dict((name, _batch_value(fields, name, kind, "key")) for name, kind in OUR_LINE_KEYS)
+    if not values["prompt"]:
+        raise JobError('key "prompt" is missing or empty')
+    return _batch_request(number, values["custom_id"], "", values["prompt"], values["model"], values["seed"],
+                          values["max_tokens"], values["model_digest"], defaults)
+
+
+def _openai_request(fields, number, defaults):
+    unknown = [key for key in fields if key not in ("custom_id", "method", "url", "body")]
+    if unknown:
+        raise JobError("key %s is not one of an OpenAI batch request's (custom_id, method, url, body)"
+                       % preview(_dumps(unknown[0]), 40))
+    custom_id = _batch_value(fields, "custom_id", str, "key")
+    if custom_id is None:
+        raise JobError('an OpenAI batch request needs its "custom_id"')
+    method = fields.get("method")
+    if method != "POST":
+        raise JobError('"method" must be "POST", got %s' % _describe_json(method))
+    url = fields.get("url")
+    if url not in (COMPLETIONS, CHAT):
+        raise JobError('"url" must be %s or %s (only a text generation can be a job), got %s'
+                       % (COMPLETIONS, CHAT, _describe_json(url)))
+    body = _batch_object(fields.get("body"), '"body"')
+    text_key = "prompt" if url == COMPLETIONS else "messages"
+    known = ("model", "seed", "max_tokens", text_key) + (("max_completion_tokens",) if url == CHAT else ())
+    for key, value in body.items():
+        if key in known or key in _INERT_BODY_KEYS:
+            continue
+        if key not in _NEUTRAL_BODY_VALUES:
+            raise JobError('body key %s cannot be expressed as a job (a job is a prompt, a model, a seed and '
+                           'max_tokens, run greedily)' % preview(_dumps(key), 40))
+        allowed, why = _NEUTRAL_BODY_VALUES[key]
+        if not any(_same_json(value, a) for a in allowed):
+            raise JobError('body "%s" is %s: %s' % (key, _describe_json(value), why))
+    if url == COMPLETIONS:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or isinstance(prompt, _JsonNumber):
+            raise JobError('body "prompt" must be one string, got %s (a list of prompts or of token IDs is '
+                           'not one job)' % _describe_json(prompt))
+        prompt = _go_string(prompt)
+    else:
+        prompt = _one_user_message(body.get("messages"))
+    limits = [v for v in (_batch_value(body, k, int, "body") for k in ("max_tokens", "max_completion_tokens"))
+              if v is not None]
+    if len(set(limits)) > 1:
+        raise JobError('body "max_tokens" and "max_completion_tokens" differ (%d and %d)' % tuple(limits))
+    if limits and limits[0] < 1:
+        raise JobError('body "max_tokens" must be at least 1, got %d' % limits[0])
+    if not prompt:
+        raise JobError("the prompt is empty")
+    return _batch_request(number, custom_id, url, prompt, _batch_value(body, "model", str, "body"),
+                          _batch_value(body, "seed", int, "body"), limits[0] if limits else None, None, defaults)
+
+
+def _one_user_message(messages):
+    """The text of a chat request's one user message (a job is one user turn)."""
+    if not isinstance(messages, list) or isinstance(messages, _JsonObject):
+        raise JobError('body "messages" must be an array, got %s' % _describe_json(messages))
+    roles = [dict(m).get("role") if isinstance(m, _JsonObject) else None for m in messages]
+    if "system" in roles or "developer" in roles:
+        raise JobError("a %s message cannot be expressed: a job is one user message, rendered by the model's "
+                       "own template" % ("system" if "system" in roles else "developer"))
+    if len(messages) != 1:
+        raise JobError("%d messages cannot be expressed: a job is one user message (one turn)" % len(messages))
+    message = _batch_object(messages[0], "the message")
+    if message.get("role") != "user":
+        raise JobError('the message\'s "role" must be "user", got %s' % _describe_json(message.get("role")))
+    extra = [key for key in message if key not in ("role", "content", "name")]
+    if extra:
+        raise JobError("the message's key %s cannot be expressed as a job" % preview(_dumps(extra[0]), 40))
+    content = message.get("content")
+    if isinstance(content, list) and not isinstance(content, _JsonObject) and len(content) == 1:
+        part = _batch_object(content[0], "the content part")
+        if part.get("type") != "text" or set(part) != {"type", "text"}:
+            raise JobError("only a text part can be a job's prompt, got %s" % preview(_dumps(
+                {k: (v if isinstance(v, str) else "...") for k, v in part.items()}), 60))
+        content = part.get("text")
+    if not isinstance(content, str) or isinstance(content, _JsonNumber):
+        raise JobError('the message\'s "content" must be a string (or one text part), got %s'
+                       % _describe_json(content))
+    return _go_string(content)
+
+
+def _same_json(value, allowed):
+    """A decoded JSON value equals `allowed`, kind for kind (false is not 0, 0.0 is 0)."""
+    if isinstance(allowed, bool) or isinstance(value, bool) or allowed is None or value is None:
+        return type(value) is type(allowed) and value == allowed
+    if isinstance(allowed, (int, float)):
+        return (type(value) is int or isinstance(value, _JsonNumber)) and _number(value) == allowed
+    if isinstance(allowed, str):
+        return isinstance(value, str) and not isinstance(value, _JsonNumber) and value == allowed
+    if isinstance(allowed, list):
+        return isinstance(value, list) and not isinstance(value, _JsonObject) and value == allowed
+    return isinstance(value, _JsonObject) and len(value) == len(allowed) and all(
+        k in allowed and _same_json(v, allowed[k]) for k, v in value)
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _batch_request(number, custom_id, url, prompt, model, seed, max_tokens, model_digest, defaults):
+    if custom_id is None:
+        custom_id = str(number)
+    if not custom_id or len(custom_id) > CUSTOM_ID_MAX or any(_is_control(c) for c in custom_id):
+        raise JobError("custom_id must be 1 to %d characters without control characters, got %s"
+                       % (CUSTOM_ID_MAX, preview(_dumps(custom_id), 40)))
+    model = model or defaults.model
+    if not model:
+        raise JobError('the line names no model, and post has no --model to give it one')
+    if max_tokens is not None and max_tokens < 0:
+        raise JobError('"max_tokens" must not be negative, got %d' % max_tokens)
+    job = make_job(prompt, model, defaults.seed if seed is None else seed,
+                   defaults.max_tokens if max_tokens is None else max_tokens, model_digest or "")
+    return BatchRequest(number, custom_id, url, job)
 
 
 # =============================================================================
@@ -1321,12 +1561,12 @@ class Wl(object):
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
 
     def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False,
-                 status_line=None):
+                 status_line=None, turn=None):
         self.exe = exe
         self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
         self.timeout = timeout
         self.no_push = no_push
-        self.turn = _NoLock()  # a lock when calls must not overlap (work with --local-db)
+        self.turn = turn or _NoLock()  # a lock when calls must not overlap (--local-db, on several threads)
         self.status_line = status_line  # shows a slow call; None: calls are not shown (work's threads)
         self.calls = 0  # wl processes started (the worker reports them per job)
         self.counting = threading.Lock()
@@ -1399,9 +1639,11 @@ class Wl(object):
     def done(self, item_id, evidence):
         self.call("done", item_id, "--evidence=" + evidence, mutating=True)
 
-    def browse(self, status=None, limit=BROWSE_LIMIT):
-        """Inference items (with descriptions); status None: every status."""
-        return parse_browse(self.call("browse", "--json", "--long", "--type=inference", "--limit=%d" % limit,
+    def browse(self, status=None, limit=BROWSE_LIMIT, descriptions=True):
+        """Inference items (with their descriptions unless told not to:
+        they can be long); status None: every status."""
+        return parse_browse(self.call("browse", "--json", *(["--long"] if descriptions else []),
+                                      "--type=inference", "--limit=%d" % limit,
                                       *(["--status=" + status] if status else [])))
 
     def accept(self, item_id, message):
@@ -1412,23 +1654,38 @@ class Wl(object):
 
 
 # =============================================================================
-# Result spool: a finished result is on disk before wl is asked to take it
+# State on disk: the result spool and the batch ledgers
 # =============================================================================
 #
-# $XDG_STATE_HOME/wl-infer/results/<id>.json (default ~/.local/state/...),
-# folders 0700, files 0600, written atomically (temp file, fsync, rename).
-# An entry is removed once wl has the result. `run` submits a kept result
-# instead of generating again when the job description (byte for byte) and
-# the local model digest are the ones it was made with.
+# $XDG_STATE_HOME/wl-infer/ (default ~/.local/state/wl-infer), folders 0700,
+# files 0600.
+# results/<id>.json: a finished result is on disk before wl is asked to take
+# it, written atomically (temp file, fsync, rename), and removed once wl has
+# it. `run` submits a kept result instead of generating again when the job
+# description (byte for byte) and the local model digest are the ones it was
+# made with.
+# batches/<name>.jsonl: what `post --batch` posted (a Ledger).
 
 SPOOL_VERSION = 1
 
 
-def spool_dir():
+def state_dir(*parts):
     base = os.environ.get("XDG_STATE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: relative paths are ignored
         base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "wl-infer", "results")
+    return os.path.join(base, "wl-infer", *parts)
+
+
+def private_dir(folder):
+    """Make `folder` (under the state folder) and keep it and its parent private."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in (folder, os.path.dirname(folder)):  # makedirs' mode is masked by umask
+        os.chmod(path, 0o700)
+    return folder
+
+
+def spool_dir():
+    return state_dir("results")
 
 
 def spool_path(item_id):
@@ -1437,10 +1694,7 @@ def spool_path(item_id):
 
 def spool_write(item, model_digest, evidence):
     """Keep a finished result; returns its path."""
-    folder = spool_dir()
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    for path in (folder, os.path.dirname(folder)):  # makedirs' mode is masked by umask
-        os.chmod(path, 0o700)
+    folder = private_dir(spool_dir())
     doc = {"version": SPOOL_VERSION, "id": item.id, "description": item.description,
            "model_digest": model_digest, "spooled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "evidence": encode_evidence(evidence)}
@@ -1455,14 +1709,7 @@ def spool_write(item, model_digest, evidence):
     except BaseException:
         _remove(tmp)
         raise
-    try:  # the rename itself survives a crash only once the folder is synced
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    _sync_dir(folder)
     return path
 
 
@@ -1514,6 +1761,179 @@ def _remove(path):
         pass
 
 
+LEDGER_VERSION = 1
+_BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+
+
+def batch_name(source, name=None):
+    """A batch's name: `name` (--name), else the batch file's name without
+    its extension; standard input needs --name, so that the same command
+    run again finds the same ledger."""
+    if name is None:
+        if source == "-":
+            raise UserError("a batch on standard input needs --name NAME, so that running the command again "
+                            "resumes it instead of posting it again")
+        name = os.path.basename(source).split(".")[0]
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")[:100] or "batch"
+    if not _BATCH_NAME.match(name):
+        raise UserError("--name %s is not a batch name: 1 to 100 letters, digits and . _ -, starting with a letter "
+                        "or digit" % preview(_dumps(name), 60))
+    return name
+
+
+def job_key(job):
+    """What identifies a batch line's job across runs: its prompt, model,
+    seed and max_tokens (a pin may change when the local model does)."""
+    return hashlib.sha256(encode_job(make_job(job.prompt, job.model, job.seed, job.max_tokens)).encode(
+        "utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class LedgerEntry(collections.namedtuple("LedgerEntry", "line custom_id url job_key item_id")):
+    """A line of a batch as its ledger knows it: item_id None while its
+    `wl post` has not been seen to succeed (it may have, if it was cut off)."""
+
+    __slots__ = ()
+
+
+class Ledger(object):
+    """What a batch posted: $XDG_STATE_HOME/wl-infer/batches/<name>.jsonl,
+    one JSON object per line, each appended and synced before the next
+    step: a header (the batch's `batch` key: its name and a random part,
+    so that its jobs are known on the board), `{"line", "custom_id", "url",
+    "job"}` before a line's `wl post`, `{"custom_id", "id"}` after it, and
+    `{"complete": N}` once every line is posted. A record cut off by a crash
+    is the last line, and is left out when read. Posting holds a lock on
+    it: one `post --batch` per batch at a time."""
+
+    def __init__(self, path, header, entries, complete):
+        self.path, self.name, self.batch = path, header["name"], header["batch"]
+        self.source = header.get("source")
+        self.entries = entries  # custom_id -> LedgerEntry, in the order they were first written
+        self.complete = complete  # the number of jobs, once the batch was posted whole
+        self.file = None
+
+    @staticmethod
+    def path_of(name):
+        return os.path.join(state_dir("batches"), name + ".jsonl")
+
+    @classmethod
+    def load(cls, name):
+        """The ledger of batch `name`, or None when there is none."""
+        path = cls.path_of(name)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UserError("cannot read the ledger %s: %s" % (path, _reason(exc)))
+        lines = raw.split(b"\n")
+        if lines and lines[-1] != b"":
+            lines.pop()  # a record cut off by a crash: its step was never taken as done
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                raise UserError("the ledger %s is damaged at line %d (%s); move it away to start the batch again"
+                                % (path, number, exc))
+            records.append(record)
+        if not records or records[0].get("ledger") != LEDGER_VERSION or not isinstance(records[0].get("batch"), str):
+            raise UserError("%s is not a wl_infer batch ledger (version %d)" % (path, LEDGER_VERSION))
+        entries, complete = collections.OrderedDict(), None
+        for record in records[1:]:
+            custom_id = record.get("custom_id")
+            if "complete" in record:
+                complete = record["complete"]
+            elif "id" in record and custom_id in entries:
+                entries[custom_id] = entries[custom_id]._replace(item_id=record["id"])
+            elif "job" in record:
+                entries[custom_id] = LedgerEntry(record.get("line"), custom_id, record.get("url") or "",
+                                                 record["job"], None)
+        return cls(path, records[0], entries, complete)
+
+    @classmethod
+    def open(cls, name, source):
+        """The ledger of batch `name` for posting to: made when there is
+        none, and locked against a second `post --batch` of it (read once
+        the lock is held: what another one posted before counts)."""
+        path = cls.path_of(name)
+        if not os.path.exists(path):
+            header = {"ledger": LEDGER_VERSION, "name": name, "batch": "%s.%s" % (name, os.urandom(4).hex()),
+                      "source": source if source == "-" else os.path.abspath(source),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                fd, tmp = tempfile.mkstemp(dir=private_dir(os.path.dirname(path)), prefix=".", suffix=".tmp")
+            except OSError as exc:
+                raise UserError("cannot write the ledger %s: %s" % (path, _reason(exc)))
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(header) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)  # never over a ledger another process made meanwhile
+                _sync_dir(os.path.dirname(path))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise UserError("cannot write the ledger %s: %s" % (path, _reason(exc)))
+            finally:
+                _remove(tmp)
+        try:
+            file = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError("cannot open the ledger %s: %s" % (path, _reason(exc)))
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            ledger = cls.load(name)
+        except BlockingIOError:
+            file.close()
+            raise UserError("batch %s is being posted by another wl_infer.py right now (its ledger %s is locked)"
+                            % (name, path))
+        except BaseException:
+            file.close()
+            raise
+        ledger.file = file
+        return ledger
+
+    def _append(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def intend(self, request, key):
+        """Record that line `request` is about to be posted."""
+        self._append({"line": request.line, "custom_id": request.custom_id, "url": request.url, "job": key})
+        self.entries[request.custom_id] = LedgerEntry(request.line, request.custom_id, request.url, key, None)
+
+    def posted(self, custom_id, item_id):
+        self._append({"custom_id": custom_id, "id": item_id})
+        self.entries[custom_id] = self.entries[custom_id]._replace(item_id=item_id)
+
+    def finish(self, count):
+        self._append({"complete": count})
+        self.complete = count
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()  # and with it the lock
+            self.file = None
+
+
+def _sync_dir(folder):
+    """A rename or link survives a crash only once its folder is synced."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
 # =============================================================================
 # What every command works with: options, wl and Ollama, its report
 # =============================================================================
@@ -1528,14 +1948,20 @@ class Context(object):
         self._wl = None
         self._ollama = None
         self.status = StatusLine(not args.quiet and sys.stderr.isatty())
+        # a local Dolt clone takes one wl at a time: the drivers made here share this lock
+        self.wl_turn = threading.Lock() if args.local_db else None
 
     @property
     def wl(self):
         if self._wl is None:
-            a = self.args
-            self._wl = Wl(find_executable(a.wl), a.wasteland, a.local_db, a.wl_timeout,
-                          a.no_push, self.status)
+            self._wl = self.new_wl(self.status)
         return self._wl
+
+    def new_wl(self, status_line):
+        """A wl driver of its own (for calls on other threads: `status_line` None)."""
+        a = self.args
+        return Wl(find_executable(a.wl), a.wasteland, a.local_db, a.wl_timeout, a.no_push, status_line,
+                  self.wl_turn)
 
     @property
     def ollama(self):
@@ -1548,6 +1974,15 @@ class Context(object):
 
     def warn(self, message):
         self.status.above("wl_infer: warning: %s" % printable(message))
+
+    def out(self, line, quiet=None):
+        """A line of data on stdout at once, for a command that streams its
+        results (-q: `quiet` instead, or nothing; --json: nothing, the
+        document comes at the end)."""
+        if self.args.quiet:
+            line = quiet
+        if line is not None and not self.args.json:
+            self.status.above(line, sys.stdout)
 
 
 class StatusLine(object):
@@ -1575,9 +2010,15 @@ class StatusLine(object):
                 self.text = ""
                 _emit(sys.stderr, "\r\x1b[K")
 
-    def above(self, line):
+    def above(self, line, stream=None):
+        """A permanent line (on stderr, or on `stream`), with the status line drawn again below it."""
         with self.lock:
-            _emit(sys.stderr, ("\r\x1b[K" if self.text else "") + line + "\n" + self.text)
+            if self.text:
+                _emit(sys.stderr, "\r\x1b[K")
+            if stream is not None:
+                _emit(stream, line + "\n")
+                line = None
+            _emit(sys.stderr, (line + "\n" if line is not None else "") + self.text)
 
 
 class Progress(object):
@@ -1603,14 +2044,34 @@ class Progress(object):
         self.status.clear()
 
 
+class _NoProgress(object):
+    """What a verification reports its tokens to when nothing shows them."""
+
+    total = None
+
+    def __call__(self, tokens):
+        pass
+
+    def clear(self):
+        pass
+
+
+def NO_PROGRESS(label, total=None):
+    return _NoProgress()
+
+
 class Report(object):
     """A command's result: its exit code and what it prints. stdout is data:
-    `doc` with --json, `quiet` lines with -q (what a pipeline needs: an ID,
-    or nothing), else `text` with its `notes` (counts, hints, "nothing
-    found") on stderr, for people."""
+    `doc` with --json (`docs`: several documents, one after the other),
+    `quiet` lines with -q (what a pipeline needs: an ID, or nothing), else
+    `text` with its `notes` (counts, hints, "nothing found") on stderr, for
+    people. `raw`: text written exactly as it is in place of `text` and
+    `quiet` (an answer). `errors`: what went wrong with some of the items
+    of a command that goes on with the rest, printed as errors always."""
 
-    def __init__(self, code, doc, text, notes=(), quiet=()):
+    def __init__(self, code, doc, text, notes=(), quiet=(), raw=None, errors=(), docs=None):
         self.code, self.doc, self.text, self.notes, self.quiet = code, doc, text, list(notes), list(quiet)
+        self.raw, self.errors, self.docs = raw, list(errors), docs
 
 
 def require_inference(item):
@@ -2302,21 +2763,21 @@ class Verification(object):
         be an honest worker on other hardware."""
         return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
 
-    def rerun(self, ctx, policy=EXACT, position=""):
-        """Re-run the job on the local Ollama, stopping at the first
-        character that differs from the submitted output (tolerant: forcing
-        near-ties), and decide the verdict; with policy.sample, re-run only
-        its windows. `position`: where the progress line says this is
-        ("2 of 5: ", in audit)."""
+    def rerun(self, ollama, policy=EXACT, progress=None):
+        """Re-run the job on `ollama`, stopping at the first character that
+        differs from the submitted output (tolerant: forcing near-ties), and
+        decide the verdict; with policy.sample, re-run only its windows.
+        `progress(label, total)`: a Progress for the status line (None:
+        none)."""
         job, evidence, claim = self.job, self.evidence, self.evidence["output"]
         self.verdict, self.tolerance = MISMATCH, policy.tolerance
-        digest = self.local_digest = require_local_model(ctx.ollama.models(), job.model, ctx.ollama.url)
+        digest = self.local_digest = require_local_model(ollama.models(), job.model, ollama.url)
         self.checks.append(local_model_check(job, evidence, digest))
-        spans = self._plan(ctx, policy)
+        spans = self._plan(ollama, policy)
         for n, span in enumerate(spans):
-            label = "%sverifying %s%s" % (position, self.item_id, ", window %d of %d" % (n + 1, len(spans))
-                                          if self.sampling else "")
-            gen = self._follow(ctx, policy, span, label)
+            label = "verifying %s%s" % (self.item_id, ", window %d of %d" % (n + 1, len(spans))
+                                        if self.sampling else "")
+            gen = self._follow(ollama, policy, span, (progress or NO_PROGRESS)(label, None))
             self.tokens_generated += gen.eval_count
             if self.sampling:
                 self.sampling["windows"].append({"start_token": span.token, "start_char": span.char,
@@ -2325,7 +2786,7 @@ class Verification(object):
                 self.output = gen.text
                 self.actual_hash = output_hash(gen.text) if gen.final is not None else None
             if gen.diverged_at is not None:
-                return self._diverged(ctx, gen, span, digest)
+                return self._diverged(ollama, gen, span, digest)
             if self.cause is not None:  # the tolerance decided
                 return
         if self.forced and evidence["done_reason"] and gen.final.get("done_reason") != evidence["done_reason"]:
@@ -2361,7 +2822,7 @@ class Verification(object):
             return
         self.verdict, self.exact = VERIFIED, not self.forced
 
-    def _plan(self, ctx, policy):
+    def _plan(self, ollama, policy):
         """The Spans to re-generate: the whole output, or its windows."""
         job, evidence = self.job, self.evidence
         whole = [Span(0, 0, job.max_tokens or None, True)]
@@ -2372,7 +2833,7 @@ class Verification(object):
             seed = random.SystemRandom().getrandbits(63)
         # the positions are a function of the seed and the output's token boundaries: anyone can re-check them
         spans, why_not = window_spans(job, evidence, policy.sample, random.Random(seed))
-        if spans is not None and self._rendered(ctx) is None:
+        if spans is not None and self._rendered(ollama) is None:
             spans, why_not = None, ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
                                     "and later), so it cannot start a window inside the output")
         if spans is None:
@@ -2396,13 +2857,13 @@ class Verification(object):
             total = max(checked, int(round(len(claim) * last["tokens"] / max(len(claim) - last["start_char"], 1))))
         self.sampling.update(claim_tokens=total, tokens_checked=checked, coverage=round(min(1.0, checked / total), 4))
 
-    def _rendered(self, ctx):
+    def _rendered(self, ollama):
         """The prompt as the server renders it, asked once (None: it cannot say)."""
         if not self.render_asked:
-            self.rendered, self.render_asked = ctx.ollama.rendered_prompt(self.job), True
+            self.rendered, self.render_asked = ollama.rendered_prompt(self.job), True
         return self.rendered
 
-    def _diverged(self, ctx, gen, span, digest):
+    def _diverged(self, ollama, gen, span, digest):
         """A span's re-run left the submitted output: where, and the likely cause."""
         evidence, claim = self.evidence, self.evidence["output"]
         where = self.diverged_at = divergence(gen, claim, span)
@@ -2412,10 +2873,10 @@ class Verification(object):
             " (in window %d of the sample)" % len(self.sampling["windows"]) if self.sampling else "",
             " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None else "", steps)))
         if self.cause is None:
-            self.local_version = local_version(ctx.ollama) if evidence["ollama_version"] else None
+            self.local_version = local_version(ollama) if evidence["ollama_version"] else None
             self.cause = diagnose(gen, self.job, evidence, digest, self.local_version, claim[span.char:])
 
-    def _follow(self, ctx, policy, span, label):
+    def _follow(self, ollama, policy, span, progress):
         """The re-run of one span, compared with the submitted output as it
         streams; with a tolerance, forced through near-ties (self.forced)
         until it reproduces the rest or the tolerance decides (self.cause).
@@ -2427,13 +2888,13 @@ class Verification(object):
         lengths = lengths[span.token:] if span.token is not None else []
         top = (TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS) if policy.strict else None
         total = span.budget if not span.last else self.evidence["eval_count"] if not span.char else None
-        progress = ctx.progress(label, total if total and total > 0 else None)  # of the claim's tokens
+        progress.total = total if total and total > 0 else None  # of the claim's tokens
         request = (generate_request(job, top, span.budget) if not span.char
-                   else continuation_request(job, self._rendered(ctx), claim[:span.char], span.budget, top))
+                   else continuation_request(job, self._rendered(ollama), claim[:span.char], span.budget, top))
         gen = None
         try:
             while True:
-                gen = ctx.ollama.compare(request, submitted, progress, into=gen)
+                gen = ollama.compare(request, submitted, progress, into=gen)
                 if gen.diverged_at is not None and not span.last and gen.final is not None and \
                         gen.final.get("done_reason") == "length" and gen.diverged_at == len(gen.text):
                     gen.diverged_at = None  # the window's budget ended it; the output goes on
@@ -2441,7 +2902,7 @@ class Verification(object):
                     return gen
                 token = gen.token_at(gen.diverged_at)
                 if token is not None and gen.entry_at(token) is None:
-                    self._probe(ctx, policy, span, gen, token)
+                    self._probe(ollama, policy, span, gen, token)
                 if not policy.tolerance:
                     return gen
                 step = near_tie_step(gen, submitted, lengths, policy.tolerance)
@@ -2452,7 +2913,7 @@ class Verification(object):
                         % (step.token, step.gap, _ordinal(len(self.forced) + 1), policy.max_forced),
                         token=step.token, gap=step.gap, near_ties=len(self.forced) + 1)
                     return gen
-                if isinstance(step, ForcedStep) and self._rendered(ctx) is None:
+                if isinstance(step, ForcedStep) and self._rendered(ollama) is None:
                     step = ToleranceNotApplied("this Ollama does not render prompts (`_debug_render_only`, "
                                                "Ollama 0.11.5 and later), so it cannot continue from the "
                                                "submitted text")
@@ -2476,22 +2937,22 @@ class Verification(object):
                     if span.last:
                         gen.compare_end(submitted)
                     return gen
-                request = continuation_request(job, self._rendered(ctx), claim[:span.char] + gen.text, budget, top)
+                request = continuation_request(job, self._rendered(ollama), claim[:span.char] + gen.text, budget, top)
         finally:
             progress.clear()
 
-    def _probe(self, ctx, policy, span, gen, token):
+    def _probe(self, ollama, policy, span, gen, token):
         """The model's candidates at the divergence token, asked only now:
         one token after the output so far, sent raw (or, on a server that
         cannot render prompts, the job's request again up to that token)."""
         top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
         prefix = self.evidence["output"][:span.char] + gen.text[:gen.token_start(token)]
-        rendered = self._rendered(ctx)
+        rendered = self._rendered(ollama)
         if rendered is not None:
-            entry = ctx.ollama.candidates(continuation_request(self.job, rendered, prefix, 1, top), 0)
+            entry = ollama.candidates(continuation_request(self.job, rendered, prefix, 1, top), 0)
             self.tokens_generated += 1
         elif not span.char:
-            entry = ctx.ollama.candidates(generate_request(self.job, top, token + 1), token)
+            entry = ollama.candidates(generate_request(self.job, top, token + 1), token)
             self.tokens_generated += token + 1
         else:
             return
@@ -2576,7 +3037,7 @@ def verify_item(ctx, item, policy=EXACT):
     they leave it open) the re-run. Returns the Verification."""
     verification = Verification.check_evidence(item)
     if verification.verdict is None:
-        verification.rerun(ctx, policy)
+        verification.rerun(ctx.ollama, policy, ctx.progress)
     return verification
 
 
@@ -3017,6 +3478,712 @@ def _seconds(value):
 
 
 # =============================================================================
+# Batches: a file of jobs posted once, its answers collected and checked
+# =============================================================================
+#
+# `post --batch FILE` checks every line first (nothing is posted unless each
+# line is a job), then posts each line its Ledger does not show posted: the
+# intent is recorded before a line's `wl post` and the item ID after it, so
+# that the same command run again, after any failure, posts exactly what is
+# missing (a line whose post was cut off is looked up on the board first).
+# `results` and `post --wait` collect answers with a Collector: one `wl
+# browse` per poll, one `wl status` per finished job, a re-run per check.
+
+WORKER_PROMPT_BYTES = 32768  # the --max-prompt-bytes of `work` by default
+UNCAPPED = "workers running `work` skip such jobs unless they pass --allow-uncapped"
+BATCH_ERRORS_SHOWN = 20  # refused lines listed one by one; more are counted
+EXIT_UNFINISHED = 3  # results, post --wait: jobs not done by a worker when the command gave up waiting
+READS_IN_FLIGHT = 4  # `wl status` calls of `results` at a time (reads are independent)
+FINISHED = ("in_review", "completed")  # a worker has submitted a result
+
+
+def postable(job):
+    """The job's description, refused here when wl or a worker would refuse it."""
+    description = encode_job(job)
+    check_field_size(description, "the job", "shorten the prompt")
+    try:
+        decode_job(description)
+    except JobError as exc:
+        raise JobError("workers would refuse this job (%s)" % exc)
+    return description
+
+
+class LocalModels(object):
+    """The poster's local models (one /api/tags), to pin jobs to their
+    digests; each problem is said once."""
+
+    def __init__(self, ctx, no_pin):
+        self.ctx, self.no_pin, self.said = ctx, no_pin, set()
+        try:
+            self.models = ctx.ollama.models()
+        except OllamaError as exc:
+            self.models = None
+            ctx.warn("could not check the model locally: %s" % exc)
+
+    def pin(self, job, posted="the job is posted"):
+        """The job pinned to its model's local digest (unless --no-pin, or
+        it pins one itself). `posted`: how a warning says it goes ahead."""
+        if self.models is None or job.model_digest:
+            return job
+        digest = find_model(self.models, job.model)
+        if digest is None:
+            self._say("model %s is not in the local Ollama at %s; %s anyway, but you cannot verify results "
+                      "until you `ollama pull %s`" % (job.model, self.ctx.ollama.url, posted, job.model))
+        elif self.no_pin:
+            pass
+        elif _is_digest(digest):
+            return job._replace(model_digest=digest)
+        else:
+            self._say("not pinned: Ollama reports the digest of %s as %s, not 64 hex digits"
+                      % (job.model, preview(_dumps(digest), 80)))
+        return job
+
+    def _say(self, message):
+        if message not in self.said:
+            self.said.add(message)
+            self.ctx.warn(message)
+
+
+def prompt_warning(job):
+    """What to say of a prompt most workers would skip, or None."""
+    size = _size(job.prompt)
+    if size <= WORKER_PROMPT_BYTES:
+        return None
+    return ("the prompt is %d bytes, over the %d that workers running `work` take by default "
+            "(--max-prompt-bytes): most of them will skip it" % (size, WORKER_PROMPT_BYTES))
+
+
+def _lines_said(numbers, limit=8):
+    shown = ", ".join("%d" % n for n in numbers[:limit])
+    return ("line " if len(numbers) == 1 else "lines ") + shown + (", ..." if len(numbers) > limit else "")
+
+
+def batch_lines(stream):
+    """(number, text, problem) for each line of a batch file that is not
+    blank; text None and a problem when it cannot be read as a line. Read
+    a line at a time, each at most BATCH_LINE_MAX bytes."""
+    number = 0
+    while True:
+        raw = stream.readline(BATCH_LINE_MAX + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > BATCH_LINE_MAX:
+            while raw and not raw.endswith(b"\n"):  # the rest of this line, never held whole
+                raw = stream.readline(BATCH_LINE_MAX)
+            yield number, None, "it is over %d bytes" % BATCH_LINE_MAX
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte order mark, as some editors write
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError:
+            yield number, None, "it is not UTF-8 text"
+
+
+class BatchPost(object):
+    """`post --batch`: every line is checked first, into a work file of
+    the jobs to post (standard input is read once, and the lines never sit
+    in memory), then each is posted unless the ledger shows it posted."""
+
+    def __init__(self, ctx, args):
+        self.ctx, self.args = ctx, args
+        self.name = batch_name(args.batch, args.name)
+        self.defaults = JobDefaults(args.model, args.seed, args.max_tokens)
+        self.ledger = None
+        self.jobs = 0  # lines that are jobs
+        self.posted = self.before = self.found = 0  # posted now, by an earlier run, found on the board
+        self.docs = []  # --json: one per job
+
+    def run(self):
+        wl = self.ctx.wl  # a missing wl is an error now, before anything is read
+        source = self._open()
+        self.ledger = Ledger.open(self.name, self.args.batch)
+        try:
+            with tempfile.TemporaryFile("w+", encoding="utf-8", dir=os.path.dirname(self.ledger.path)) as work:
+                try:
+                    self.check(source, work)
+                finally:
+                    if source is not sys.stdin.buffer:
+                        source.close()
+                work.seek(0)
+                self.post(wl, work)
+        except UserError:
+            if not self.ledger.entries:  # refused before anything was posted: no ledger is left behind
+                _remove(self.ledger.path)
+            raise
+        finally:
+            self.ledger.close()
+        return self.report()
+
+    def _open(self):
+        if self.args.batch == "-":
+            return sys.stdin.buffer
+        try:
+            return open(self.args.batch, "rb")
+        except OSError as exc:
+            raise UserError("cannot read --batch %s: %s" % (self.args.batch, _reason(exc)))
+
+    def check(self, source, work):
+        """Every line, checked: the jobs go to `work`; any line refused
+        refuses the batch, listing each line and why."""
+        models = LocalModels(self.ctx, self.args.no_pin)
+        seen = {}  # custom_id -> its line
+        refused, uncapped, large = [], [], []
+        for number, text, problem in batch_lines(source):
+            try:
+                if problem is not None:
+                    raise JobError(problem)
+                request = parse_batch_line(text, number, self.defaults)
+                if request.custom_id in seen:
+                    raise JobError("custom_id %s is also on line %d" % (
+                        preview(_dumps(request.custom_id), 40), seen[request.custom_id]))
+                seen[request.custom_id] = number
+                job = request.job._replace(batch=self.ledger.batch, custom_id=request.custom_id)
+                postable(job)  # before the pin: a line that is refused says nothing about its model
+                job = models.pin(job, "its jobs are posted")
+                description = postable(job)
+                key = job_key(job)
+                entry = self.ledger.entries.get(request.custom_id)
+                if entry is not None and entry.job_key != key:
+                    raise JobError("custom_id %s was posted in batch %s%s with another job; give this batch "
+                                   "another --name (or the line another custom_id)" % (
+                                       preview(_dumps(request.custom_id), 40), self.name,
+                                       " as " + entry.item_id if entry.item_id else ""))
+            except UserError as exc:
+                refused.append((number, str(exc)))
+                continue
+            self.jobs += 1
+            if not job.max_tokens:
+                uncapped.append(number)
+            if prompt_warning(job):
+                large.append(number)
+            work.write(json.dumps([number, request.custom_id, request.url, key, description,
+                                   post_title(job.prompt)]) + "\n")
+        if refused:
+            total = self.jobs + len(refused)
+            lines = ["line %d: %s" % r for r in refused[:BATCH_ERRORS_SHOWN]]
+            if len(refused) > BATCH_ERRORS_SHOWN:
+                more = len(refused) - BATCH_ERRORS_SHOWN
+                lines.append("... and %d more line%s refused (--json lists them all)" % (more, "" if more == 1 else "s"))
+            raise UserError("%d of %d lines of %s are not jobs that can be posted; nothing was posted"
+                            % (len(refused), total, self._source()), lines,
+                            lines_refused=[{"line": n, "error": e} for n, e in refused])
+        if not self.jobs:
+            raise UserError("%s has no jobs (no line that is not blank)" % self._source())
+        if uncapped:
+            self.ctx.warn("%d job%s without max_tokens (%s) run to the model's own limit, and %s; give max_tokens "
+                          "on the lines, or --max-tokens N" % (len(uncapped), "" if len(uncapped) == 1 else "s",
+                                                                _lines_said(uncapped), UNCAPPED))
+        if large:
+            self.ctx.warn("%d prompt%s (%s) %s over the %d bytes that workers running `work` take by default "
+                          "(--max-prompt-bytes): most of them will skip %s" % (
+                              len(large), "" if len(large) == 1 else "s", _lines_said(large),
+                              "is" if len(large) == 1 else "are", WORKER_PROMPT_BYTES,
+                              "it" if len(large) == 1 else "them"))
+
+    def _source(self):
+        return "standard input" if self.args.batch == "-" else self.args.batch
+
+    def post(self, wl, work):
+        """Each checked job, unless the ledger has it posted: its intent
+        recorded, `wl post`, its item ID recorded, a line on stdout."""
+        ledger, on_board = self.ledger, None
+        start, done = time.monotonic(), 0
+        number = None
+        try:
+            for record in work:
+                number, custom_id, url, key, description, title = json.loads(record)
+                entry = ledger.entries.get(custom_id)
+                item_id = entry.item_id if entry is not None else None
+                if item_id is not None:
+                    self.before += 1
+                elif entry is not None:  # its post was cut off in an earlier run: it may have happened
+                    if on_board is None:
+                        on_board = self.on_board(wl)
+                    item_id = on_board.get(custom_id)
+                    if item_id is not None:
+                        ledger.posted(custom_id, item_id)
+                        self.found += 1
+                else:
+                    ledger.intend(BatchRequest(number, custom_id, url, None), key)
+                if item_id is None:
+                    item_id = self.post_one(wl, title, description, number)
+                    ledger.posted(custom_id, item_id)
+                    self.posted += 1
+                done += 1
+                self.ctx.out("%s  %s" % (item_id, printable(custom_id)), item_id)
+                self.docs.append({"line": number, "custom_id": custom_id, "id": item_id,
+                                  "posted": entry is None or entry.item_id is None})
+                elapsed = time.monotonic() - start
+                rate = done / elapsed if elapsed > 0 else 0.0
+                self.ctx.status.show("posting batch %s: %d of %d%s" % (self.name, done, self.jobs, (
+                    ", %.1f jobs/s, %s left" % (rate, _seconds((self.jobs - done) / rate)) if rate else "")))
+                if SIGNALS.received:  # held while wl wrote the job
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise Interrupted("%s; run the same command again to post the rest" % self._so_far())
+        finally:
+            self.ctx.status.clear()
+        ledger.finish(self.jobs)
+
+    def post_one(self, wl, title, description, number):
+        try:
+            return wl.post(title, description)
+        except WlError as exc:
+            raise UserError("%s; %s; run the same command again to post the rest (line %d is looked up on the "
+                            "board first: its post may have happened)" % (exc, self._so_far(), number))
+
+    def _so_far(self):
+        return "%d of %d jobs of batch %s are posted (%d by this run)" % (
+            self.before + self.found + self.posted, self.jobs, self.name, self.posted + self.found)
+
+    def on_board(self, wl):
+        """This batch's jobs on the board, by custom_id: one `wl browse`."""
+        found = {}
+        for item in wl.browse(None, max(BROWSE_LIMIT, 2 * self.jobs)):
+            try:
+                job = decode_job(item.description or "")
+            except JobError:
+                continue
+            if job.batch == self.ledger.batch:
+                found.setdefault(job.custom_id, item.id)
+        return found
+
+    def report(self):
+        ledger = self.ledger
+        notes = ["Batch %s: %d job%s, %d posted now%s%s (ledger %s)" % (
+            self.name, self.jobs, "" if self.jobs == 1 else "s", self.posted,
+            ", %d found on the board" % self.found if self.found else "",
+            ", %d posted before" % self.before if self.before else "", ledger.path),
+            "Next: wl_infer.py results %s --wait" % shlex.quote(self.args.batch if self.args.batch != "-"
+                                                                 else self.name)]
+        doc = {"batch": self.name, "ledger": ledger.path, "jobs": self.docs, "posted": self.posted,
+               "found": self.found, "posted_before": self.before}
+        return Report(EXIT_OK, doc, [], notes)
+
+
+# -- collecting results ----------------------------------------------------------
+
+class BatchJob(collections.namedtuple("BatchJob", "line custom_id url item_id")):
+    """A job whose result is collected: its line in the batch file (None:
+    given by its ID), its custom_id (None: the job's own, if any), the
+    OpenAI endpoint its line was written for ("": none) and its item ID."""
+
+    __slots__ = ()
+
+
+class Collection(collections.namedtuple("Collection", "wait deadline interval verify spot_check accept reject "
+                                                      "as_completed")):
+    """How results are collected: wait for workers (until `deadline`
+    seconds, None: no limit), polling every `interval` seconds; check them
+    (`verify`), or a share `spot_check` of each worker's; accept the
+    verified and reject the refuted; hand each on as soon as it is final,
+    or in input order."""
+
+    __slots__ = ()
+
+
+# How far a Result has got
+WAITING, READING, CHECKING, HELD, FINAL, WRITTEN = (
+    "waiting for a worker", "reading", "checking", "held for a spot check", "final", "written")
+
+
+class Result(object):
+    """One job's result while it is collected: the board's view of it, its
+    Verification once read (the cheap checks made), whether a re-run (or a
+    cheap check) decided it (`checked`), an error, the action taken on the
+    board, and its `state`."""
+
+    def __init__(self, index, job):
+        self.index, self.job, self.item_id = index, job, job.item_id
+        self.state = WAITING
+        self.status = self.worker = self.completion_id = None
+        self.verification, self.checked, self.error, self.action = None, False, None, None
+        self.servers = ()  # where it can be checked
+
+    @property
+    def unfinished(self):
+        return self.error is None and self.status not in FINISHED
+
+    @property
+    def custom_id(self):
+        if self.job.custom_id is not None:
+            return self.job.custom_id
+        return (self.verification and self.verification.job.custom_id) or None
+
+    @property
+    def verdict(self):
+        return self.verification.verdict if self.checked and self.error is None else None
+
+    @property
+    def refuted(self):
+        return self.verdict == MISMATCH and self.verification.refuted
+
+    def document(self):
+        """The line `results` writes."""
+        v = self.verification
+        decided = self.verdict is not None
+        return {"custom_id": self.custom_id, "line": self.job.line, "id": self.item_id, "status": self.status,
+                "worker": self.worker, "output": v and v.evidence["output"], "output_hash": v and v.expected_hash,
+                "checked": self.checked, "verdict": self.verdict, "exact": v.exact if decided else None,
+                "sampled": bool(v.sampling) if decided else None,
+                "coverage": v.sampling["coverage"] if decided and v.sampling else None,
+                "refuted": self.refuted if decided else None,
+                "cause": v.cause.document() if decided and v.cause else None, "action": self.action,
+                "error": self.error}
+
+    def openai(self, created):
+        """The line as OpenAI's Batch API writes its output (the answer, or
+        an error for a refuted, unfinished or failed job), with the verdict
+        under "wl_infer"."""
+        ours = self.document()
+        custom_id = ours.pop("custom_id") or self.item_id
+        output = ours.pop("output")
+        line = {"id": self.item_id, "custom_id": custom_id, "response": None, "error": None, "wl_infer": ours}
+        if self.error is not None:
+            line["error"] = {"code": "error", "message": self.error}
+        elif self.unfinished:
+            line["error"] = {"code": "unfinished", "message": "%s is %s: no worker has submitted a result yet"
+                             % (self.item_id, self.status or "not on the board")}
+        elif self.refuted:
+            line["error"] = {"code": "refuted", "message": "%s: %s" % (
+                self.verification.cause.kind, self.verification.cause.message)}
+        else:
+            line["response"] = {"status_code": 200, "request_id": self.item_id,
+                                "body": self._completion(output, created)}
+        return line
+
+    def _completion(self, output, created):
+        evidence, job = self.verification.evidence, self.verification.job
+        lengths = exact_token_lengths(evidence)
+        tokens = evidence["eval_count"] or (len(lengths) if lengths is not None else None)
+        finish = evidence["done_reason"] or None
+        usage = {"prompt_tokens": None, "completion_tokens": tokens, "total_tokens": None}
+        suffix = (self.completion_id or self.item_id).split("-", 1)[-1]
+        if self.job.url == CHAT:
+            return {"id": "chatcmpl-" + suffix, "object": "chat.completion", "created": created, "model": job.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": output},
+                                 "logprobs": None, "finish_reason": finish}], "usage": usage}
+        return {"id": "cmpl-" + suffix, "object": "text_completion", "created": created, "model": job.model,
+                "choices": [{"text": output, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "usage": usage}
+
+
+class Collector(object):
+    """Collects the results of `jobs`: polls the board (one `wl browse` per
+    poll) until every job is done or the deadline has passed, reads each
+    finished job once (`wl status`, READS_IN_FLIGHT at a time), checks it on
+    the Ollama servers (one verification at a time on each, as `work` runs
+    jobs), and hands each result to `on_final` once nothing can change it,
+    having accepted or rejected it first when asked.
+
+    Threads: readers (wl status) and one checker per server take their
+    work from `unread` and `unchecked`; the main thread polls, hands results
+    on and acts on the board. Everything they share is under `cond`.
+    Spot checks: a worker's result is checked with the chance spot_check;
+    every result of a worker that had one refuted is checked; when the
+    polling is over, a worker none of whose results was checked gets one
+    checked at random, and the rest are final unchecked."""
+
+    def __init__(self, ctx, jobs, policy, options, on_final):
+        self.ctx, self.policy, self.options, self.on_final = ctx, policy, options, on_final
+        self.results = [Result(i, job) for i, job in enumerate(jobs)]
+        self.cond = threading.Condition()
+        self.unread, self.unchecked, self.final = collections.deque(), collections.deque(), collections.deque()
+        self.in_flight = 0  # reads and checks
+        self.stopping = False
+        self.polls = 0
+        self.limit = max(BROWSE_LIMIT, 2 * len(jobs))  # items asked of wl browse, raised when it is cut short
+        self.flagged = set()  # workers with a refuted result
+        self.rng = random.SystemRandom()  # which results a spot check takes: a worker must not know
+        self.next_out = 0  # input order: the next result to hand on
+        args = ctx.args
+        self.reads_wl = ctx.new_wl(None)  # calls overlap on threads: the status line says how far we are
+        self.servers = [Server(url, args.timeout) for url in args.ollama_urls] if options.verify else []
+
+    def run(self):
+        """Collect; returns the Results, in input order."""
+        for server in self.servers:
+            server.refresh()
+        if self.servers and all(s.error for s in self.servers):
+            raise OllamaError(self.servers[0].error + " (results are checked on it; --no-verify collects "
+                                                      "them unchecked)")
+        readers = 1 if self.ctx.args.local_db else READS_IN_FLIGHT  # a local Dolt clone: one at a time
+        threads = [threading.Thread(target=self._guarded, args=(self.read_loop,), daemon=True)
+                   for _ in range(readers)]
+        threads += [threading.Thread(target=self._guarded, args=(self.check_loop, s), daemon=True)
+                    for s in self.servers]
+        for thread in threads:
+            thread.start()
+        clock = time.monotonic
+        deadline = None if self.options.deadline is None else clock() + self.options.deadline
+        next_poll = clock()
+        try:
+            while self.hand_on() < len(self.results):
+                with self.cond:
+                    now = clock()
+                    polling = self._polling(now, deadline)
+                    if not polling:
+                        self._settle()
+                    if not polling or now < next_poll:
+                        wake = [0.5] + ([next_poll - now] if polling else [])
+                        self.cond.wait(max(0.01, min(wake)))
+                        self._show(polling, next_poll - clock())
+                        continue
+                if self.poll():
+                    next_poll = clock() + self.options.interval
+                else:  # wl failed: tried again at the next poll, as a worker does
+                    next_poll = clock() + min(self.options.interval * 2, WORK_BACKOFF_MAX)
+                if SIGNALS.received:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            for server in self.servers:
+                server.ollama.cancel()
+            written = sum(1 for r in self.results if r.state == WRITTEN)
+            raise Interrupted("%d of %d results were handed on; the same command collects them again"
+                              % (written, len(self.results)))
+        finally:
+            with self.cond:
+                self.stopping = True
+                self.cond.notify_all()
+            self.ctx.status.clear()
+        return self.results
+
+    def _guarded(self, loop, *args):
+        """A thread's loop; a bug ends the command with one line, not a traceback."""
+        try:
+            loop(*args)
+        except Exception as exc:
+            with self.cond:
+                for r in self.results:
+                    if r.state in (READING, CHECKING):
+                        r.error = "internal error: %s: %s" % (type(exc).__name__, exc)
+                        self._finalize(r)
+                self.cond.notify_all()
+
+    def _polling(self, now, deadline):
+        """Whether the board is to be polled again; when not, the jobs no
+        worker has done are final, unfinished."""
+        waiting = [r for r in self.results if r.state == WAITING]
+        if waiting and (not self.polls or (self.options.wait and (deadline is None or now < deadline))):
+            return True
+        for r in waiting:
+            self._finalize(r)
+        return False
+
+    def _show(self, polling, next_poll):
+        counts = collections.Counter(r.state for r in self.results)
+        done = counts[FINAL] + counts[WRITTEN]
+        self.ctx.status.show("results: %d of %d final%s%s%s" % (
+            done, len(self.results), ", %d being checked" % (counts[CHECKING] + counts[READING])
+            if counts[CHECKING] + counts[READING] else "",
+            ", %d not done by a worker yet" % counts[WAITING] if counts[WAITING] else "",
+            "; next look at the board in %.0f s" % max(0, next_poll) if polling else ""))
+
+    # -- the board ---------------------------------------------------------------
+    def poll(self):
+        """One `wl browse`: jobs a worker has done are read. Returns False when wl failed (under --wait)."""
+        self.polls += 1
+        try:
+            items = self.ctx.wl.browse(None, self.limit, descriptions=False)
+        except UserError as exc:
+            if not self.options.wait:
+                raise
+            self.ctx.warn("%s; trying again at the next poll" % exc)
+            return False
+        cut = len(items) >= self.limit
+        listed = dict((item.id, item) for item in items)
+        with self.cond:
+            for r in self.results:
+                if r.state != WAITING:
+                    continue
+                item = listed.get(r.item_id) or self._by_prefix(r, items)
+                if item is None:
+                    if not cut and r.error is None:
+                        r.error = "%s is not on the board (withdrawn, or no such item)" % r.item_id
+                        self._finalize(r)
+                    continue
+                r.item_id, r.status, r.worker = item.id, item.status, item.claimed_by
+                if item.status in FINISHED:
+                    r.state = READING
+                    self.unread.append(r)
+            self.cond.notify_all()
+        if cut:  # the board has more items than wl listed: ask for more next time
+            self.limit *= 2
+        return True
+
+    def _by_prefix(self, r, items):
+        """The item an ID prefix given on the command line names, as wl resolves it."""
+        found = [item for item in items if item.id.startswith(r.item_id)]
+        if len(found) > 1:
+            r.error = 'ambiguous prefix "%s" matches: %s' % (r.item_id, ", ".join(i.id for i in found[:5]))
+            self._finalize(r)
+            return None
+        return found[0] if found else None
+
+    def read_loop(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopping or self.unread)
+                if self.stopping:
+                    return
+                r = self.unread.popleft()
+                self.in_flight += 1
+            item = verification = error = None
+            try:
+                item = self.reads_wl.status(r.item_id)
+                if item.status in FINISHED:
+                    verification = Verification.check_evidence(item)
+            except UserError as exc:
+                error = str(exc)
+            with self.cond:
+                self.in_flight -= 1
+                if item is not None:
+                    r.status = item.status
+                    completion = item.completion
+                    r.worker = (completion and completion.completed_by) or item.claimed_by or r.worker
+                    r.completion_id = completion and completion.id
+                if error is not None:
+                    r.error = error
+                    self._finalize(r)
+                elif item.status not in FINISHED:  # sent back meanwhile (rejected): the next poll sees it again
+                    r.state = WAITING
+                else:
+                    r.verification = verification
+                    self._decide(r)
+                self.cond.notify_all()
+
+    # -- checking ----------------------------------------------------------------
+    def _decide(self, r):
+        """After the cheap checks: final (refuted by them, or not to be
+        checked), to be checked, or held for the spot check (under cond)."""
+        if r.verification.verdict is not None:  # the cheap checks refuted it
+            r.checked = True
+            self._finalize(r)
+        elif not self.options.verify:
+            self._finalize(r)
+        elif self.options.spot_check is None or r.worker in self.flagged or \
+                self.rng.random() < self.options.spot_check:
+            self._check(r)
+        else:
+            r.state = HELD
+
+    def _check(self, r):
+        model = r.verification.job.model
+        r.servers = [s for s in self.servers if find_model(s.models, model) is not None] or self.servers[:1]
+        r.state = CHECKING
+        self.unchecked.append(r)
+
+    def check_loop(self, server):
+        def mine():
+            return next((r for r in self.unchecked if server in r.servers), None)
+
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopping or mine() is not None)
+                if self.stopping:
+                    return
+                r = mine()
+                self.unchecked.remove(r)
+                self.in_flight += 1
+            error = None
+            try:
+                r.verification.rerun(server.ollama, self.policy)
+            except UserError as exc:
+                error = str(exc)
+            with self.cond:
+                self.in_flight -= 1
+                r.checked, r.error = error is None, error
+                self._finalize(r)
+                self.cond.notify_all()
+
+    def _settle(self):
+        """Once the polling is over and nothing is in flight: the spot
+        check's last word on the results it held (under cond)."""
+        if self.in_flight or self.unread or self.unchecked:
+            return
+        held = [r for r in self.results if r.state == HELD]
+        checked = set(r.worker for r in self.results if r.checked)
+        unseen = collections.OrderedDict()
+        for r in held:
+            if r.worker not in checked:
+                unseen.setdefault(r.worker, []).append(r)
+        for results in unseen.values():  # at least one result of each worker is checked
+            self._check(self.rng.choice(results))
+        if not unseen:
+            for r in held:
+                self._finalize(r)
+        self.cond.notify_all()
+
+    def _finalize(self, r):
+        """Nothing will change `r` now (under cond); a refuted result has
+        every result of its worker checked."""
+        r.state = FINAL
+        self.final.append(r)
+        if r.refuted and self.options.spot_check is not None and r.worker not in self.flagged:
+            self.flagged.add(r.worker)
+            for other in self.results:
+                if other.worker == r.worker and other.state == HELD:
+                    self._check(other)
+
+    # -- handing on ----------------------------------------------------------------
+    def hand_on(self):
+        """Act on and hand on the results that are final, in input order or
+        as they came; returns how many have been handed on."""
+        while True:
+            with self.cond:
+                if self.options.as_completed:
+                    r = self.final.popleft() if self.final else None
+                else:
+                    nxt = self.results[self.next_out] if self.next_out < len(self.results) else None
+                    r = nxt if nxt is not None and nxt.state == FINAL else None
+                    self.next_out += r is not None
+                if r is None:
+                    return sum(1 for x in self.results if x.state == WRITTEN)
+                r.state = WRITTEN
+            self.act(r)
+            self.on_final(r)
+
+    def act(self, r):
+        """--accept and --reject, as audit's, on this result's item."""
+        options = self.options
+        if not (options.accept or options.reject) or r.error is not None or r.status != "in_review":
+            return
+        if not r.checked:
+            r.action = "kept in review (not checked)" if options.accept else None
+            return
+        try:
+            r.action = act_on_board(self.ctx, r.verification, options.accept, options.reject)
+        except UserError as exc:
+            r.error = str(exc)
+
+
+def act_on_board(ctx, verification, accept, reject):
+    """audit's and results' --accept and --reject: what was done, or None."""
+    if accept and verification.verdict == VERIFIED:
+        return _accept(ctx, verification)
+    if reject and verification.refuted:
+        cause = verification.cause
+        ctx.wl.reject(verification.item_id, preview("wl_infer audit: MISMATCH, %s: %s" % (
+            cause.kind, cause.message), 500))
+        return "rejected"
+    if reject and verification.verdict == MISMATCH:
+        return "kept in review (not a refutation)"
+    return None
+
+
+def unchecked_chance(results, checked, forged):
+    """The chance that a worker who forged `forged` of its `results` had
+    none of them among the `checked` ones drawn at random."""
+    if forged > results - checked:
+        return 0.0
+    return math.comb(results - forged, checked) / math.comb(results, checked)
+
+
+# =============================================================================
 # Commands: each takes (ctx, args) and returns a Report
 # =============================================================================
 
@@ -3046,41 +4213,104 @@ def _provenance_lines(evidence, indent):
 
 
 def cmd_post(ctx, args):
+    if args.batch is not None:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise UserError("--batch and --prompt/--prompt-file do not go together: each line of the batch file "
+                            "has its prompt")
+        if args.wait:
+            raise UserError("post --batch does not wait: collect its answers with `wl_infer.py results %s --wait`"
+                            % shlex.quote(args.batch))
+        if args.model is not None:
+            check_model_name(args.model, "--model")
+        return BatchPost(ctx, args).run()
+    if args.name is not None:
+        raise UserError("--name names a batch: it needs --batch FILE")
+    if args.model is None:
+        raise UserError("post needs --model TAG (or --batch FILE, whose lines may name their models)")
     check_model_name(args.model, "--model")
+    policy, options = wait_settings(args)
     wl = ctx.wl  # a missing wl is an error now, before any warning about the job
     prompt = read_prompt(args)
     job = make_job(prompt, args.model, args.seed, args.max_tokens)
-    description = encode_job(job)
-    check_field_size(description, "the job", "shorten the prompt")  # before contacting anything
     try:
-        decode_job(description)  # never post what workers would refuse
+        postable(job)  # before contacting anything: never post what workers would refuse
+        job = LocalModels(ctx, args.no_pin).pin(job)
+        description = postable(job)
     except JobError as exc:
-        raise UserError("not posted: workers would refuse this job (%s)" % exc)
-    try:
-        digest = find_model(ctx.ollama.models(), job.model)
-        if digest is None:
-            ctx.warn("model %s is not in the local Ollama at %s; the job is posted anyway, but "
-                     "you cannot verify results until you `ollama pull %s`"
-                     % (job.model, ctx.ollama.url, job.model))
-        elif not args.no_pin and _is_digest(digest):
-            job = job._replace(model_digest=digest)
-        elif not args.no_pin:
-            ctx.warn("not pinned: Ollama reports the digest of %s as %s, not 64 hex digits"
-                     % (job.model, preview(_dumps(digest), 80)))
-    except OllamaError as exc:
-        ctx.warn("could not check the model locally: %s" % exc)
-    description = encode_job(job)
-    check_field_size(description, "the job", "shorten the prompt")
+        raise UserError("not posted: %s" % exc)
     if not job.max_tokens:
-        ctx.warn("no --max-tokens: the job runs to the model's own limit, and workers running `work` skip "
-                 "such jobs unless they pass --allow-uncapped; post with --max-tokens N to have it taken")
+        ctx.warn("no --max-tokens: the job runs to the model's own limit, and %s; post with --max-tokens N to have "
+                 "it taken" % UNCAPPED)
+    if prompt_warning(job):
+        ctx.warn(prompt_warning(job))
     title = post_title(prompt)
     item_id = wl.post(title, description)
     if SIGNALS.received:  # held while wl wrote the job
         raise Interrupted("the job was posted before stopping: %s" % item_id)
-    return Report(EXIT_OK, {"id": item_id, "title": title, "job": job.document()},
-                  ["✓ Posted inference job: " + item_id] + _job_lines(job),
-                  notes=["Next: wl_infer.py run " + item_id], quiet=[item_id])
+    doc = {"id": item_id, "title": title, "job": job.document()}
+    if options is None:
+        return Report(EXIT_OK, doc, ["✓ Posted inference job: " + item_id] + _job_lines(job),
+                      notes=["Next: wl_infer.py run " + item_id], quiet=[item_id])
+    return wait_for_answer(ctx, doc, policy, options)
+
+
+def wait_for_answer(ctx, doc, policy, options):
+    """post --wait: the answer of the job just posted, once a worker has
+    done it and it is checked, exactly as it is on stdout."""
+    item_id = doc["id"]
+    later = "`wl_infer.py results %s --wait`" % item_id
+    if not ctx.args.quiet:
+        ctx.status.above("posted %s; waiting for a worker to do it" % item_id)
+    try:
+        [result] = Collector(ctx, [BatchJob(None, None, "", item_id)], policy, options, lambda r: None).run()
+    except Interrupted:
+        raise Interrupted("the job is posted as %s; collect its answer with %s" % (item_id, later))
+    doc["result"] = result.document()
+    if result.error is not None:
+        raise UserError("%s: %s" % (item_id, result.error))
+    if result.unfinished:
+        ctx.warn("no worker had done %s within %s; it stays posted: collect its answer with %s"
+                 % (item_id, _seconds(options.deadline), later))
+        return Report(EXIT_UNFINISHED, doc, [])
+    if result.verdict == MISMATCH:
+        cause = result.verification.cause
+        ctx.warn("the answer to %s is a MISMATCH (%s%s), so it is not printed; `wl_infer.py verify %s` says why"
+                 % (item_id, cause.kind, ", refuted" if result.refuted else "", item_id))
+        return Report(EXIT_MISMATCH, doc, [])
+    verification = result.verification
+    note = ("✓ VERIFIED answer to %s (completed by %s)" % (item_id, printable(result.worker or "unknown"))
+            if result.checked else "the answer to %s, not checked (--no-verify)" % item_id)
+    return Report(EXIT_OK, doc, [], [note], raw=verification.evidence["output"])
+
+
+def wait_settings(args):
+    """post --wait's Policy (None: --no-verify) and Collection, or (None, None) without --wait."""
+    given = [name for name in ("wait_timeout", "interval", "tolerance", "max_forced", "sample", "window",
+                               "sample_seed") if getattr(args, name) not in (None, 0.0)]
+    if args.strict or args.no_verify:
+        given.append("strict" if args.strict else "no_verify")
+    if not args.wait:
+        if given:
+            raise UserError("--%s is for waiting: it needs --wait" % given[0].replace("_", "-"))
+        return None, None
+    return collection_settings(args, spot_check=None, accept=False, reject=False, as_completed=False)
+
+
+def collection_settings(args, spot_check, accept, reject, as_completed):
+    """The Policy (None: --no-verify) and the Collection of `results` and `post --wait`."""
+    if args.no_verify and (args.strict or args.tolerance or args.sample or args.max_forced is not None):
+        raise UserError("--no-verify checks nothing, so it takes no --strict, --tolerance, --max-forced or --sample")
+    if args.wait_timeout is not None and not args.wait:
+        raise UserError("--wait-timeout needs --wait")
+    if args.interval is not None and not args.wait:
+        raise UserError("--interval needs --wait: without it the board is looked at once")
+    policy = None if args.no_verify else verify_policy(args)
+    interval = DEFAULT_RESULTS_INTERVAL if args.interval is None else args.interval
+    return policy, Collection(args.wait, args.wait_timeout, interval, not args.no_verify, spot_check, accept, reject,
+                              as_completed)
+
+
+DEFAULT_RESULTS_INTERVAL = 10.0  # seconds between looks at the board while waiting for workers
 
 
 def read_prompt(args):
@@ -3121,13 +4351,45 @@ def cmd_run(ctx, args):
 
 
 def cmd_verify(ctx, args):
-    verification = verify_item(ctx, ctx.wl.status(args.id), verify_policy(args))
+    policy = verify_policy(args)
+    return each_item(args.ids, lambda item_id: verification_report(verify_item(ctx, ctx.wl.status(item_id),
+                                                                               policy)))
+
+
+def verification_report(verification):
     return Report(EXIT_OK if verification.verdict == VERIFIED else EXIT_MISMATCH, verification.document(),
                   verification.report())
 
 
+def each_item(ids, report_of):
+    """The Report of a command given several IDs: each item's report in
+    turn (a blank line between them; --json: one document each), exiting
+    with the worst code. With one ID, its own report, errors included; with
+    several, an item that fails is an error line and the rest go on."""
+    if len(ids) == 1:
+        return report_of(ids[0])
+    text, quiet, docs, errors, notes, code = [], [], [], [], [], EXIT_OK
+    for item_id in ids:
+        try:
+            report = report_of(item_id)
+        except UserError as exc:
+            errors.append("%s: %s" % (item_id, exc))
+            docs.append({"id": item_id, "error": str(exc)})
+            code = EXIT_ERROR
+            continue
+        text += ([""] if text else []) + report.text
+        quiet += report.quiet
+        docs.append(report.doc)
+        notes += report.notes
+        code = max(code, report.code)
+    return Report(code, None, text, notes, quiet, errors=errors, docs=docs)
+
+
 def cmd_status(ctx, args):
-    item = ctx.wl.status(args.id)
+    return each_item(args.ids, lambda item_id: status_report(ctx.wl.status(item_id)))
+
+
+def status_report(item):
     job, job_error = None, None
     try:
         job = job_of(item)
@@ -3163,6 +4425,182 @@ def cmd_status(ctx, args):
                "raw": completion.evidence and _go_string(completion.evidence),
                "checks": [c._asdict() for c in checks]}}
     return Report(EXIT_OK, doc, text, quiet=[printable(item.status)])
+
+
+def cmd_output(ctx, args):
+    """The submitted outputs, exactly as submitted: all of them, or none
+    (an error about one would leave the others misaligned in a pipe)."""
+    outputs, docs = [], []
+    for item_id in args.ids:
+        item = ctx.wl.status(item_id)
+        completion = item.completion
+        if completion is None or not completion.evidence:
+            raise UserError("%s has no completion, so no output (status %s)" % (item.id, item.status))
+        try:
+            job = job_of(item)
+        except UserError:
+            job = None
+        evidence, checks, cause = evidence_checks(job, completion.evidence)
+        if evidence is None:
+            raise JobError("%s: %s" % (item.id, checks[0].message))
+        if cause is not None:  # free to see, and a reader must know before using the text
+            ctx.warn("%s: the output is refuted without a re-run (%s): %s" % (item.id, cause.kind, cause.message))
+        outputs.append(evidence["output"])
+        docs.append({"id": item.id, "completed_by": completion.completed_by, "output": evidence["output"],
+                     "output_hash": evidence["output_hash"], "refuted": cause is not None})
+    end = "\0" if args.null else "\n" if len(outputs) > 1 else ""
+    return Report(EXIT_OK, docs[0], [], raw="".join(output + end for output in outputs),
+                  docs=docs if len(docs) > 1 else None)
+
+
+def results_source(args):
+    """(the batch's name or None, its BatchJobs in input order, notes) from
+    the command line: a batch file or a ledger's name, item IDs, or --ids FILE."""
+    if args.ids_file is not None:
+        return None, [BatchJob(None, None, "", i) for i in read_ids(args.ids_file)], []
+    if not args.batch:
+        raise UserError("results needs a batch (its file or its name), item IDs, or --ids FILE")
+    if all(is_item_id(b) and not os.path.isfile(b) for b in args.batch):
+        return None, [BatchJob(None, None, "", i) for i in args.batch], []
+    if len(args.batch) > 1:
+        raise UserError("results takes one batch (its file or its name), or item IDs; got %s"
+                        % " ".join(shlex.quote(b) for b in args.batch))
+    given = args.batch[0]
+    name = batch_name(given, args.name) if os.path.isfile(given) or given == "-" else batch_name(None, args.name
+                                                                                               or given)
+    ledger = Ledger.load(name)
+    if ledger is None:
+        raise UserError("no batch %s here: there is no ledger %s (a batch is posted with `wl_infer.py post --batch "
+                        "FILE`, on this machine)" % (name, Ledger.path_of(name)))
+    entries = sorted(ledger.entries.values(), key=lambda e: e.line or 0)
+    jobs = [BatchJob(e.line, e.custom_id, e.url, e.item_id) for e in entries if e.item_id is not None]
+    notes = []
+    missing = [e.line for e in entries if e.item_id is None]
+    if missing or ledger.complete is None:
+        notes.append("batch %s was not posted whole%s: run the `wl_infer.py post --batch` that posted it again to "
+                     "post the rest" % (name, " (%s perhaps not posted)" % _lines_said(missing) if missing else ""))
+    return name, jobs, notes
+
+
+def read_ids(path):
+    """Item IDs, the first word of each line of `path` (- : standard
+    input) that is not blank: the output of `list -q` or `post --batch`."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError("cannot read --ids %s: %s" % (path, _reason(exc)))
+    ids = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words:
+            continue
+        if not is_item_id(words[0]):
+            raise UserError("line %d of --ids %s: %s is not an item ID" % (number, path, preview(words[0], 40)))
+        ids.append(words[0])
+    if not ids:
+        raise UserError("--ids %s holds no item IDs" % path)
+    return ids
+
+
+def cmd_results(ctx, args):
+    if args.spot_check is not None and args.no_verify:
+        raise UserError("--spot-check chooses which results to check; --no-verify checks none")
+    if args.accept and args.no_verify:
+        raise UserError("--accept accepts only verified results, and --no-verify checks none")
+    policy, options = collection_settings(args, args.spot_check, args.accept, args.reject, args.as_completed)
+    name, jobs, notes = results_source(args)
+    if not jobs:
+        raise UserError("batch %s has no posted jobs" % name)
+    for note in notes:
+        ctx.warn(note)
+    created = int(time.time())
+    lines = []
+
+    def write(result):
+        line = result.openai(created) if args.format == "openai" else result.document()
+        if args.json:
+            lines.append(line)
+        else:
+            text = _json_line(line)
+            ctx.out(text, text)
+
+    results = Collector(ctx, jobs, policy, options, write).run()
+    return results_report(name, results, options, lines)
+
+
+def _json_line(doc):
+    """One JSON Lines record, as _json_text encodes (UTF-8 as it is where stdout is UTF-8)."""
+    utf8 = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
+    return json.dumps(doc, ensure_ascii=not utf8, separators=(",", ":"))
+
+
+def results_report(name, results, options, lines):
+    counts = collections.Counter()
+    for r in results:
+        if r.error is not None:
+            counts["error"] += 1
+        elif r.unfinished:
+            counts["unfinished"] += 1
+        elif r.verdict is None:
+            counts["unchecked"] += 1
+        else:
+            counts[r.verdict] += 1
+            counts["refuted"] += r.refuted
+    code = EXIT_OK
+    if counts["error"]:
+        code = EXIT_ERROR
+    elif counts[MISMATCH]:
+        code = EXIT_MISMATCH
+    elif counts["unfinished"]:
+        code = EXIT_UNFINISHED
+    summary = "%s: %d job%s: %d verified, %d MISMATCH (%d refuted), %d not checked, %d not done by a worker, " \
+              "%d error%s" % ("Results of batch " + name if name else "Results", len(results),
+                              "" if len(results) == 1 else "s", counts[VERIFIED], counts[MISMATCH],
+                              counts["refuted"], counts["unchecked"], counts["unfinished"], counts["error"],
+                              "" if counts["error"] == 1 else "s")
+    notes = [summary]
+    actions = collections.Counter(r.action for r in results if r.action)
+    if actions:
+        notes.append("On the board: " + ", ".join("%s %d" % (a, n) for a, n in sorted(actions.items())))
+    workers = spot_check_figures(results) if options.spot_check is not None else []
+    for w in workers:
+        notes.append("  " + w["said"])
+    if counts["unfinished"]:
+        notes.append("%d job%s not done by a worker yet: the same command with --wait collects %s" % (
+            counts["unfinished"], "" if counts["unfinished"] == 1 else "s",
+            "it" if counts["unfinished"] == 1 else "them"))
+    errors = ["%s: %s" % (r.item_id, r.error) for r in results if r.error is not None]
+    doc = {"batch": name, "results": lines, "counts": dict((k.lower(), v) for k, v in counts.items()),
+           "workers": [dict((k, v) for k, v in w.items() if k != "said") for w in workers]}
+    return Report(code, doc, [], notes, errors=errors)
+
+
+def spot_check_figures(results):
+    """Per worker: its results, how many were checked and refuted, and the
+    chance that forging 1, a tenth or half of them would have gone unchecked."""
+    by_worker = collections.OrderedDict()
+    for r in results:
+        if r.verification is not None and r.error is None:
+            by_worker.setdefault(r.worker or "unknown", []).append(r)
+    figures = []
+    for worker, mine in by_worker.items():
+        n, k = len(mine), sum(1 for r in mine if r.checked)
+        refuted = sum(1 for r in mine if r.refuted)
+        forged = sorted(set(f for f in (1, -(-n // 10), -(-n // 2)) if 1 <= f <= n))
+        chances = dict((str(f), round(unchecked_chance(n, k, f), 4)) for f in forged)
+        if refuted:
+            said = "%s: %d of %d results refuted, so every one was checked" % (printable(worker), refuted, n)
+        else:
+            said = "%s: %d of %d results checked, none refuted; had %s forged %s, the chance it went unchecked: %s" % (
+                printable(worker), k, n, printable(worker), " / ".join("%s of %d" % (f, n) for f in chances),
+                " / ".join("%.0f%%" % (100 * p) for p in chances.values()))
+        figures.append({"worker": worker, "results": n, "checked": k, "refuted": refuted,
+                        "unchecked_chance": chances, "said": said})
+    return figures
 
 
 def cmd_spool(ctx, args):
@@ -3204,20 +4642,36 @@ class Listed(collections.namedtuple("Listed", "item job job_error")):
     __slots__ = ()
 
 
+class Listing(collections.namedtuple("Listing", "items total more")):
+    """What one `wl browse` showed: the Listed items (up to the limit), how
+    many there were, and whether wl's own list was cut (there may be more)."""
+
+    __slots__ = ()
+
+    def cut(self, what, limit):
+        """The note that --limit cut the list, or None."""
+        if self.total <= len(self.items):
+            return None
+        return "showing %d of %s%d %s (--limit %d)" % (len(self.items), "at least " if self.more else "",
+                                                       self.total, what, limit)
+
+
 def board_items(ctx, status, model, limit):
-    """One `wl browse`: Listed inference items with `status` ("all": any)
-    and, when given, `model`; at most `limit`."""
+    """One `wl browse`: the Listing of inference items with `status`
+    ("all": any) and, when given, `model`. wl is asked for more than
+    `limit`, so that a filter does not cut the list short and a cut is said."""
     wanted = full_model_name(model).lower() if model else None
-    # with a model filter, wl is asked for more, so the filter does not cut the list short
+    asked = max(limit + 1, BROWSE_LIMIT)
+    items = ctx.wl.browse(None if status == "all" else status, asked)
     listed = []
-    for item in ctx.wl.browse(None if status == "all" else status, max(limit, BROWSE_LIMIT) if wanted else limit):
+    for item in items:
         try:
             listed.append(Listed(item, job_of(item), None))
         except UserError as exc:
             listed.append(Listed(item, None, str(exc)))
     if wanted:
         listed = [entry for entry in listed if entry.job and full_model_name(entry.job.model).lower() == wanted]
-    return listed[:limit]
+    return Listing(listed[:limit], len(listed), len(items) >= asked)
 
 
 def _table(header, rows):
@@ -3228,7 +4682,8 @@ def _table(header, rows):
 
 def cmd_list(ctx, args):
     rows, docs = [], []
-    for item, job, job_error in board_items(ctx, args.status, args.model, args.limit):
+    listing = board_items(ctx, args.status, args.model, args.limit)
+    for item, job, job_error in listing.items:
         docs.append({"id": item.id, "status": item.status, "priority": item.priority, "job": job and job.document(),
                      "job_error": job_error, "title": item.title, "posted_by": item.posted_by,
                      "claimed_by": item.claimed_by})
@@ -3243,8 +4698,9 @@ def cmd_list(ctx, args):
     if not rows:
         return Report(EXIT_OK, docs, [], ["No%s inference jobs on the board%s." % (
             which, " for model " + printable(args.model) if args.model else "")])
-    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows),
-                  ["%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")], ids)
+    counted = listing.cut("%s inference jobs" % which.strip() if which else "inference jobs", args.limit) or \
+        "%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")
+    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows), [counted], ids)
 
 
 class AuditRow(object):
@@ -3259,7 +4715,8 @@ def cmd_audit(ctx, args):
     """Verify every completion in review: the cheap checks of all first (a
     forged output costs nothing), then the re-runs, shortest output first."""
     policy = verify_policy(args)
-    rows = [AuditRow(listed.item.id) for listed in board_items(ctx, "in_review", args.model, args.limit)]
+    listing = board_items(ctx, "in_review", args.model, args.limit)
+    rows = [AuditRow(listed.item.id) for listed in listing.items]
     for n, row in enumerate(rows, 1):
         ctx.status.show("%d of %d: reading %s" % (n, len(rows), row.item_id))
         try:
@@ -3270,24 +4727,22 @@ def cmd_audit(ctx, args):
     pending = [r for r in rows if r.verification and r.verification.verdict is None]
     for n, row in enumerate(sorted(pending, key=lambda r: len(r.verification.evidence["output"])), 1):
         try:
-            row.verification.rerun(ctx, policy, "%d of %d: " % (n, len(pending)))
+            position = "%d of %d: " % (n, len(pending))
+            row.verification.rerun(ctx.ollama, policy, lambda label, total: ctx.progress(position + label, total))
         except UserError as exc:
             row.verification, row.error = None, str(exc)
     for row in rows:
-        verification = row.verification
+        if row.verification is None:
+            continue
         try:
-            if args.accept and verification and verification.verdict == VERIFIED:
-                row.action = _accept(ctx, verification)
-            elif args.reject and verification and verification.refuted:
-                cause = verification.cause
-                ctx.wl.reject(row.item_id, preview("wl_infer audit: MISMATCH, %s: %s" % (cause.kind, cause.message),
-                                                   500))
-                row.action = "rejected"
-            elif args.reject and verification and verification.verdict == MISMATCH:
-                row.action = "kept in review (not a refutation)"
+            row.action = act_on_board(ctx, row.verification, args.accept, args.reject)
         except UserError as exc:
             row.error = str(exc)
-    return audit_report(rows, policy)
+    report = audit_report(rows, policy)
+    cut = listing.cut("completions in review", args.limit)
+    if cut:
+        report.notes.insert(1, cut + "; the rest were not audited")
+    return report
 
 
 def _accept(ctx, verification):
@@ -3351,8 +4806,6 @@ def cmd_work(ctx, args):
     SIGNALS.graceful = True  # the first signal lets the job in flight finish
     wl = ctx.wl  # made before the threads start: a missing wl is an error now
     wl.status_line = None  # calls overlap on threads: the status line shows the jobs in flight instead
-    if args.local_db:  # a local Dolt clone takes one writer at a time
-        wl.turn = threading.Lock()
     return Worker(ctx, args).run()
 
 
@@ -3412,7 +4865,25 @@ def _positive(text):
     return value
 
 
+def _duration(text):
+    """Seconds, or a number with s, m or h."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:].lower())
+    value = float(text[:-1] if scale else text) * (scale or 1)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _rate(text):
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 < value <= 1:
+        raise ValueError(text)
+    return value
+
+
 _seed.__name__ = "64-bit integer seed"
+_duration.__name__ = "duration (seconds, or 90s, 15m, 2h)"
+_rate.__name__ = "share between 0 and 1 (or 1% to 100%)"
 _max_tokens.__name__ = "non-negative integer"
 _positive.__name__ = "positive number of seconds"
 _nats.__name__ = "non-negative number of nats"
@@ -3432,13 +4903,56 @@ def _post_arguments(p):
     p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin, less one trailing "
                    "newline (write --prompt=-TEXT for a prompt that starts with -)")
     p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file, byte for byte")
-    p.add_argument("--model", required=True, metavar="TAG", help="Ollama model, e.g. llama3.2:1b")
+    p.add_argument("--model", metavar="TAG", help="Ollama model, e.g. llama3.2:1b (with --batch: for the lines "
+                   "that name none)")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
     p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
                    help="token limit (default 0: the model's default)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the local model's digest in the job (pinned by default when present)")
+    p.add_argument("--batch", metavar="FILE", help="post a job per line of FILE (- : stdin): our lines or OpenAI "
+                   "batch requests; checked whole first, posted exactly once (run again to resume)")
+    p.add_argument("--name", metavar="NAME", help="with --batch: the batch's name (default: the file's name "
+                   "without its extension; needed for stdin)")
+    p.add_argument("--wait", action="store_true", help="wait until a worker has done the job, check the answer "
+                   "and print it on stdout, exactly")
+    _wait_arguments(p)
+    _policy_arguments(p)
     _no_push(p)
+
+
+def _wait_arguments(p):
+    p.add_argument("--wait-timeout", type=_duration, metavar="D",
+                   help="with --wait: give up after D (seconds, or 90s, 15m, 2h; exit %d)" % EXIT_UNFINISHED)
+    p.add_argument("--interval", type=_positive, metavar="SECONDS",
+                   help="with --wait: seconds between looks at the board (default %g)" % DEFAULT_RESULTS_INTERVAL)
+    p.add_argument("--no-verify", action="store_true", help="take the answers as submitted, without re-running "
+                   "them (the checks that need no model still run)")
+
+
+def _results_arguments(p):
+    p.add_argument("batch", nargs="*", metavar="BATCH", help="the batch file, or its name, or item IDs")
+    p.add_argument("--ids", dest="ids_file", metavar="FILE", help="the item IDs in FILE (- : stdin), the first "
+                   "word of each line")
+    p.add_argument("--name", metavar="NAME", help="the batch's name, when post --batch was given one")
+    p.add_argument("--wait", action="store_true", help="wait until every job is done by a worker")
+    _wait_arguments(p)
+    p.add_argument("--spot-check", type=_rate, metavar="RATE", help="re-run only a share RATE (0.1 or 10%%) of "
+                   "each worker's answers, at least one each, and all of a worker's once one is refuted")
+    p.add_argument("--accept", action="store_true", help="accept the verified (wl accept --quality 5)")
+    p.add_argument("--reject", action="store_true", help="reject the refuted, with the cause (wl reject)")
+    p.add_argument("--format", choices=("wl_infer", "openai"), default="wl_infer",
+                   help="openai: OpenAI Batch API output lines, the verdict under \"wl_infer\"")
+    p.add_argument("--as-completed", action="store_true",
+                   help="write each line as soon as it is final, not in the batch's order")
+    _policy_arguments(p)
+    _no_push(p)
+
+
+def _output_arguments(p):
+    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP)
+    p.add_argument("-z", "--null", action="store_true", help="end each output with a NUL (default: one ID: "
+                   "nothing added; several: a newline after each)")
 
 
 def _logprobs(p):
@@ -3455,7 +4969,7 @@ def _run_arguments(p):
 
 
 def _verify_arguments(p):
-    p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
+    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP + "; several: each in turn")
     _policy_arguments(p)
 
 
@@ -3493,7 +5007,7 @@ def verify_policy(args):
 
 
 def _status_arguments(p):
-    p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
+    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP + "; several: each in turn")
 
 
 def _list_arguments(p):
@@ -3541,11 +5055,22 @@ class Command(collections.namedtuple("Command", "name run help usage add_argumen
 
 
 COMMANDS = [
-    Command("post", cmd_post, "post an inference job on the board",
-            "--model TAG --prompt TEXT [options]", _post_arguments, [
+    Command("post", cmd_post, "post an inference job, or a batch file of them, on the board",
+            "--model TAG --prompt TEXT [--wait] [options] | --batch FILE [options]", _post_arguments, [
                 'wl_infer.py post --prompt "What is 1+1?" --model llama3.2:1b --max-tokens 64',
-                'echo "Name a prime." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 32',
-                "id=$(wl_infer.py -q post --prompt-file question.txt --model llama3.2:1b --max-tokens 256)",
+                'echo "Summarise: ..." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 256 --wait',
+                "wl_infer.py post --batch prompts.jsonl --model llama3.2:1b --max-tokens 256",
+            ]),
+    Command("results", cmd_results, "collect a batch's answers, each checked: JSON lines on stdout",
+            "BATCH | ID... | --ids FILE [options]", _results_arguments, [
+                "wl_infer.py results prompts.jsonl --wait > answers.jsonl",
+                "wl_infer.py results prompts.jsonl --spot-check 10% --accept --reject",
+                "wl_infer.py results prompts.jsonl --format openai > output.jsonl",
+            ]),
+    Command("output", cmd_output, "print submitted outputs exactly as submitted (not re-run)",
+            "ID... [options]", _output_arguments, [
+                "wl_infer.py output w-3f9a > answer.txt",
+                "wl_infer.py -q list --status in_review | xargs wl_infer.py output -z | xargs -0 -n1 echo",
             ]),
     Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result",
             "ID [options]", _run_arguments, [
@@ -3553,13 +5078,13 @@ COMMANDS = [
                 "wl_infer.py run w-3f9a --skip-claim      # claimed already, with `wl claim`",
             ]),
     Command("verify", cmd_verify, "check a completion and re-run its job: exit 0 VERIFIED, 1 MISMATCH",
-            "ID [options]", _verify_arguments, [
+            "ID... [options]", _verify_arguments, [
                 "wl_infer.py verify w-3f9a",
                 "wl_infer.py verify w-3f9a --tolerance 0.5   # the worker ran other hardware",
                 "if wl_infer.py -q verify w-3f9a; then echo verified; fi",
             ]),
     Command("status", cmd_status, "show a job, its claim and its completion (no model needed)",
-            "ID [options]", _status_arguments, [
+            "ID... [options]", _status_arguments, [
                 "wl_infer.py status w-3f9a",
                 "wl_infer.py -q status w-3f9a               # the status alone: open, claimed, in_review...",
                 "wl_infer.py --json status w-3f9a | jq .completion.checks",
@@ -3744,10 +5269,9 @@ def main(argv=None):
         finally:
             ctx.status.clear()  # what follows goes on a line of its own
     except UserError as exc:
-        message = printable(str(exc))
         if want_json:
-            _emit(sys.stdout, _json_text({"error": str(exc)}))
-        _emit(sys.stderr, "wl_infer: error: %s\n" % message)
+            _emit(sys.stdout, _json_text(dict({"error": str(exc)}, **exc.details)))
+        _emit(sys.stderr, "".join("wl_infer: error: %s\n" % printable(line) for line in exc.lines + [str(exc)]))
         return EXIT_ERROR
     except Interrupted as exc:
         _say_now("interrupted; %s" % printable(str(exc)))
@@ -3755,12 +5279,24 @@ def main(argv=None):
     except KeyboardInterrupt:
         _say_now("interrupted")
         return EXIT_INTERRUPTED
-    lines = report.quiet if args.quiet else report.text
-    if args.json or lines:
-        _emit(sys.stdout, _json_text(report.doc) if args.json else "\n".join(lines) + "\n")
+    print_report(report, args)
+    return report.code
+
+
+def print_report(report, args):
+    if args.json:
+        _emit(sys.stdout, "".join(_json_text(doc) for doc in report.docs) if report.docs is not None
+              else _json_text(report.doc))
+    elif report.raw is not None:
+        _emit(sys.stdout, report.raw if not sys.stdout.isatty() else printable(report.raw))
+    else:
+        lines = report.quiet if args.quiet else report.text
+        if lines:
+            _emit(sys.stdout, "\n".join(lines) + "\n")
+    if report.errors:
+        _emit(sys.stderr, "".join("wl_infer: error: %s\n" % printable(e) for e in report.errors))
     if report.notes and not args.quiet and not args.json:  # the JSON document says it all
         _emit(sys.stderr, "\n".join(printable(n) for n in report.notes) + "\n")
-    return report.code
 
 
 if __name__ == "__main__":
