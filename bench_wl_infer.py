@@ -49,6 +49,14 @@ Rows:
 - worker: 30 jobs behind a slow wl (0.25 s per call) and Ollama (0.5 s per
   job): jobs/min and Ollama busy fraction of `work --once` against a shell
   loop of `run` per job; target busy >= 0.9.
+- batches: `post --batch` of 1,000 jobs (wl calls per job, from the fake
+  wl's log: exactly 1; own time per job above the wl call: < 5 ms; peak
+  memory of checking 1,000 and 10,000 lines: flat); `results` of 1,000
+  finished jobs with every wl call 0.2 s, against the sequential floor
+  (a browse and a status per job, one after the other); `results --wait`
+  on 1,000 unfinished jobs: wl calls per poll (exactly 1); `results
+  --sample 4` of the sampling row's claim in token-units, against `verify
+  --sample 4` (the same cost).
 """
 
 import json
@@ -167,12 +175,12 @@ print(usage.ru_maxrss, os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
 """
 
 
-def peak_rss_kb(argv, env):
-    """The peak resident memory of one run, in KB; the run must succeed."""
+def peak_rss_kb(argv, env, expect=0):
+    """The peak resident memory of one run, in KB; the run must exit with `expect`."""
     proc = subprocess.run([sys.executable, "-S", "-c", PEAK_RSS] + argv, env=env, stdout=subprocess.PIPE,
                           universal_newlines=True)
     kb, code = proc.stdout.split()
-    if code != "0":
+    if code != str(expect):
         raise SystemExit("bench: %s exited %s" % (" ".join(argv), code))
     return int(kb)
 
@@ -460,13 +468,15 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
         item_id = fake.completed("write 1000 tokens", token_lengths=[5] * tokens)
         sample = ["--sample", "4", "--window", "16"]
 
-        def units(argv):  # the fake's cost of one verification: generated + prompt_cost x prompt tokens
+        def units(argv, command="verify"):  # the fake's cost of one check: generated + prompt_cost x prompt tokens
             streams, prefilled = len(fake.ollama.streams), len(fake.ollama.prefilled)
-            setup.run(["verify", item_id, "-q"] + argv, env=fake.env)
+            setup.run([command, item_id, "-q"] + argv, env=fake.env)
             generated = sum(s["sent"] for s in fake.ollama.streams[streams:])
             return generated + fake.ollama.prompt_cost * sum(fake.ollama.prefilled[prefilled:])
 
-        cost = {"sampled": units(sample), "full": units([])}
+        seeded = sample + ["--sample-seed", "7"]
+        cost = {"sampled": units(sample), "full": units([]), "verify_seeded": units(seeded),
+                "results_seeded": units(seeded, "results")}
         found = interleaved(n, sampled=lambda: setup.run(["verify", item_id, "-q"] + sample, env=fake.env),
                             full=lambda: setup.run(["verify", item_id, "-q"], env=fake.env))
     finally:
@@ -483,7 +493,12 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
                                 timing(found["sampled"], lambda v: "%.2f s" % v), cost["sampled"], cost["full"],
                                 100 * cost["sampled"] / cost["full"]),
                             base_figure="%s full" % timing(found["full"], lambda v: "%.2f s" % v),
-                            units=cost, units_ratio=cost["sampled"] / cost["full"], floor=floor)}
+                            units=cost, units_ratio=cost["sampled"] / cost["full"], floor=floor),
+            "sampling_results": row("results --sample 4 --window 16 of the same claim, against verify's", None, None,
+                                    cost["results_seeded"] / cost["verify_seeded"], "the same cost",
+                                    abs(cost["results_seeded"] / cost["verify_seeded"] - 1) < 0.02,
+                                    figure="%.0f token-units" % cost["results_seeded"],
+                                    base_figure="verify: %.0f" % cost["verify_seeded"])}
 
 
 def bench_scaling(setup, jobs=40, wl_call=0.2, fleet=(1, 2, 4, 8)):
@@ -531,6 +546,103 @@ def bench_scaling(setup, jobs=40, wl_call=0.2, fleet=(1, 2, 4, 8)):
                            % (jobs, wl_call), [f["wall_s"] for f in found.values()][-1:],
                            [one["wall_s"]], None, "8 workers: <= 4 calls, <= 2 claims per job; 1: 2 per job + "
                            "1 browse", met, figure=figure, base_figure="", fleet=found)}
+
+
+def bench_batches(setup, jobs=1000, wl_call=0.2, big=10000):
+    """post --batch and results at the size of a real batch."""
+    rows = {}
+    fake = Fakes(setup)
+    fake.env["XDG_STATE_HOME"] = os.path.join(setup.folder, "state")  # ledgers of this row's own
+    try:
+        board = fake.board
+        path = os.path.join(setup.folder, "prompts.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"prompt": "question %d" % n, "max_tokens": 8}) + "\n" for n in range(jobs))
+        started = statistics.median([setup.run(["--version"], env=fake.env) for _ in range(5)])
+        # the baseline: the same wl posts one after the other on a board of its own, as a shell loop makes them
+        os.makedirs(os.path.join(setup.folder, "loop"))
+        loop_board = fakes.FakeBoard(os.path.join(setup.folder, "loop"), rig="bob")
+        start = time.perf_counter()
+        for n in range(jobs):
+            job = wl_infer.make_job("question %d" % n, MODEL, max_tokens=8, batch="prompts.0badcafe", custom_id=str(n))
+            loop_board.wl("post", "--title=" + wl_infer.post_title(job.prompt), "--type=inference", "--priority=2",
+                          "--effort=small", "--description=" + wl_infer.encode_job(job))
+        loop = time.perf_counter() - start
+        wall = setup.run(["post", "--batch", path, "--model", MODEL, "-q"], env=fake.env)
+        posts = [c["argv"][0] for c in board.calls()]
+        own = (wall - started - loop) / jobs
+        rows["batch_post"] = row("post --batch of %d jobs: own time per job above its wl call" % jobs, [wall],
+                                 [loop], wall / loop, "1 wl call per job; < 5 ms per job",
+                                 posts == ["post"] * jobs and own < 0.005,
+                                 figure="%+.1f ms per job; %d wl calls (%s)" % (own * 1e3, len(posts), ", ".join(
+                                     sorted(set(posts)))), base_figure="a loop of wl post: %.1f s" % loop,
+                                 own_per_job_s=own, wl_calls=len(posts))
+        # memory while checking: every line read and refused at the last one, so nothing is posted
+        peaks = {}
+        for n in (jobs, big):
+            lines = os.path.join(setup.folder, "lines-%d.jsonl" % n)
+            with open(lines, "w") as f:
+                f.writelines(json.dumps({"prompt": "p%d %s" % (i, "x" * 1000), "max_tokens": 8}) + "\n"
+                             for i in range(n))
+                f.write("not a job\n")
+            peaks[n] = peak_rss_kb([setup.exe, "post", "--batch", lines, "--model", MODEL, "-q"], fake.env, expect=2)
+        rows["batch_memory"] = row("post --batch: peak memory checking %d and %d lines of 1 KB" % (jobs, big), None,
+                                   None, peaks[big] / peaks[jobs], "flat: < 1.2x", peaks[big] < 1.2 * peaks[jobs],
+                                   figure="%.1f MB and %.1f MB" % (peaks[jobs] / 1024, peaks[big] / 1024),
+                                   peak_kb=peaks)
+
+        # 1,000 finished jobs, every wl call slow
+        finish_all(board, sorted(board.load()["items"]))
+        for command in ("browse", "status"):
+            board.fail(command, delay=wl_call)
+        count = len(board.calls())
+        wall = setup.run(["results", "prompts", "-q"], env=fake.env)
+        made = [c["argv"][0] for c in board.calls()[count:]]
+        floor = (1 + jobs) * wl_call
+        rows["batch_results"] = row("results of %d finished jobs, wl %g s/call, %d reads in flight"
+                                    % (jobs, wl_call, wl_infer.READS_IN_FLIGHT), [wall], [floor], wall / floor,
+                                    "1 browse + 1 status per job", made.count("browse") == 1
+                                    and made.count("status") == jobs and len(made) == jobs + 1,
+                                    figure="%.1f s; %d browse, %d status" % (wall, made.count("browse"),
+                                                                             made.count("status")),
+                                    base_figure="sequential floor %.0f s" % floor, wl_calls=len(made))
+    finally:
+        fake.stop()
+    # --wait on unfinished jobs: one browse per poll, whatever the batch's size
+    setup.folder = os.path.join(setup.folder, "waiting")  # a board and ledgers of its own
+    os.makedirs(setup.folder)
+    fake = Fakes(setup)
+    fake.env["XDG_STATE_HOME"] = os.path.join(setup.folder, "state")
+    try:
+        board = fake.board
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"prompt": "open %d" % n, "max_tokens": 8}) + "\n" for n in range(jobs))
+        setup.run(["post", "--batch", path, "--model", MODEL, "-q"], env=fake.env)
+        count = len(board.calls())
+        setup.run(["results", "prompts", "-q", "--wait", "--interval", "0.2", "--wait-timeout", "2"],
+                  env=fake.env, expect=wl_infer.EXIT_UNFINISHED)
+        made = [c["argv"][0] for c in board.calls()[count:]]
+        rows["batch_wait"] = row("results --wait on %d unfinished jobs: wl calls per poll" % jobs, None, None,
+                                 None, "1 per poll", set(made) == {"browse"}, figure="%d calls in %d polls" % (
+                                     len(made), made.count("browse")), polls=made.count("browse"))
+    finally:
+        fake.stop()
+    return rows
+
+
+def finish_all(board, ids, rig="carol"):
+    """Every job done by `rig` with the fake model's own answer, written
+    straight into the board (thousands of wl calls would take minutes)."""
+    def change(state):
+        for item_id in ids:
+            item = state["items"][item_id]
+            job = wl_infer.decode_job(item["description"])
+            chunks, _ = fakes.FakeOllama().chunks_for(job.model, job.prompt, wl_infer.ollama_options(job))
+            output = "".join(text for text, _ in chunks)
+            item.update(status="in_review", claimed_by=rig, completion={
+                "id": "c-" + item_id[2:].ljust(16, "0"), "completed_by": rig,
+                "evidence": wl_infer.encode_evidence(wl_infer.make_evidence(job, output))})
+    board.update(change)
 
 
 def bench_worker(setup, jobs=30, loop_jobs=5, wl_call=0.25, generation=0.5):
@@ -812,7 +924,7 @@ def main(argv):
                  ("memory", lambda: bench_memory(setup)), ("streaming", lambda: bench_streaming(setup)),
                  ("early exit", lambda: bench_early_exit(setup)), ("tolerance", lambda: bench_tolerance(setup)),
                  ("sampling", lambda: bench_sampling(setup)), ("scaling", lambda: bench_scaling(setup)),
-                 ("worker", lambda: bench_worker(setup))]
+                 ("worker", lambda: bench_worker(setup)), ("batches", lambda: bench_batches(setup))]
         for name, step in steps:
             if not want_json:
                 sys.stderr.write("bench: %s...\n" % name)

@@ -1196,6 +1196,8 @@ class FaultTally(object):
              "claims left held, with the command to release them", "results lost", "Ollama faults met by verify",
              "Ollama faults met by work", "malformed jobs refused before a claim",
              "malformed evidence refused by verify without a re-run", "malformed IDs refused before wl",
+             "malformed batch lines refused before a post",
+             "batch faults (wl failing, crashing, hanging, a signal, a kill)",
              "reports with hostile text, free of control characters")
 
     def report(self):
@@ -4003,7 +4005,7 @@ class BatchTest(CliTest):
     def write(self, lines, name="prompts.jsonl"):
         path = os.path.join(self.tmp.name, name)
         with open(path, "wb") as f:
-            f.write(b"".join((l if isinstance(l, bytes) else l.encode("utf-8")) + b"\n" for l in lines))
+            f.write(b"".join((x if isinstance(x, bytes) else x.encode("utf-8")) + b"\n" for x in lines))
         return path
 
     def prompts(self, n, name="prompts.jsonl", **job):
@@ -4178,12 +4180,14 @@ class PostBatchTest(BatchTest):
                          "(line 3 is looked up on the board first")
         self.board.fail("post", message="timeout", skip=1, times=1)
         self.post_batch(path, code=2)
+        self.board.fail("post", stderr="panic: runtime error: invalid memory address\n", exit=2, times=1)  # a crash
+        self.assertError(self.post_batch(path, code=2), "wl post failed: panic: runtime error", "3 of 6 jobs")
         code, out, err = self.post_batch(path)
         self.assertEqual(len(out.splitlines()), 6)
         self.assertEqual(sorted(self.posted()), ["1", "2", "3", "4", "5", "6"])
         self.assertTrue(all(len(ids) == 1 for ids in self.posted().values()), self.posted())
         # each cut-off line is looked up with one browse, before it is posted again
-        self.assertEqual(self.board.commands().count("browse"), 2)
+        self.assertEqual(self.board.commands().count("browse"), 3)
         FAULTS.count("batch faults (wl failing, crashing, hanging, a signal, a kill)")
 
     def test_a_post_that_happened_although_wl_said_it_failed_is_found_not_posted_again(self):
@@ -4285,9 +4289,9 @@ class ResultsTest(BatchTest):
         self.do(ids[2], output="a forged answer", rig="mallory")
         self.do(ids[4])
         lines, err = self.results(path, code=1)
-        self.assertEqual([(l["custom_id"], l["id"], l["line"]) for l in lines],
+        self.assertEqual([(x["custom_id"], x["id"], x["line"]) for x in lines],
                          [(str(i + 1), ids[i], i + 1) for i in range(5)])
-        self.assertEqual([(l["status"], l["worker"], l["checked"], l["verdict"], l["refuted"]) for l in lines], [
+        self.assertEqual([(x["status"], x["worker"], x["checked"], x["verdict"], x["refuted"]) for x in lines], [
             ("in_review", "carol", True, "VERIFIED", False), ("in_review", "dave", True, "VERIFIED", False),
             ("in_review", "mallory", True, "MISMATCH", True), ("open", None, False, None, None),
             ("in_review", "carol", True, "VERIFIED", False)])
@@ -4308,12 +4312,12 @@ class ResultsTest(BatchTest):
             wl_infer.make_evidence(wl_infer.decode_job(s["items"][ids[2]]["description"]),
                                    default_output("llama3.2:1b", "question 2")))))
         lines, err = self.results(path, code=0)
-        self.assertEqual([l["verdict"] for l in lines], ["VERIFIED"] * 5)
+        self.assertEqual([x["verdict"] for x in lines], ["VERIFIED"] * 5)
         lines, err = self.results(path, "--no-verify", code=0)
-        self.assertEqual([(l["checked"], l["verdict"]) for l in lines], [(False, None)] * 5)
+        self.assertEqual([(x["checked"], x["verdict"]) for x in lines], [(False, None)] * 5)
         self.board.fail("status", message="connection refused", skip=2, times=1)
         lines, err = self.results(path, "--no-verify", code=2)
-        self.assertEqual(sum(1 for l in lines if l["error"]), 1)
+        self.assertEqual(sum(1 for x in lines if x["error"]), 1)
         self.assertIn("wl_infer: error: w-", err)
 
     def test_wait_looks_at_the_board_once_a_poll_and_reads_each_done_job_once(self):
@@ -4323,11 +4327,11 @@ class ResultsTest(BatchTest):
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         for item_id in ids:
             polls = self.board.commands().count("browse")
-            wait_for(lambda: self.board.commands().count("browse") >= polls + 2, "two more polls")
+            wait_for(lambda polls=polls: self.board.commands().count("browse") >= polls + 2, "two more polls")
             self.do(item_id)
         out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0, err)
-        self.assertEqual([json.loads(l)["verdict"] for l in out.splitlines()], ["VERIFIED"] * 3)
+        self.assertEqual([json.loads(x)["verdict"] for x in out.splitlines()], ["VERIFIED"] * 3)
         calls = [c["argv"] for c in self.board.calls() if c["rig"] == self.rig][3:]
         self.assertEqual(sorted(c[1] for c in calls if c[0] == "status"), sorted(ids))
         self.assertGreaterEqual([c[0] for c in calls].count("browse"), 7)
@@ -4338,8 +4342,22 @@ class ResultsTest(BatchTest):
         self.do(ids[1])
         code, out, err = self.cli("results", ids[0], ids[1], "--wait", "--interval", "0.05", "--wait-timeout", "0.3")
         self.assertEqual(code, 3, err)
-        self.assertEqual([json.loads(l)["status"] for l in out.splitlines()], ["open", "in_review"])
+        self.assertEqual([json.loads(x)["status"] for x in out.splitlines()], ["open", "in_review"])
         self.assertIn("1 job not done by a worker yet", err)
+
+    def test_a_signal_while_waiting_stops_and_says_what_was_written(self):
+        path, ids = self.batch(2)
+        self.do(ids[0])
+        proc = subprocess.Popen([sys.executable, WL_INFER, "results", path, "--wait", "--interval", "0.05"],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        out = Lines(proc.stdout)
+        wait_for(lambda: out.lines, "the first line")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(60), 130)
+        self.assertIn(b"interrupted; 1 of 2 results were handed on; the same command collects them again",
+                      proc.stderr.read())
+        proc.stderr.close()
 
     def test_as_completed_writes_a_line_as_soon_as_it_is_final(self):
         path, ids = self.batch(2)
@@ -4354,7 +4372,7 @@ class ResultsTest(BatchTest):
         self.assertIsNone(proc.poll())
         self.do(ids[0])
         self.assertEqual(proc.wait(60), 0, proc.stderr.read())
-        self.assertEqual([json.loads(l)["id"] for l in out.text().splitlines()], [ids[1], ids[0]])
+        self.assertEqual([json.loads(x)["id"] for x in out.text().splitlines()], [ids[1], ids[0]])
 
     def test_spot_checks_a_share_of_each_worker_at_least_one_and_all_of_a_worker_once_refuted(self):
         path, ids = self.batch(10, max_tokens=8)
@@ -4364,11 +4382,11 @@ class ResultsTest(BatchTest):
             self.do(item_id, output="forged", rig="mallory")
         before = len(self.ollama.generate_requests())
         lines, err = self.results(path, "--spot-check", "0.000001", code=1)
-        carol = [l for l in lines if l["worker"] == "carol"]
-        mallory = [l for l in lines if l["worker"] == "mallory"]
-        self.assertEqual(sum(l["checked"] for l in carol), 1, lines)
-        self.assertEqual([(l["checked"], l["refuted"]) for l in mallory], [(True, True)] * 4)
-        self.assertEqual([l["verdict"] for l in carol if not l["checked"]], [None] * 5)
+        carol = [x for x in lines if x["worker"] == "carol"]
+        mallory = [x for x in lines if x["worker"] == "mallory"]
+        self.assertEqual(sum(x["checked"] for x in carol), 1, lines)
+        self.assertEqual([(x["checked"], x["refuted"]) for x in mallory], [(True, True)] * 4)
+        self.assertEqual([x["verdict"] for x in carol if not x["checked"]], [None] * 5)
         self.assertIn("carol: 1 of 6 results checked, none refuted; had carol forged 1 of 6 / 3 of 6, the chance "
                       "it went unchecked: 83% / 50%", err)
         self.assertIn("mallory: 4 of 4 results refuted, so every one was checked", err)
@@ -4392,13 +4410,13 @@ class ResultsTest(BatchTest):
         self.do(ids[1])
         self.do(ids[2], output="forged", rig="mallory")
         lines, err = self.results(path, "--format", "openai", code=1)
-        self.assertEqual([(l["custom_id"], l["id"]) for l in lines], list(zip(["c1", "c2", "c3", "c4"], ids)))
+        self.assertEqual([(x["custom_id"], x["id"]) for x in lines], list(zip(["c1", "c2", "c3", "c4"], ids)))
         text, chat = lines[0]["response"]["body"], lines[1]["response"]["body"]
         self.assertEqual((lines[0]["response"]["status_code"], lines[0]["error"]), (200, None))
-        self.assertEqual((text["object"], text["model"], text["choices"][0]["text"], text["choices"][0]["finish_reason"],
+        choice = text["choices"][0]
+        self.assertEqual((text["object"], text["model"], choice["text"], choice["finish_reason"],
                           text["usage"]["completion_tokens"]),
-                         ("text_completion", "llama3.2:1b", lines[0]["wl_infer"]["output_hash"] and
-                          self.cli("output", ids[0])[1], "length", 3))
+                         ("text_completion", "llama3.2:1b", self.cli("output", ids[0])[1], "length", 3))
         self.assertEqual(wl_infer.output_hash(text["choices"][0]["text"]), lines[0]["wl_infer"]["output_hash"])
         self.assertTrue(text["id"].startswith("cmpl-"))
         self.assertEqual((chat["object"], chat["choices"][0]["message"]),
@@ -4407,7 +4425,7 @@ class ResultsTest(BatchTest):
         self.assertEqual((lines[2]["response"], lines[2]["error"]["code"]), (None, "refuted"))
         self.assertIn("different-output", lines[2]["error"]["message"])
         self.assertEqual((lines[3]["response"], lines[3]["error"]["code"]), (None, "unfinished"))
-        self.assertTrue(all(set(l) == {"id", "custom_id", "response", "error", "wl_infer"} for l in lines))
+        self.assertTrue(all(set(x) == {"id", "custom_id", "response", "error", "wl_infer"} for x in lines))
 
     def test_accept_and_reject_act_on_this_batchs_items_only(self):
         path, ids = self.batch(3)
@@ -4416,13 +4434,13 @@ class ResultsTest(BatchTest):
         self.do(ids[2], rig=self.rig)  # our own: wl forbids accepting it
         other = self.completed("not in the batch", output="forged too")
         lines, err = self.results(path, "--accept", "--reject", code=1)
-        self.assertEqual([l["action"] for l in lines], [
+        self.assertEqual([x["action"] for x in lines], [
             "accepted", "rejected", "not accepted: completed by this rig (wl forbids accepting your own)"])
         self.assertEqual([self.board.item(i)["status"] for i in ids], ["completed", "claimed", "in_review"])
         self.assertEqual(self.board.item(other)["status"], "in_review")
         self.assertIn("On the board: accepted 1, not accepted: completed by this rig", err)
         lines, err = self.results(path, "--accept", code=3)  # the rejected one is not done any more
-        self.assertEqual([l["status"] for l in lines], ["completed", "claimed", "in_review"])
+        self.assertEqual([x["status"] for x in lines], ["completed", "claimed", "in_review"])
         self.assertError(self.cli("results", path, "--accept", "--no-verify"), "--accept accepts only verified")
 
     def test_ids_an_ids_file_and_a_ledger_name_as_the_batch(self):
@@ -4430,9 +4448,9 @@ class ResultsTest(BatchTest):
         for item_id in ids:
             self.do(item_id)
         posted = self.write(["%s  %d" % (item_id, n) for n, item_id in enumerate(ids, 1)], "posted.txt")
-        self.assertEqual([l["id"] for l in self.results("--ids", posted)[0]], ids)
-        self.assertEqual([l["id"] for l in self.results(ids[1][:8], ids[0])[0]], [ids[1], ids[0]])
-        self.assertEqual([l["custom_id"] for l in self.results("prompts")[0]], ["1", "2"])
+        self.assertEqual([x["id"] for x in self.results("--ids", posted)[0]], ids)
+        self.assertEqual([x["id"] for x in self.results(ids[1][:8], ids[0])[0]], [ids[1], ids[0]])
+        self.assertEqual([x["custom_id"] for x in self.results("prompts")[0]], ["1", "2"])
         code, out, err = self.cli("results", "--ids", "-", stdin=("\n".join(ids) + "\n").encode())
         self.assertEqual((code, len(out.splitlines())), (0, 2), err)
         self.assertError(self.cli("results", "nosuch"), "no batch nosuch here")
@@ -4451,7 +4469,7 @@ class ResultsTest(BatchTest):
         for item_id in ids:
             self.do(item_id)
         lines, err = self.results(path, "--ollama", self.ollama.address, "--ollama", second.address)
-        self.assertEqual([l["verdict"] for l in lines], ["VERIFIED"] * 6)
+        self.assertEqual([x["verdict"] for x in lines], ["VERIFIED"] * 6)
         for fake in (self.ollama, second):
             streams = sorted((s["start"], s["end"]) for s in fake.streams)
             self.assertGreater(len(streams), 0)
@@ -4505,8 +4523,8 @@ class PostWaitTest(BatchTest):
         out, err = proc.communicate(timeout=60)
         self.assertEqual((proc.returncode, out), (1, b""), err)
         self.assertIn(b"is a MISMATCH (different-output, refuted), so it is not printed", err)
-        code, out, err = self.cli("-q", "post", "--prompt", "q", "--model", "llama3.2:1b", "--max-tokens", "8", "--wait",
-                                  "--interval", "0.05", "--wait-timeout", "0.2")
+        code, out, err = self.cli("-q", "post", "--prompt", "q", "--model", "llama3.2:1b", "--max-tokens", "8",
+                                  "--wait", "--interval", "0.05", "--wait-timeout", "0.2")
         self.assertEqual((code, out), (3, ""), err)
         self.assertIn("within 0.2 s; it stays posted: collect its answer with `wl_infer.py results w-", err)
 
@@ -4563,6 +4581,30 @@ class SeveralIdsTest(CliTest):
         self.assertEqual((code, out), (0, "in_review\nin_review\n"))
 
 
+def readme_blocks(heading):
+    """The commands of each ```sh block of the README's section `heading`
+    (up to the next section): one per line, a here-document with its lines."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index(heading + "\n") if heading + "\n" in readme else readme.index(heading)
+    end = readme.find("\n## ", start + 1)
+    section = readme[start:end if end >= 0 else len(readme)]
+    blocks = []
+    for block in re.findall(r"```sh\n(.*?)```\n", section, re.S):
+        commands, lines = [], block.splitlines()
+        while lines:
+            line = lines.pop(0)
+            heredoc = re.search(r"<<'?(\w+)'?", line)
+            if heredoc:  # the here-document's lines belong to its command
+                body = []
+                while lines and body[-1:] != [heredoc.group(1)]:
+                    body.append(lines.pop(0))
+                line = "\n".join([line] + body)
+            commands.append(line)
+        blocks.append(commands)
+    return blocks
+
+
 class SandboxTest(unittest.TestCase):
     def test_the_sandbox_runs_the_quick_start_and_cleans_up_after_ctrl_c(self):
         env = dict(os.environ)
@@ -4576,19 +4618,30 @@ class SandboxTest(unittest.TestCase):
         wait_for(lambda: out.has("# Ctrl-C here"), "the sandbox", deadline=60)
         [export] = [line for line in out.lines if line.startswith("export ")]
         folder = re.search(r"fake wl board in (\S+),", out.lines[0]).group(1)
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        block = readme[readme.index("## Quick start"):]
-        commands = block[block.index("```sh\n") + 6:block.index("```\n", block.index("```sh\n"))].splitlines()
-        # the README's Quick start as written, line by line, each line's exit status after it
-        script = "\n".join([export, "cd %s" % shlex.quote(self.empty_folder())]
-                           + ["%s\necho \"exit: $?\"" % line for line in commands])
+        quick_start = readme_blocks("## Quick start")[0]
+        posters = readme_blocks("## For posters")
+        # the README's Quick start, then the posters' section, as written, each command's exit status after it
+        here = self.empty_folder()
+        script = "\n".join([export, "cd %s" % shlex.quote(here)]
+                           + ["%s\necho \"exit: $?\"" % command for block in [quick_start] + posters
+                              for command in block])
         shell = subprocess.run(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, timeout=120)
         exits = re.findall(r"^exit: (\d+)$", shell.stdout, re.M)
-        self.assertEqual(exits, ["0"] * (len(commands) - 1) + ["1"], shell.stdout + shell.stderr)  # audit: 1 forged
+        expected = ["0"] * (len(quick_start) - 1) + ["1"]  # audit: 1 forged
+        expected += ["0"] * len(posters[0]) + ["3"]  # post --wait, with no worker: exit 3 at its --wait-timeout
+        self.assertEqual(exits, expected, shell.stdout + shell.stderr)
+        with open(os.path.join(here, "answers.jsonl")) as f:
+            answers = [json.loads(line) for line in f]
+        self.assertEqual([(a["custom_id"], a["verdict"]) for a in answers],
+                         [("colour", "VERIFIED"), ("2", "VERIFIED"), ("hi", "VERIFIED")])
+        with open(os.path.join(here, "output.jsonl")) as f:
+            output = [json.loads(line) for line in f]
+        self.assertEqual([o["response"]["body"]["object"] for o in output],
+                         ["text_completion", "text_completion", "chat.completion"])
+        self.assertEqual(os.path.getsize(os.path.join(here, "summary.txt")), 0)
         self.assertIn("✓ VERIFIED", shell.stdout)
-        table = shell.stdout[shell.stdout.index("ID            MODEL"):].splitlines()
+        table = shell.stdout[shell.stdout.index("ID            MODEL"):].split("\nexit:")[0].splitlines()
         actions = sorted(line.split("  ")[-1].strip() for line in table[1:] if line.startswith("w-"))
         self.assertEqual(actions, ["accepted", "accepted", "not accepted: completed by this rig (wl forbids "
                                    "accepting your own)", "rejected"], shell.stdout)
@@ -4598,8 +4651,10 @@ class SandboxTest(unittest.TestCase):
         self.assertIn("# sandbox stopped; %s deleted" % folder, out.text())
 
     def empty_folder(self):
+        import shutil
+
         folder = tempfile.mkdtemp()
-        self.addCleanup(os.rmdir, folder)
+        self.addCleanup(shutil.rmtree, folder)
         return folder
 
 
@@ -4675,6 +4730,20 @@ class ListTest(CliTest):
                          ("", "No in_review inference jobs on the board.\n"))
         self.assertError(self.cli("list", "--status", "done"), "invalid choice: 'done'")
 
+    def test_a_board_longer_than_wl_lists_is_said_to_have_at_least_that_many(self):
+        description = self.job(max_tokens=8)
+
+        def fill(state):
+            for n in range(1001):
+                item_id = "w-%010x" % n
+                state["items"][item_id] = {
+                    "id": item_id, "title": "infer: %d" % n, "type": "inference", "priority": 2, "effort": "small",
+                    "description": description, "posted_by": "poster", "claimed_by": "", "status": "open",
+                    "project": "", "created": "", "updated": "", "completion": None, "stamp": None, "order": n}
+        self.board.update(fill)
+        code, out, err = self.cli("list", "--limit", "3")
+        self.assertEqual((code, err), (0, "showing 3 of at least 1000 open inference jobs (--limit 3)\n"))
+
     def test_wl_failures_and_entries_that_are_not_items(self):
         self.board.fail("browse", message="dial tcp: i/o timeout", times=1)
         self.assertError(self.cli("list"), "wl browse failed: dial tcp: i/o timeout")
@@ -4743,6 +4812,15 @@ class AuditTest(CliTest):
         code, out, err = self.cli("audit", "--accept")
         self.assertEqual(code, 0, err)
         self.assertIn("Audited 1 completion in review: 1 verified, 0 mismatched, 0 errors", err)
+
+    def test_a_limit_that_cuts_the_audit_is_said(self):
+        for prompt in ("one", "two", "three"):
+            self.completed(prompt)
+        code, out, err = self.cli("audit", "--limit", "2")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.splitlines()), 3)
+        self.assertEqual(err.splitlines()[1], "showing 2 of 3 completions in review (--limit 2); the rest were not "
+                                              "audited")
 
     def test_errors_are_listed_and_exit_2_and_only_accept_and_reject_write(self):
         honest = self.completed("honest")
@@ -4921,6 +4999,17 @@ class FeedbackTest(CliTest):
         self.assertRegex(seen, r"work: %s \d+ tokens; 0 done" % job)
         code, out, seen = self.on_terminal("-q", "verify", first)
         self.assertEqual((code, out, seen), (0, "", ""))
+
+    def test_a_batch_says_how_far_its_posting_and_its_results_are(self):
+        path = os.path.join(self.tmp.name, "b.jsonl")
+        with open(path, "w") as f:
+            f.write("".join(json.dumps({"prompt": "q%d" % n}) + "\n" for n in range(3)))
+        code, out, seen = self.on_terminal("post", "--batch", path, "--model", "llama3.2:1b", "--max-tokens", "8")
+        self.assertEqual((code, len(out.splitlines())), (0, 3), seen)
+        self.assertRegex(seen, r"\r\x1b\[Kposting batch b: 2 of 3, [\d.]+ jobs/s, [\d.]+ s left")
+        code, out, seen = self.on_terminal("results", "b", "--wait", "--interval", "0.1", "--wait-timeout", "0.5")
+        self.assertEqual(code, 3, seen)
+        self.assertRegex(seen, r"\r\x1b\[Kresults: 0 of 3 final, 3 not done yet; next poll in \d s")
 
     def test_a_signal_says_at_once_that_the_claim_is_being_released(self):
         item_id = self.board.add(self.job(max_tokens=64))
@@ -5175,7 +5264,8 @@ def demo():
             print("$ wl_infer.py " + " ".join(_shell_quote(a) for a in args))
             sys.stdout.flush()
             proc = subprocess.run([sys.executable, WL_INFER] + list(args), env=dict(base_env, FAKE_WL_RIG=rig),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                  cwd=folder)
             sys.stdout.write(proc.stdout)  # stdout and stderr in one pipe: in order, as a terminal shows them
             print("[exit %d]" % proc.returncode)
             return proc.stdout
@@ -5238,6 +5328,27 @@ def demo():
              "work", "--once")
         step("alice", "the poster verifies every completion in review, tolerant of near-ties from other hardware: "
              "accepts the verified, rejects the refuted", "audit", "--tolerance", "0.5", "--accept", "--reject")
+
+        lines = [json.dumps({"prompt": "Translate to French: %s" % w, "custom_id": w}) for w in ("cat", "dog", "bird")]
+        lines += [openai_line("sum", prompt="2+2=", model="llama3.2:1b", max_tokens=8),
+                  chat_line("hello", "Say hello.", model="llama3.2:1b", max_tokens=16)]
+        with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n# the poster's file of five prompts: our lines and OpenAI batch requests\n$ cat prompts.jsonl")
+        print("\n".join(lines))
+        out = step("alice", "the poster posts them all, each line once", "post", "--batch", "prompts.jsonl",
+                   "--model", "llama3.2:1b", "--max-tokens", "32")
+        dog = out.splitlines()[1].split()[0]
+        job = wl_infer.decode_job(board.item(dog)["description"])
+        board.wl("claim", dog, rig="mallory")
+        board.wl("done", dog, "--evidence=" + wl_infer.encode_evidence(wl_infer.make_evidence(job, "chien, probably")),
+                 rig="mallory")
+        print("\n# (mallory claims the dog job and submits a made-up answer)")
+        step("bob", "a worker takes the rest", "work", "--once")
+        step("alice", "the poster collects the answers as OpenAI's Batch API writes them, each re-run before it is "
+             "trusted: the forged one is an error line", "results", "prompts.jsonl", "--wait", "--format", "openai")
+        step("alice", "and acts on them: the verified accepted, the refuted rejected (back to mallory)", "results",
+             "prompts.jsonl", "--accept", "--reject")
     ollama.stop()
 
 
@@ -5309,7 +5420,7 @@ def _shell_quote(arg):
 
 
 FAULT_TESTS = (FaultMatrixTest, VerifyFaultTest, WorkFaultTest, SignalTest, MalformedInputTest, SpoolTest,
-               TerminalSafetyTest)
+               TerminalSafetyTest, PostBatchTest)
 
 
 class _Result(unittest.TestResult):

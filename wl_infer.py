@@ -23,18 +23,26 @@ The flow:
           --sample, only windows of it, each a raw request from the output
           before it). A Verification holds what was found; `audit` verifies
           every item in review the same way.
+  post --batch  check every line of a file of jobs (ours or OpenAI's batch
+          requests), then post each line once: a Ledger on disk records it
+          before and after its `wl post`, so running it again resumes.
+  results a Collector polls `wl browse`, reads each finished job once (`wl
+          status`), verifies it as `verify` does on each Ollama server (or a
+          spot check of each worker's), and writes a JSON line per job.
 
 Output: stdout is data (a command's Report: its text, its -q lines or its
 --json document); stderr is for people (notes, warnings, errors, and on a
 terminal one status line saying what the command waits for).
 
 Sections, in reading order: errors, exit codes and signals; text safety;
-job/evidence codec; Ollama client; wl driver; result spool; what every
-command works with; running a job; verification; the worker; commands;
-command line.
+job/evidence codec; batch files; Ollama client; wl driver; state on disk
+(the result spool, the batch ledgers); what every command works with;
+running a job; verification; the worker; batches (posting, collecting
+results); commands; command line.
 
 As a library (names in __all__): decode_job/encode_job and
-decode_evidence/encode_evidence, make_job and make_evidence, output_hash;
+decode_evidence/encode_evidence, make_job and make_evidence, output_hash,
+parse_batch_line (a line of a batch file as a BatchRequest);
 Ollama (models, generate, compare) and Wl (status, browse, claim, done,
 ...); verify_item, which returns a Verification. Errors are UserError and
 its subclasses; only main() writes to stdout.
@@ -43,7 +51,8 @@ its subclasses; only main() writes to stdout.
 __all__ = [
     "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence", "encode_evidence",
     "fit_evidence", "output_hash", "BoardItem", "Completion", "Ollama", "Generation", "Wl", "Verification",
-    "Policy", "Sample", "verify_item", "UserError", "JobError", "WlError", "OllamaError", "main",
+    "Policy", "Sample", "verify_item", "parse_batch_line", "BatchRequest", "JobDefaults", "UserError", "JobError",
+    "WlError", "OllamaError", "main",
 ]
 
 import argparse
@@ -3667,7 +3676,8 @@ class BatchPost(object):
             lines = ["line %d: %s" % r for r in refused[:BATCH_ERRORS_SHOWN]]
             if len(refused) > BATCH_ERRORS_SHOWN:
                 more = len(refused) - BATCH_ERRORS_SHOWN
-                lines.append("... and %d more line%s refused (--json lists them all)" % (more, "" if more == 1 else "s"))
+                lines.append("... and %d more line%s refused (--json lists them all)"
+                             % (more, "" if more == 1 else "s"))
             raise UserError("%d of %d lines of %s are not jobs that can be posted; nothing was posted"
                             % (len(refused), total, self._source()), lines,
                             lines_refused=[{"line": n, "error": e} for n, e in refused])
@@ -3846,8 +3856,8 @@ class Result(object):
         if self.error is not None:
             line["error"] = {"code": "error", "message": self.error}
         elif self.unfinished:
-            line["error"] = {"code": "unfinished", "message": "%s is %s: no worker has submitted a result yet"
-                             % (self.item_id, self.status or "not on the board")}
+            line["error"] = {"code": "unfinished", "message": "%s is %s%s: no answer is in review" % (
+                self.item_id, self.status or "not on the board", " by " + self.worker if self.worker else "")}
         elif self.refuted:
             line["error"] = {"code": "refuted", "message": "%s: %s" % (
                 self.verification.cause.kind, self.verification.cause.message)}
@@ -3980,8 +3990,8 @@ class Collector(object):
         self.ctx.status.show("results: %d of %d final%s%s%s" % (
             done, len(self.results), ", %d being checked" % (counts[CHECKING] + counts[READING])
             if counts[CHECKING] + counts[READING] else "",
-            ", %d not done by a worker yet" % counts[WAITING] if counts[WAITING] else "",
-            "; next look at the board in %.0f s" % max(0, next_poll) if polling else ""))
+            ", %d not done yet" % counts[WAITING] if counts[WAITING] else "",
+            "; next poll in %.0f s" % max(0, next_poll) if polling else ""))
 
     # -- the board ---------------------------------------------------------------
     def poll(self):
@@ -4727,8 +4737,7 @@ def cmd_audit(ctx, args):
     pending = [r for r in rows if r.verification and r.verification.verdict is None]
     for n, row in enumerate(sorted(pending, key=lambda r: len(r.verification.evidence["output"])), 1):
         try:
-            position = "%d of %d: " % (n, len(pending))
-            row.verification.rerun(ctx.ollama, policy, lambda label, total: ctx.progress(position + label, total))
+            row.verification.rerun(ctx.ollama, policy, _positioned(ctx, "%d of %d: " % (n, len(pending))))
         except UserError as exc:
             row.verification, row.error = None, str(exc)
     for row in rows:
@@ -4743,6 +4752,11 @@ def cmd_audit(ctx, args):
     if cut:
         report.notes.insert(1, cut + "; the rest were not audited")
     return report
+
+
+def _positioned(ctx, position):
+    """Progress for a verification, its label after `position` ("2 of 5: ")."""
+    return lambda label, total: ctx.progress(position + label, total)
 
 
 def _accept(ctx, verification):
@@ -5172,7 +5186,7 @@ def build_parser(commands=None):
         g.add_argument("--wl", metavar="PATH", default=argparse.SUPPRESS,
                        help="wl executable (default: $WL_BIN, else wl on PATH)")
         g.add_argument("--ollama", metavar="URL", action="append", default=argparse.SUPPRESS,
-                       help="Ollama server (default: $OLLAMA_HOST, else %s); `work` takes several "
+                       help="Ollama server (default: $OLLAMA_HOST, else %s); `work` and `results` take several "
                             "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA)
         g.add_argument("--timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
                        help="Ollama inactivity timeout: no byte for this long (default 300); "
@@ -5182,8 +5196,8 @@ def build_parser(commands=None):
         g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print one JSON document on stdout (wins over -q)")
         g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status; "
-                            "others nothing); stderr: only warnings and errors")
+                       help="stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status, "
+                            "output and results: theirs; others nothing); stderr: only warnings and errors")
 
     class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
         def __call__(self, parser, namespace, values, option_string=None):
