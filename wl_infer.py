@@ -3905,6 +3905,7 @@ class Collector(object):
         self.unread, self.unchecked, self.final = collections.deque(), collections.deque(), collections.deque()
         self.in_flight = 0  # reads and checks
         self.stopping = False
+        self.fatal = None  # a thread's internal error, which ends the collection
         self.polls = 0
         self.limit = max(BROWSE_LIMIT, 2 * len(jobs))  # items asked of wl browse, raised when it is cut short
         self.flagged = set()  # workers with a refuted result
@@ -3933,7 +3934,11 @@ class Collector(object):
         next_poll = clock()
         try:
             while self.hand_on() < len(self.results):
+                if SIGNALS.received:  # held during an accept or a reject
+                    raise KeyboardInterrupt
                 with self.cond:
+                    if self.fatal is not None:
+                        raise self.fatal
                     now = clock()
                     polling = self._polling(now, deadline)
                     if not polling:
@@ -3943,12 +3948,8 @@ class Collector(object):
                         self.cond.wait(max(0.01, min(wake)))
                         self._show(polling, next_poll - clock())
                         continue
-                if self.poll():
-                    next_poll = clock() + self.options.interval
-                else:  # wl failed: tried again at the next poll, as a worker does
-                    next_poll = clock() + min(self.options.interval * 2, WORK_BACKOFF_MAX)
-                if SIGNALS.received:
-                    raise KeyboardInterrupt
+                self.poll()
+                next_poll = clock() + self.options.interval
         except KeyboardInterrupt:
             for server in self.servers:
                 server.ollama.cancel()
@@ -3968,10 +3969,7 @@ class Collector(object):
             loop(*args)
         except Exception as exc:
             with self.cond:
-                for r in self.results:
-                    if r.state in (READING, CHECKING):
-                        r.error = "internal error: %s: %s" % (type(exc).__name__, exc)
-                        self._finalize(r)
+                self.fatal = UserError("results stopped on an internal error: %s: %s" % (type(exc).__name__, exc))
                 self.cond.notify_all()
 
     def _polling(self, now, deadline):
@@ -3995,7 +3993,8 @@ class Collector(object):
 
     # -- the board ---------------------------------------------------------------
     def poll(self):
-        """One `wl browse`: jobs a worker has done are read. Returns False when wl failed (under --wait)."""
+        """One `wl browse`: the jobs a worker has done are to be read. While
+        waiting, wl failing is said and tried again at the next poll."""
         self.polls += 1
         try:
             items = self.ctx.wl.browse(None, self.limit, descriptions=False)
@@ -4003,7 +4002,7 @@ class Collector(object):
             if not self.options.wait:
                 raise
             self.ctx.warn("%s; trying again at the next poll" % exc)
-            return False
+            return
         cut = len(items) >= self.limit
         listed = dict((item.id, item) for item in items)
         with self.cond:
@@ -4023,10 +4022,11 @@ class Collector(object):
             self.cond.notify_all()
         if cut:  # the board has more items than wl listed: ask for more next time
             self.limit *= 2
-        return True
 
     def _by_prefix(self, r, items):
         """The item an ID prefix given on the command line names, as wl resolves it."""
+        if len(r.item_id) >= len("w-") + 10:  # a whole ID (wl's are 10 hex digits): nothing to resolve
+            return None
         found = [item for item in items if item.id.startswith(r.item_id)]
         if len(found) > 1:
             r.error = 'ambiguous prefix "%s" matches: %s' % (r.item_id, ", ".join(i.id for i in found[:5]))
@@ -4132,7 +4132,8 @@ class Collector(object):
         """Nothing will change `r` now (under cond); a refuted result has
         every result of its worker checked."""
         r.state = FINAL
-        self.final.append(r)
+        if self.options.as_completed:
+            self.final.append(r)
         if r.refuted and self.options.spot_check is not None and r.worker not in self.flagged:
             self.flagged.add(r.worker)
             for other in self.results:
