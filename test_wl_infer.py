@@ -4559,6 +4559,28 @@ class OutputTest(BatchTest):
         self.assertError(self.cli("output", ids[1], open_item), "has no completion, so no output (status open)")
 
 
+    def test_on_a_terminal_control_characters_are_shown_as_escapes(self):
+        import pty
+
+        item_id = self.completed("p", output="red \x1b[31m text \u202e")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, WL_INFER, "output", item_id], env=self.env(), stdout=slave,
+                                stderr=subprocess.PIPE)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        proc.communicate(timeout=60)
+        os.close(master)
+        self.assertEqual(seen.decode(), "red \\x1b[31m text \\u202e")
+
+
 class SeveralIdsTest(CliTest):
     def test_verify_and_status_take_several_ids_and_exit_with_the_worst(self):
         good = self.completed("one")
