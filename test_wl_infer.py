@@ -170,8 +170,9 @@ class FakeOllama(object):
     requests                          one record per request: method, path, body, and
                                       `start` and `end` of its handling (time.time())
     streams                           one record per streamed generate: its prompt,
-                                      pieces sent, `start` and `end` (time.time()),
-                                      and `ended` once the handler is done
+                                      pieces sent, `start`, `final` (its done message
+                                      sent) and `end` (time.time()), and `ended` once
+                                      the handler is done
     """
 
     def __init__(self):
@@ -507,10 +508,14 @@ class _OllamaHandlerMixin(object):
             self.close_connection = True
 
     def _final(self, name, response, reason, count):
+        # the durations of what the fake modelled: each token took piece_delay (a model at 1,000 tokens/s
+        # when none is set), as Ollama times its own generation
+        per_token = self.fake.piece_delay or 0.001
+        eval_ns = int(1e9 * per_token * max(count, 1))
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
-                "done_reason": reason, "total_duration": 1000000, "load_duration": 1000,
+                "done_reason": reason, "total_duration": eval_ns + 1000000, "load_duration": 1000,
                 "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
-                "eval_duration": 1000000 * max(count, 1)}
+                "eval_duration": eval_ns}
 
     def _stream(self, name, prompt, thoughts, tokens, logprobs, reason, count):
         fake = self.fake
@@ -569,6 +574,7 @@ class _OllamaHandlerMixin(object):
             if record["gate"] is not None:
                 send(b"", final=True)
                 record["gate"].wait(60)
+            record["final"] = time.time()  # the generation is over: the client may start another
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -612,8 +618,34 @@ _COMMAND_FLAGS = {  # command: (flags taking a value, boolean flags, positional 
     "accept": ({"--quality", "--reliability", "--message", "--severity"}, {"--no-push"}, 1),
     "reject": ({"--reason"}, {"--no-push"}, 1),
 }
+_COMMAND_HELP = {"post": "Post a new wanted item", "claim": "Claim a wanted item", "unclaim": "Release a claim",
+                 "done": "Submit completion evidence for a claimed item", "status": "Show a wanted item",
+                 "show": "Show a wanted item", "browse": "Browse the wanted board",
+                 "accept": "Accept a completion and stamp it", "reject": "Send a completion back to its claimer"}
 _TYPES = ("feature", "bug", "design", "rfc", "docs", "inference")
+
+
+def _wl_help(command):
+    """What wl, a cobra program, prints for `wl COMMAND --help` (or `wl --help`), exit 0."""
+    if command is None:
+        return (["wl: the Wasteland CLI", "", "Usage:", "  wl [command]", "", "Available Commands:"]
+                + ["  %-10s %s" % (c, _COMMAND_HELP[c]) for c in sorted(_COMMAND_FLAGS)]
+                + ["", "Flags:", "  -h, --help   help for wl", "", 'Use "wl [command] --help" for more information '
+                   "about a command."])
+    values, flags, positional = _COMMAND_FLAGS[command]
+    lines = [_COMMAND_HELP[command], "", "Usage:", "  wl %s%s [flags]" % (command, " <id>" * positional), "",
+             "Flags:"]
+    lines += ["      %-22s %s" % (f + " string", f[2:]) for f in sorted(values) if f != "-d"]
+    lines += ["      %-22s %s" % (f, f[2:]) for f in sorted(flags)]
+    lines += ["  -h, --help                   help for " + command, "", "Global Flags:",
+              "      --color string           colour output: always, auto, never",
+              "      --local-db               use the local Dolt clone", "      --wasteland string       org/db"]
+    return lines
 _EFFORTS = ("trivial", "small", "medium", "large", "epic")
+
+
+class _WlHelp(Exception):
+    """--help was asked: the help is the output, exit 0."""
 
 
 class _WlFail(Exception):
@@ -888,6 +920,10 @@ def fake_wl_main(argv, state_path):
         rig = rig or state.get("rig", "alice")
         wl = FakeWl(state, rig)
         try:
+            if "--help" in argv or "-h" in argv or argv[:1] in (["help"], []):
+                named = [a for a in argv if a in _COMMAND_FLAGS]
+                wl.out = _wl_help(named[0] if named else None)
+                raise _WlHelp()
             command, flags, args = _parse_wl_argv(argv)
             fail = state.get("fail", {}).get(command)
             if fail and fail.get("skip"):  # this many calls succeed before the failure starts
@@ -922,6 +958,8 @@ def fake_wl_main(argv, state_path):
                     getattr(wl, "cmd_" + command)(flags, args)
             else:
                 getattr(wl, "cmd_" + command)(flags, args)
+        except _WlHelp:
+            pass
         except _WlFail as exc:
             message = "wl: %s\n" % exc + ("\n  Hint: %s\n" % exc.hint if exc.hint else "")
             sys.stderr.buffer.write(message.encode("utf-8"))
@@ -1600,14 +1638,18 @@ class OllamaHostTest(unittest.TestCase):
             "::1": "http://[::1]:11434",
             "[::1]:8080": "http://[::1]:8080",
             "[::1]": "http://[::1]:11434",
-            "example.com:notaport": "http://example.com:11434",
-            "example.com:99999": "http://example.com:11434",
             "\"example.com:1234\"": "http://example.com:1234",
             "'http://h:1'": "http://h:1",
         }
         for value, expected in cases.items():
             with self.subTest(value=value):
                 self.assertEqual(wl_infer.ollama_url(value), expected)
+        # Ollama warns and uses its default port; we say so, naming the value
+        for value in ("example.com:notaport", "localhost:99999", "localhost:abc", "http://h:0", "[::1]:-1"):
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(wl_infer.UserError, "Ollama address .*: port .* is not a number "
+                                                                "from 1 to 65535"):
+                    wl_infer.ollama_url(value)
 
 
 class StatusParserTest(unittest.TestCase):
@@ -2171,6 +2213,12 @@ class PostTest(CliTest):
                          '--model "llama 3" is not an Ollama model name')
         self.assertEqual(self.board.calls(), [])
 
+    def test_a_prompt_most_workers_would_skip_is_warned_about(self):
+        code, out, err = self.cli("-q", "post", "--prompt", "x" * 40000, "--model", "llama3.2:1b", "--max-tokens", "8")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err, "wl_infer: warning: the prompt is 40000 bytes, over the 32768 that workers running "
+                              "`work` take by default (--max-prompt-bytes): most of them will skip it\n")
+
     def test_job_over_the_field_limit_is_refused(self):
         code, out, err = self.cli("post", "--prompt", "-", "--model", "llama3.2:1b", stdin=b"x" * 70000)
         self.assertError((code, out, err), "over wl's 65535-byte field limit")
@@ -2656,7 +2704,7 @@ class WorkFaultTest(WorkTest):
         fault.setup(self, item_id)
         code, out, err = self.work("--once", "--allow-uncapped", "--json", *fault.args)
         FAULTS.count("Ollama faults met by work")
-        self.assertEqual(code, 0, err)
+        self.assertEqual(code, 2, err)  # --once that only failed: an error, for cron
         for fragment in fault.says:
             self.assertIn(fragment.format(id=item_id), err)
         self.assertIn("failed %s: " % item_id, err)
@@ -3708,7 +3756,7 @@ class WorkerTest(WorkTest):
         self.ollama.fail_prompts["poison"] = (500, "llama runner process has terminated: signal: segmentation fault")
         proc = self.start()
         try:
-            wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by this worker)" % poison),
+            wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by workers on this box)" % poison),
                      "the worker to give up on the poison job")
         except AssertionError:
             raise AssertionError("no give-up; wl calls %s; log %s" % (self.board.started(), proc.log.lines))
@@ -3724,8 +3772,67 @@ class WorkerTest(WorkTest):
         # each retry waits longer than the one before: --interval x 2, then x 4
         for fragment in ("failure 1 of 3: tried again in 0.1 s at the earliest",
                          "failure 2 of 3: tried again in 0.2 s at the earliest",
-                         "failure 3 of 3: not tried again by this worker"):
+                         "failure 3 of 3: not tried again by workers on this box"):
             self.assertEqual(err.count(fragment), 1, err)
+
+    def test_under_cron_each_run_remembers_failures_and_skips_from_the_last(self):
+        poison, uncapped = self.add("poison"), self.add("uncapped", max_tokens=0)
+        self.ollama.fail_prompts["poison"] = (500, "model runner crashed")
+        memory = os.path.join(self.state_home, "wl-infer", "work.json")
+        errs = []
+        for failure in (1, 2, 3):
+            code, out, err = self.work("--once")
+            self.assertEqual(code, 2, err)  # it failed every job it took: cron hears of it
+            self.assertIn("failed %s: Ollama at " % poison, err)
+            self.assertIn("failure %d of 3" % failure, err)
+            self.assertIn("work --once: every job it took failed (exit 2)", err)
+            errs.append(err)
+            wait_for(lambda: wl_infer.WorkerMemory(memory).failed(poison)[1] == 0,
+                     "the poison job's next try to be due")
+        self.assertEqual([e.count("skipped %s (max_tokens 0" % uncapped) for e in errs], [1, 0, 0])
+        code, out, err = self.work("--once")
+        self.assertEqual(code, 0, err)  # nothing taken, nothing failed
+        self.assertIn("skipped %s (failed 3 times; not tried again by workers on this box)" % poison, err)
+        code, out, err = self.work("--once")
+        self.assertNotIn("skipped %s" % poison, err)  # said once per job, not once per run
+        self.assertIn("work: 0 done, 0 failed, 2 skipped", err)
+        self.assertEqual(self.claims().count(poison), 3)
+
+    def test_at_start_an_ignored_sigint_and_models_no_server_has_are_said(self):
+        self.add()
+        ignored = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+        proc = subprocess.run([sys.executable, "-c", ignored, WL_INFER, "work", "--once"], env=self.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stderr.splitlines()[0], r"SIGINT is ignored \(a shell does that to `work &` in a "
+                                                      r"script\), so Ctrl-C and kill -INT do nothing: stop this "
+                                                      r"worker with SIGTERM \(kill \d+\)")
+        self.assertNotIn("SIGINT is ignored", self.work("--once")[2])
+        calls = len(self.board.calls())
+        self.assertError(self.cli("work", "--models", "nosuch:7b,other:1b"),
+                               "none of --models is in an Ollama here: nosuch:7b, other:1b; http://%s has "
+                               "llama3.2:1b, qwen2.5:0.5b (pull one with `ollama pull nosuch:7b`)" % self.ollama.address)
+        self.assertEqual(len(self.board.calls()), calls)  # refused before any wl call
+        code, out, err = self.work("--once", "--models", "nosuch:7b,llama3.2:1b")
+        self.assertEqual(code, 0, err)
+        self.assertIn("--models: no Ollama here (http://%s) has nosuch:7b; its jobs are skipped" % self.ollama.address,
+                      err)
+
+    def test_the_log_and_the_status_line_give_the_same_rate_and_say_which_it_is(self):
+        item_id = self.add("count to twenty", max_tokens=20)
+        self.ollama.piece_delay = 0.02
+        code, out, err = self.work("--once")
+        self.assertEqual(code, 0, err)
+        found = re.search(r"done %s (\d+) tokens in ([\d.]+) s \(([\d.]+) tok/s received\)" % item_id, err)
+        self.assertIsNotNone(found, err)
+        tokens, rate = int(found.group(1)), float(found.group(3))
+        [stream] = [x for x in self.ollama.streams if x["prompt"] == "count to twenty"]
+        self.assertEqual(tokens, stream["sent"])
+        # received since the request: never faster than the stream the fake sent, whatever the machine's load
+        self.assertLessEqual(rate, tokens / (stream["final"] - stream["start"]))
+        evidence = wl_infer.decode_evidence(self.board.item(item_id)["completion"]["evidence"])
+        self.assertEqual(evidence["tokens_per_s"], 50.0)  # Ollama's own rate: 20 tokens in its 0.4 s of generation
 
     def test_a_result_wl_would_not_take_is_kept_and_submitted_next_time_without_generating(self):
         item_id = self.add()
@@ -3788,10 +3895,13 @@ class WorkerTest(WorkTest):
         code, out, err = self.finish(proc)
         self.assertEqual(code, 130, err)
         self.assertIn("aborting: stopping the generation in flight", err)
-        self.assertIn("failed %s: " % item_id, err)
+        self.assertIn("released %s, stopped by the signal: " % item_id, err)  # not a failure of the job
+        self.assertNotIn("failed %s" % item_id, err)
         self.assertIn("the claim on %s was released and the job is open again" % item_id, err)
         self.assertEqual(self.status(item_id), "open")
-        self.assertIn("work: 0 done, 1 failed", err)
+        self.assertIn("work: 0 done, 0 failed", err)
+        self.assertEqual(wl_infer.WorkerMemory(os.path.join(self.state_home, "wl-infer", "work.json")).failed(item_id),
+                         (0, 0.0))  # nothing counted against the job
 
     def test_a_third_signal_exits_at_once_naming_the_claims_that_may_be_held(self):
         item_id = self.add()
@@ -3959,7 +4069,7 @@ class PipelineTest(CliTest):
 
     def test_quiet_work_logs_only_failures(self):
         done = self.board.add(self.job("fine", max_tokens=8))
-        self.board.add(self.job("uncapped"))  # skipped: logged without -q only
+        uncapped = self.board.add(self.job("uncapped"))  # skipped: logged without -q only
         self.ollama.fail_prompts["poison"] = (500, "model runner crashed")
         poison = self.board.add(self.job("poison", max_tokens=8))
         code, out, err = self.cli("-q", "work", "--once")
@@ -3967,10 +4077,22 @@ class PipelineTest(CliTest):
         [line] = err.splitlines()
         self.assertIn("failed %s: Ollama at " % poison, line)
         self.assertEqual(self.board.item(done)["status"], "in_review")
-        code, out, err = self.cli("work", "--once")
-        self.assertIn("skipped", err)
-        self.assertIn("work: 0 done, 1 failed, 1 skipped", err)  # the summary: stderr, for people
+        code, out, err = self.cli("work", "--once")  # the poison job waits for its next try (in the state folder)
+        self.assertIn("skipped %s (max_tokens 0" % uncapped, err)  # not told under -q, so told now
+        self.assertIn("work: 0 done, 0 failed, 1 skipped", err)  # the summary: stderr, for people
         self.assertEqual(out, "")
+
+    def test_the_readmes_xargs_line_says_which_item_failed(self):
+        [line] = [c for b in readme_blocks() for c, _ in b.commands if "xargs" in c]
+        self.completed("one")
+        bad = self.completed("two", output="forged")
+        folder = os.path.join(self.tmp.name, "bin")  # wl_infer.py on PATH, as installed
+        os.makedirs(folder)
+        os.symlink(WL_INFER, os.path.join(folder, "wl_infer.py"))
+        env = self.env(PATH=folder + os.pathsep + os.environ.get("PATH", ""))
+        proc = subprocess.run(["sh", "-c", line], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "%s: exit 1\n" % bad), proc.stderr)
 
     def test_prompt_on_stdin_loses_one_trailing_newline_and_a_dash_value_gets_a_hint(self):
         proc = subprocess.run("echo 'Name a prime.' | %s %s --json post --prompt - --model llama3.2:1b "
@@ -4471,7 +4593,7 @@ class ResultsTest(BatchTest):
         lines, err = self.results(path, "--ollama", self.ollama.address, "--ollama", second.address)
         self.assertEqual([x["verdict"] for x in lines], ["VERIFIED"] * 6)
         for fake in (self.ollama, second):
-            streams = sorted((s["start"], s["end"]) for s in fake.streams)
+            streams = sorted((s["start"], s["final"]) for s in fake.streams)
             self.assertGreater(len(streams), 0)
             self.assertTrue(all(a[1] <= b[0] for a, b in zip(streams, streams[1:])), streams)
         self.assertEqual(len(self.ollama.streams) + len(second.streams), 6)
@@ -4603,32 +4725,56 @@ class SeveralIdsTest(CliTest):
         self.assertEqual((code, out), (0, "in_review\nin_review\n"))
 
 
-def readme_blocks(heading):
-    """The commands of each ```sh block of the README's section `heading`
-    (up to the next section): one per line, a here-document with its lines."""
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    start = readme.index(heading + "\n") if heading + "\n" in readme else readme.index(heading)
-    end = readme.find("\n## ", start + 1)
-    section = readme[start:end if end >= 0 else len(readme)]
-    blocks = []
-    for block in re.findall(r"```sh\n(.*?)```\n", section, re.S):
-        commands, lines = [], block.splitlines()
-        while lines:
-            line = lines.pop(0)
+class ReadmeBlock(object):
+    """A fenced block of README.md: the section it is in, its language
+    ("sh": commands to run; "text": a usage form; "": a sample output),
+    its lines, and for "sh" its commands (a here-document with its lines),
+    each with the exit status its comment gives ("exits N"), else 0."""
+
+    def __init__(self, section, language, lines):
+        self.section, self.language, self.lines = section, language, lines
+        self.commands = []
+        while lines and language == "sh":
+            line, lines = lines[0], lines[1:]
             heredoc = re.search(r"<<'?(\w+)'?", line)
             if heredoc:  # the here-document's lines belong to its command
-                body = []
-                while lines and body[-1:] != [heredoc.group(1)]:
-                    body.append(lines.pop(0))
-                line = "\n".join([line] + body)
-            commands.append(line)
-        blocks.append(commands)
+                end = lines.index(heredoc.group(1)) + 1
+                line, lines = "\n".join([line] + lines[:end]), lines[end:]
+            code = re.search(r"#[^\n']*\bexits (\d+)", line.split("\n")[0])
+            self.commands.append((line, int(code.group(1)) if code else 0))
+
+
+def readme_blocks():
+    """Every fenced block of README.md, in order."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    blocks, section = [], None
+    for part in re.split(r"^(```\w*\n.*?^```)\n", readme, flags=re.S | re.M):
+        if part.startswith("```"):
+            language, _, body = part[3:-3].partition("\n")
+            blocks.append(ReadmeBlock(section, language, body.rstrip("\n").split("\n")))
+        else:
+            headings = re.findall(r"^#+ (.+)$", part, re.M)
+            section = headings[-1] if headings else section
     return blocks
 
 
+def matches_sample(sample, output):
+    """Whether a README sample is what a command printed: line for line, a
+    line "  ..." standing for any lines."""
+    lines, at = output.splitlines(), 0
+    for line in sample:
+        if line.strip() == "...":
+            continue
+        try:
+            at = lines.index(line, at) + 1
+        except ValueError:
+            return False
+    return True
+
+
 class SandboxTest(unittest.TestCase):
-    def test_the_sandbox_runs_the_quick_start_and_cleans_up_after_ctrl_c(self):
+    def test_the_readme_runs_as_written_in_the_sandbox_and_its_samples_are_what_it_prints(self):
         env = dict(os.environ)
         for name in ("WL_BIN", "OLLAMA_HOST", "XDG_STATE_HOME"):
             env.pop(name, None)
@@ -4640,19 +4786,28 @@ class SandboxTest(unittest.TestCase):
         wait_for(lambda: out.has("# Ctrl-C here"), "the sandbox", deadline=60)
         [export] = [line for line in out.lines if line.startswith("export ")]
         folder = re.search(r"fake wl board in (\S+),", out.lines[0]).group(1)
-        quick_start = readme_blocks("## Quick start")[0]
-        posters = readme_blocks("## For posters")
-        # the README's Quick start, then the posters' section, as written, each command's exit status after it
+        blocks = readme_blocks()
+        sections = [b.section for b in blocks]
+        # every command block from the Quick start to Development, in order, in one shell and one folder
+        runnable = [b for b in blocks[sections.index("Quick start"):sections.index("Development")]
+                    if b.language == "sh"]
+        commands = [c for b in runnable for c in b.commands]
         here = self.empty_folder()
-        script = "\n".join([export, "cd %s" % shlex.quote(here)]
-                           + ["%s\necho \"exit: $?\"" % command for block in [quick_start] + posters
-                              for command in block])
+        script = "\n".join([export, "cd %s" % shlex.quote(here)] + [
+            '%s\nrc=$?; echo "exit: $rc"; echo "exit: $rc" >&2' % command for command, _ in commands])
         shell = subprocess.run(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, timeout=120)
-        exits = re.findall(r"^exit: (\d+)$", shell.stdout, re.M)
-        expected = ["0"] * (len(quick_start) - 1) + ["1"]  # audit: 1 forged
-        expected += ["0"] * len(posters[0]) + ["3"]  # post --wait, with no worker: exit 3 at its --wait-timeout
-        self.assertEqual(exits, expected, shell.stdout + shell.stderr)
+        exits = [int(code) for code in re.findall(r"^exit: (\d+)$", shell.stdout, re.M)]
+        self.assertEqual(exits, [code for _, code in commands], shell.stdout + shell.stderr)
+        self.assertNotIn("Traceback", shell.stderr)
+        # what each command printed, by the marks after them
+        printed = dict(zip([c for c, _ in commands], zip(re.split(r"^exit: \d+\n", shell.stdout, flags=re.M),
+                                                         re.split(r"^exit: \d+\n", shell.stderr, flags=re.M))))
+
+        def printed_by(fragment):
+            [found] = [o for command, o in printed.items() if fragment in command]
+            return found
+
         with open(os.path.join(here, "answers.jsonl")) as f:
             answers = [json.loads(line) for line in f]
         self.assertEqual([(a["custom_id"], a["verdict"]) for a in answers],
@@ -4662,15 +4817,34 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual([o["response"]["body"]["object"] for o in output],
                          ["text_completion", "text_completion", "chat.completion"])
         self.assertEqual(os.path.getsize(os.path.join(here, "summary.txt")), 0)
-        self.assertIn("✓ VERIFIED", shell.stdout)
-        table = shell.stdout[shell.stdout.index("ID            MODEL"):].split("\nexit:")[0].splitlines()
-        actions = sorted(line.split("  ")[-1].strip() for line in table[1:] if line.startswith("w-"))
-        self.assertEqual(actions, ["accepted", "accepted", "not accepted: completed by this rig (wl forbids "
-                                   "accepting your own)", "rejected"], shell.stdout)
+        self.assertIn("verified\n", printed_by('then echo "verified"')[0])
+        self.assertEqual(printed_by("xargs")[0], "")  # everything in review there verifies (PipelineTest: a forgery)
+        # the samples: the audit table and the verify report are the sandbox's, the worker's log its shape
+        samples = dict((b.section, b.lines) for b in blocks if b.language == "")
+        audit = printed_by("audit --tolerance 0.5")[0]
+        self.assertTrue(matches_sample(samples["audit"], audit), audit)
+        verify = subprocess.run(["sh", "-c", "%s\nwl_infer.py verify w-b42c0bc5b4" % export], env=env,
+                                stdout=subprocess.PIPE, universal_newlines=True).stdout
+        self.assertTrue(matches_sample(samples["verify"], verify), verify)
+
+        def shape(text):  # a log's lines without their times, rates and port, in order
+            text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "TIME", text)
+            text = re.sub(r"127\.0\.0\.1:\d+|\d+\.\d+|\d+%", "N", text)
+            return sorted(line for line in text.splitlines() if line.strip())
+        self.assertEqual(shape("\n".join(samples["Running a worker"])), shape(printed_by("work --once")[1]))
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(60), 0, proc.stderr.read())
         self.assertFalse(os.path.exists(folder))
         self.assertIn("# sandbox stopped; %s deleted" % folder, out.text())
+
+    def test_the_install_lines_work_without_a_bin_folder(self):
+        [install] = [b for b in readme_blocks() if b.section == "Install"]
+        home = self.empty_folder()
+        shell = subprocess.run(["sh", "-c", "\n".join(c for c, _ in install.commands)], cwd=HERE,
+                               env=dict(os.environ, HOME=home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=60)
+        self.assertEqual((shell.returncode, shell.stdout), (0, "wl_infer %s\n" % wl_infer.__version__), shell.stderr)
+        self.assertTrue(os.access(os.path.join(home, "bin", "wl_infer.py"), os.X_OK))
 
     def empty_folder(self):
         import shutil
@@ -4698,8 +4872,11 @@ class HelpTest(CliTest):
             self.assertEqual(lines[0], "usage: wl_infer.py %s %s" % (command.name, command.usage))
             self.assertEqual(lines[2], command.help[0].upper() + command.help[1:] + ".")
             own = re.search(r"\n(options|optional arguments):\n", out).start()  # Python 3.8-3.9 says the latter
-            shared = out.index("\noptions for every command:\n")
+            shared = out.index("\noptions for every command, before or after its name (--wasteland, --local-db, "
+                               "--wl,\n--ollama, --timeout, --wl-timeout, --json, -q): see `wl_infer.py --help`\n")
             self.assertLess(own, shared)
+            self.assertNotIn("--wasteland ORG/DB", out)  # the shared options are listed once, by the top help
+            self.assertNotIn("--wl-timeout SECONDS", out)
             examples = out[out.index("\nexamples:\n"):].splitlines()[2:]
             self.assertTrue(2 <= len(examples) <= 3 and all("wl_infer.py " in e for e in examples), examples)
             self.assertGreater(out.index("\nexamples:\n"), shared)
@@ -4707,6 +4884,10 @@ class HelpTest(CliTest):
         self.assertIn("  ID  ", out.replace("   ", "  "))
         self.assertIn("the item's ID on the board, e.g. w-3f9a0c12be", out)
         self.assertIn("--tolerance NATS", out[:out.index("options for every command")])
+        top = self.cli("--help", env=self.env(COLUMNS="200"))[1]
+        for option in ("--wasteland ORG/DB", "--local-db", "--wl PATH", "--ollama URL", "--timeout SECONDS",
+                       "--wl-timeout SECONDS", "--json", "-q, --quiet"):
+            self.assertIn("  " + option, top[top.index("\noptions for every command:\n"):])
 
     def test_errors_and_usage_name_the_program_the_same_way(self):
         err = self.assertError(self.cli("run"), "the following arguments are required: ID")
@@ -4739,6 +4920,20 @@ class ListTest(CliTest):
         self.assertEqual([d["job"] is None for d in docs], [True, False])  # wl's order: newest first
         self.assertIn("not valid JSON", docs[0]["job_error"])
         self.assertEqual(self.board.commands(rig=self.rig), ["browse"] * 3)
+
+    def test_a_job_that_does_not_decode_shows_its_whole_reason(self):
+        long_name = self.board.add('{"prompt":"p","model":"llama 3 with a name long enough to be cut","seed":1}')
+        empty = self.board.add("")  # a reason of its own, without any ": " to cut at
+        lines = self.cli("list")[1].splitlines()
+        self.assertTrue(next(x for x in lines if x.startswith(long_name)).endswith(
+            '(does not decode: job field "model" "llama 3 with a name long enough to be cut" is not an Ollama '
+            'model name (letters, digits and . _ / : -, starting with a letter or digit))'), lines)
+        self.assertTrue(next(x for x in lines if x.startswith(empty)).endswith(
+            "(does not decode: it has no description, so no job to run)"), lines)
+        worker = self.cli("work", "--once")[2]
+        self.assertIn("skipped %s (it has no description, so no job to run)" % empty, worker)
+        self.assertIn('skipped %s (job field "model" "llama 3 with a name long enough to be cut" is not an Ollama '
+                      'model name' % long_name, worker)
 
     def test_limit_status_and_an_empty_board(self):
         self.assertEqual(self.cli("list")[1:], ("", "No open inference jobs on the board.\n"))
@@ -5018,7 +5213,7 @@ class FeedbackTest(CliTest):
         job = self.board.add(self.job("three", max_tokens=64))
         code, out, seen = self.on_terminal("work", "--once")
         self.assertEqual(code, 0, seen)
-        self.assertRegex(seen, r"work: %s \d+ tokens; 0 done" % job)
+        self.assertRegex(seen, r"work: %s \d+ tokens, [\d.]+ tok/s received; 0 done" % job)
         code, out, seen = self.on_terminal("-q", "verify", first)
         self.assertEqual((code, out, seen), (0, "", ""))
 
@@ -5102,6 +5297,17 @@ class FakeWlContractTest(unittest.TestCase):
         self.assertRegex(self.board.item(item_id)["completion"]["id"], r"^c-[0-9a-f]{16}$")
         self.assertIn("    Evidence:    E", lines)
         self.assertIn("    Completed by: alice", lines)
+
+    def test_help_for_every_command_as_cobra_prints_it(self):
+        for command in ("post", "claim", "browse", "status"):
+            for argv in ((command, "--help"), (command, "-h"), ("help", command)):
+                proc = self.board.wl(*argv)
+                self.assertEqual((proc.returncode, proc.stderr), (0, ""), argv)
+                self.assertIn("Usage:\n  wl %s" % command, proc.stdout)
+                self.assertIn("-h, --help", proc.stdout)
+        self.assertIn("--description string", self.board.wl("post", "--help").stdout)
+        self.assertIn("Available Commands:", self.board.wl("--help").stdout)
+        self.assertEqual(self.board.load()["items"], {})  # help changes nothing
 
     def test_errors_exit_1_with_a_wl_line(self):
         item_id = self.board.add("{}")

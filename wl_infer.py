@@ -98,7 +98,12 @@ class UserError(Exception):
 
 
 class JobError(UserError):
-    """A job description or completion evidence that does not decode."""
+    """A job description or completion evidence that does not decode:
+    `reason` says what is wrong, and `item_id` (when known) where."""
+
+    def __init__(self, reason, item_id=None):
+        UserError.__init__(self, "%s: %s" % (item_id, reason) if item_id else reason)
+        self.reason, self.item_id = reason, item_id
 
 
 class WlError(UserError):
@@ -134,12 +139,16 @@ class Signals(object):
         self.received = 0
         self.holding = []  # what a first signal waits for: "`wl claim w-1`"
         self.graceful = False
+        self.ignored = []  # the names of those we found ignored
 
     def install(self):
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             number = getattr(signal, name, None)
-            # one that is ignored stays ignored (nohup, `cmd &` in a script)
-            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            if number is None:
+                continue
+            if signal.getsignal(number) is signal.SIG_IGN:  # it stays ignored (nohup, `cmd &` in a script)
+                self.ignored.append(name)
+            else:
                 signal.signal(number, self._handle)
 
     def _handle(self, signum, frame):
@@ -919,8 +928,10 @@ def parse_ollama_host(value):
         host, port = "127.0.0.1", str(default_port)
         if hostport:
             host = hostport.strip("[]")
-    if not port.isdigit() or int(port) > 65535:
-        port = str(default_port)  # Ollama warns and uses the default
+    if not (port.isdigit() and 0 < int(port) <= 65535):
+        # Ollama warns and uses its default port; a client that did would talk to another server than meant
+        raise UserError("Ollama address %s: port %s is not a number from 1 to 65535"
+                        % (preview(value or "", 80), preview(_dumps(port), 20)))
     return scheme, host or "127.0.0.1", int(port), ("/" + path.strip("/")) if path.strip("/") else ""
 
 
@@ -1931,6 +1942,99 @@ class Ledger(object):
             self.file = None
 
 
+class WorkerMemory(object):
+    """What `work` remembers of jobs across runs, in the state folder's
+    work.json: each failed job's failures and the time (epoch seconds)
+    before which it is not tried again, so that the cap of JOB_TRIES holds
+    under cron's `work --once` too; and why each job was last skipped, so
+    that a skip is logged once per job, not once per run. The workers of
+    one user on this box share it: each change is read, made and written
+    under a lock file. A damaged file is started afresh (it costs a repeat
+    of a log line or of a failure)."""
+
+    VERSION = 1
+
+    def __init__(self, path=None):
+        self.path = path or state_dir("work.json")
+        self.lock = threading.Lock()  # the worker's threads
+        self.failures, self.skips = {}, {}  # id -> [count, not before]; id -> reason
+        with self.lock:
+            self._load()
+
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                doc = json.load(f)
+            failures, skips = doc.get("failures"), doc.get("skips")
+            if doc.get("version") == self.VERSION and isinstance(failures, dict) and isinstance(skips, dict):
+                self.failures, self.skips = failures, skips
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _change(self, change):
+        """Read, change and write the memory under its lock file; a disk
+        that cannot be written leaves it in this process only."""
+        with self.lock:
+            try:
+                folder = private_dir(os.path.dirname(self.path))
+                lock = open(self.path + ".lock", "w")
+            except OSError:
+                return change()
+            with lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._load()  # what other workers wrote meanwhile
+                found = change()
+                tmp = None
+                try:
+                    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump({"version": self.VERSION, "failures": self.failures, "skips": self.skips}, f)
+                    os.replace(tmp, self.path)
+                except OSError:
+                    _remove(tmp)
+            return found
+
+    def failure(self, item_id, delay):
+        """Count a failure of `item_id`, not to be tried for `delay` seconds; returns the count."""
+        def change():
+            count = self.failures.get(item_id, [0, 0])[0] + 1
+            self.failures[item_id] = [count, time.time() + delay]
+            return count
+        return self._change(change)
+
+    def failed(self, item_id):
+        """(failures, seconds before the job may be tried again) of `item_id`."""
+        with self.lock:
+            count, not_before = self.failures.get(item_id, [0, 0])
+        return count, max(0.0, not_before - time.time())
+
+    def poll(self, open_ids, skips, told=True):
+        """After a poll of the open jobs `open_ids` (None: wl's list was cut):
+        the reasons of `skips` ({id: reason}) not logged before, to be
+        logged now (`told` False: -q, nothing is logged, so nothing is
+        remembered as told). The skips of jobs no longer open are forgotten,
+        and failures a week after their job could have been tried again (a
+        job in flight is not open either)."""
+        week_ago = time.time() - 7 * 86400
+
+        def change():
+            new = dict((i, r) for i, r in skips.items() if self.skips.get(i) != r)
+            if told:
+                self.skips.update(new)
+            for item_id in [i for i in self.skips if open_ids is not None and i not in open_ids]:
+                del self.skips[item_id]
+            for item_id in [i for i, (_, not_before) in self.failures.items() if not_before < week_ago]:
+                del self.failures[item_id]
+            return new
+        with self.lock:
+            new = [i for i, r in skips.items() if self.skips.get(i) != r]
+            gone = [i for i in self.skips if open_ids is not None and i not in open_ids]
+            old = [i for i, (_, not_before) in self.failures.items() if not_before < week_ago]
+        if not (new and told) and not gone and not old:  # nothing to write
+            return dict((i, skips[i]) for i in new)
+        return self._change(change)
+
+
 def _sync_dir(folder):
     """A rename or link survives a crash only once its folder is synced."""
     try:
@@ -2045,12 +2149,20 @@ class Progress(object):
             return
         self.shown = now
         elapsed = now - self.start
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        self.status.show("%s: %d%s tokens, %.1f tok/s, %.1fs" % (
-            self.label, tokens, " of %d" % self.total if self.total else "", rate, elapsed))
+        self.status.show("%s: %d%s tokens, %s, %.1fs" % (
+            self.label, tokens, " of %d" % self.total if self.total else "", received_rate(tokens, elapsed),
+            elapsed))
+
 
     def clear(self):
         self.status.clear()
+
+
+def received_rate(tokens, seconds):
+    """Tokens received per second since the request (prompt evaluation
+    included): what the status line and the worker's log both show. The
+    evidence's tokens_per_s is Ollama's own, of generation alone."""
+    return "%.1f tok/s received" % (tokens / seconds if seconds > 0 else 0.0)
 
 
 class _NoProgress(object):
@@ -2093,11 +2205,11 @@ def job_of(item):
     """The decoded job of an item read with `wl status`."""
     require_inference(item)
     if item.description is None:
-        raise JobError("%s has no description, so no job to run" % item.id)
+        raise JobError("it has no description, so no job to run", item.id)
     try:
         return decode_job(item.description)
     except JobError as exc:
-        raise JobError("%s: %s" % (item.id, exc))
+        raise JobError(exc.reason, item.id)
 
 
 def find_model(models, name):
@@ -2245,6 +2357,7 @@ class JobRun(object):
         self.evidence = None  # as submitted
         self.spooled = None  # where the result is kept on disk, once it is
         self.gen = None
+        self.generating_s = None  # wall time of the generation, from its request to its end
         self.cause = None  # the error behind a failure
         self.phase = CHECKING
 
@@ -2292,7 +2405,9 @@ class JobRun(object):
         if self.full is None:
             job = self.job
             top = None if self.ctx.args.no_logprobs else TOP_LOGPROBS
+            started = time.monotonic()
             gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT, top=top)
+            self.generating_s = time.monotonic() - started
             if gen.too_long:
                 raise JobError("the output passed %d bytes after %s, so its evidence could never fit wl's "
                                "%d-byte field; generation stopped; the job needs a smaller max_tokens"
@@ -2741,6 +2856,7 @@ class Verification(object):
         self.forced = []  # ForcedSteps
         self.diverged_at = None  # divergence()
         self.tokens_generated = 0
+        self.probe_tokens = 0  # of those, generated to learn the model's candidates at a divergence
         self.logprob_max_diff = None
         self.actual_hash = None  # of the re-run's whole output
         self.output = None  # the re-run's output (None when sampled)
@@ -2758,7 +2874,7 @@ class Verification(object):
             raise UserError("%s has no completion evidence to verify (status %s)" % (item.id, item.status))
         evidence, checks, cause = evidence_checks(job, completion.evidence)
         if evidence is None:
-            raise JobError("%s: %s" % (item.id, checks[0].message))
+            raise JobError(checks[0].message, item.id)
         return cls(item.id, job, evidence, completion.completed_by, checks, cause)
 
     @property
@@ -2960,9 +3076,11 @@ class Verification(object):
         if rendered is not None:
             entry = ollama.candidates(continuation_request(self.job, rendered, prefix, 1, top), 0)
             self.tokens_generated += 1
+            self.probe_tokens += 1
         elif not span.char:
             entry = ollama.candidates(generate_request(self.job, top, token + 1), token)
             self.tokens_generated += token + 1
+            self.probe_tokens += token + 1
         else:
             return
         if entry is not None:
@@ -3035,7 +3153,9 @@ class Verification(object):
                  "  Actual:    " + (self.actual_hash or ("none (sampled: only the windows were re-generated)"
                                                          if ok else "none (the re-run stopped at the divergence)"
                                                          if self.tokens_generated else "none (no re-run)")),
-                 "  Cost:      %s generated" % _tokens(self.tokens_generated)]
+                 "  Cost:      %s generated%s" % (_tokens(self.tokens_generated), (
+                     " (%d of them to ask the model's candidates at the divergence)" % self.probe_tokens
+                     if self.probe_tokens else ""))]
         if self.logprob_max_diff is not None:
             text.append("  Logprobs:  largest difference %.4f nats" % self.logprob_max_diff)
         return text
@@ -3106,7 +3226,8 @@ class Server(object):
         self.models, self.version, self.error = {}, "", None
         self.busy = 0.0  # seconds with a generation in flight
         self.jobs = 0
-        self.running, self.tokens = None, 0  # the ID of the job generating here, and its tokens so far
+        # the ID of the job generating here, its tokens so far, and when it started (monotonic)
+        self.running, self.tokens, self.started = None, 0, 0.0
 
     def refresh(self):
         """/api/tags (and the version, for provenance), once per poll."""
@@ -3138,8 +3259,8 @@ class Worker(object):
         # jobs lost to other workers since the last regular poll: a board that still lists one as open
         # (a lagging clone) must not make the fresh looks after a loss go round for ever
         self.lost_ids = set()
-        self.skip_logged = {}  # id -> reason, so a skip is logged once
-        self.failures = {}  # id -> [failures, not before (clock)]
+        self.memory = WorkerMemory()  # failures and skips, across runs
+        self.skipped = set()  # jobs skipped by this run, for the summary
         self.taken = 0
         self.held = set()  # IDs of the jobs this worker has in hand, from its claim to their outcome
         self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}
@@ -3159,6 +3280,7 @@ class Worker(object):
     def run(self):
         """Start the threads and wait for them, acting on signals: the first
         stops taking jobs, the second aborts the jobs in flight."""
+        self.starting()
         targets = [(self.claim_loop, ())] + [(self.serve, (s,)) for s in self.servers] + [(self.submit_loop, ())]
         threads = [threading.Thread(target=self.guarded, args=t, daemon=True) for t in targets]
         for thread in threads:
@@ -3187,9 +3309,35 @@ class Worker(object):
             raise self.fatal
         return self.summary()
 
+    def starting(self):
+        """What an operator must know at once: a stop signal that is
+        ignored, and --models that no server here has (none of them: the
+        worker would idle for ever, so it does not start)."""
+        if "SIGINT" in SIGNALS.ignored:
+            self.log("SIGINT is ignored (a shell does that to `work &` in a script), so Ctrl-C and kill -INT do "
+                     "nothing: stop this worker with SIGTERM (kill %d)" % os.getpid())
+        if self.wanted is None:
+            return
+        for server in self.servers:
+            server.refresh()
+        usable = [s for s in self.servers if not s.error]
+        if not usable:  # nothing to tell yet: the polls say what fails
+            return
+        missing = sorted(m for m in self.wanted if not any(find_model(s.models, m) for s in usable))
+        where = ", ".join(s.url for s in usable)
+        if len(missing) == len(self.wanted):
+            local = sorted(set(m for s in usable for m in s.models)) or ["no model"]
+            raise UserError("none of --models is in an Ollama here: %s; %s %s %s (pull one with `ollama pull %s`)"
+                            % (", ".join(missing), where, "has" if len(usable) == 1 else "have", ", ".join(local),
+                               missing[0]))
+        if missing:
+            self.log("--models: no Ollama here (%s) has %s; its jobs are skipped" % (where, ", ".join(missing)))
+
     def in_flight(self):
-        """The status line: each server's job and its tokens."""
-        running = ["%s %s%s" % (s.running, _tokens(s.tokens), " on " + s.url if len(self.servers) > 1 else "")
+        """The status line: each server's job, its tokens and their rate."""
+        now = self.clock()
+        running = ["%s %s, %s%s" % (s.running, _tokens(s.tokens), received_rate(s.tokens, now - s.started),
+                                    " on " + s.url if len(self.servers) > 1 else "")
                    for s in self.servers if s.running]
         return "work: %s; %d done" % (", ".join(running) or "no job in flight", self.counts["done"])
 
@@ -3286,15 +3434,19 @@ class Worker(object):
             self.failing = 0
         self.rng.shuffle(items)
         items.sort(key=lambda i: 99 if i.priority is None else i.priority)  # stable: still shuffled within one
+        skips = collections.OrderedDict()
         for item in items:
             found = self.eligible(item)
             if isinstance(found, Candidate):
                 self.candidates.append(found)
-            elif isinstance(found, Skip) and self.skip_logged.get(item.id) != found.reason:
-                if item.id not in self.skip_logged:
-                    self.count("skipped")
-                self.skip_logged[item.id] = found.reason
-                self.info("skipped %s (%s)" % (item.id, found.reason))
+            elif isinstance(found, Skip):
+                skips[item.id] = found.reason
+        open_ids = None if len(items) >= BROWSE_LIMIT else set(i.id for i in items)
+        for item_id, reason in self.memory.poll(open_ids, skips, told=not self.args.quiet).items():
+            self.info("skipped %s (%s)" % (item_id, reason))  # once per job and reason, across runs
+        new = set(skips) - self.skipped
+        self.skipped |= new
+        self.count("skipped", len(new))
         self.found = bool(self.candidates)
 
     def failed_poll(self, what, exc):
@@ -3311,20 +3463,23 @@ class Worker(object):
         """A Candidate (a JobRun checked for its claim, and the servers that
         can run it), a Skip saying why not, or None: not now, perhaps at a
         later poll."""
-        args, failed = self.args, self.failures.get(item.id)
+        args = self.args
         with self.cond:
             if item.id in self.held:  # released a moment ago; its failure is being recorded
                 return None
         if item.id in self.lost_ids:  # another worker has it, whatever this look at the board says
             return None
-        if failed and failed[0] >= JOB_TRIES:
-            return Skip("failed %d times; not tried again by this worker" % failed[0])
-        if failed and failed[1] > self.clock():
+        failures, wait = self.memory.failed(item.id)
+        if failures >= JOB_TRIES:
+            return Skip("failed %d times; not tried again by workers on this box" % failures)
+        if wait:
             return None
         try:
             job = job_of(item)
+        except JobError as exc:
+            return Skip(exc.reason)
         except UserError as exc:
-            return Skip(str(exc).partition(": ")[2] or str(exc))
+            return Skip(str(exc))
         model = job.model
         if self.wanted is not None and full_model_name(model).lower() not in self.wanted:
             return Skip("model %s is not in --models" % model)
@@ -3403,7 +3558,7 @@ class Worker(object):
             server.tokens = tokens
             SIGNALS.check()  # a second signal stops a generation at its next token
 
-        server.running, server.tokens = run.id, 0
+        server.running, server.tokens, server.started = run.id, 0, self.clock()
         try:
             run.attempt(run.infer, server.ollama, server.version, on_token, find_model(server.models, run.job.model))
         except (UserError, Interrupted) as exc:
@@ -3432,24 +3587,32 @@ class Worker(object):
             tokens = run.gen.eval_count if run.gen else 0
             self.count("done")
             self.count("tokens", tokens)
-            rate = run.evidence.get("tokens_per_s")
-            self.info("done %s %s" % (run.id, "%s%s" % (_tokens(tokens), " %.1f tok/s" % rate if rate else "")
-                                     if run.gen else "(the kept result, submitted without generating again)"))
+            if run.gen:  # the rate the status line shows too: tokens received since the request
+                said = "%s in %s (%s)" % (_tokens(tokens), _seconds(run.generating_s),
+                                          received_rate(tokens, run.generating_s))
+            else:
+                said = "(the kept result, submitted without generating again)"
+            self.info("done %s %s" % (run.id, said))
             self.finish(run, "done")
 
     def job_failed(self, run, exc):
+        if SIGNALS.aborting():  # the second signal stopped it: not a failure of the job
+            self.log("released %s, stopped by the signal: %s" % (run.id, exc))
+            self.finish(run, "released", str(exc))
+            return
         self.count("failed")
         self.log("failed %s: %s; %s" % (run.id, exc, self.remember_failure(run)))
         self.finish(run, "failed", str(exc))  # only now may a poll take the job again
 
     def remember_failure(self, run):
         """A job that fails is tried again later, at most JOB_TRIES times in
-        all, so a poison job cannot keep the worker spinning."""
-        count = self.failures.get(run.id, [0])[0] + 1
-        delay = self.args.interval * 2 ** count
-        self.failures[run.id] = [count, self.clock() + delay]
+        all (by the workers on this box, across runs), so a poison job
+        cannot keep a worker spinning, under cron either."""
+        count, _ = self.memory.failed(run.id)
+        delay = self.args.interval * 2 ** (count + 1)
+        count = self.memory.failure(run.id, delay)
         if count >= JOB_TRIES:
-            return "failure %d of %d: not tried again by this worker" % (count, JOB_TRIES)
+            return "failure %d of %d: not tried again by workers on this box" % (count, JOB_TRIES)
         return "failure %d of %d: tried again in %s at the earliest" % (count, JOB_TRIES, _seconds(delay))
 
     def finish(self, run, result, error=None):
@@ -3479,7 +3642,13 @@ class Worker(object):
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
         doc = dict(c, wall_s=round(wall, 3), wl_calls=calls, wl_calls_per_job=per_job, servers=servers,
                    jobs=[dict(r) for r in self.jobs])
-        return Report(EXIT_INTERRUPTED if SIGNALS.aborting() else EXIT_OK, doc, [], text)
+        code = EXIT_OK
+        if SIGNALS.aborting():
+            code = EXIT_INTERRUPTED
+        elif self.args.once and c["failed"] and not c["done"]:  # for cron: a run that only failed is an error
+            code = EXIT_ERROR
+            text.append("work --once: every job it took failed (exit %d)" % code)
+        return Report(code, doc, [], text)
 
 
 def _seconds(value):
@@ -4453,7 +4622,7 @@ def cmd_output(ctx, args):
             job = None
         evidence, checks, cause = evidence_checks(job, completion.evidence)
         if evidence is None:
-            raise JobError("%s: %s" % (item.id, checks[0].message))
+            raise JobError(checks[0].message, item.id)
         if cause is not None:  # free to see, and a reader must know before using the text
             ctx.warn("%s: the output is refuted without a re-run (%s): %s" % (item.id, cause.kind, cause.message))
         outputs.append(evidence["output"])
@@ -4648,7 +4817,8 @@ def cmd_spool(ctx, args):
 
 
 class Listed(collections.namedtuple("Listed", "item job job_error")):
-    """A board item with its job decoded (job None and job_error why, when it does not decode)."""
+    """A board item with its job decoded (job None and job_error the
+    JobError, when it does not decode)."""
 
     __slots__ = ()
 
@@ -4678,8 +4848,8 @@ def board_items(ctx, status, model, limit):
     for item in items:
         try:
             listed.append(Listed(item, job_of(item), None))
-        except UserError as exc:
-            listed.append(Listed(item, None, str(exc)))
+        except JobError as exc:
+            listed.append(Listed(item, None, exc))
     if wanted:
         listed = [entry for entry in listed if entry.job and full_model_name(entry.job.model).lower() == wanted]
     return Listing(listed[:limit], len(listed), len(items) >= asked)
@@ -4696,11 +4866,11 @@ def cmd_list(ctx, args):
     listing = board_items(ctx, args.status, args.model, args.limit)
     for item, job, job_error in listing.items:
         docs.append({"id": item.id, "status": item.status, "priority": item.priority, "job": job and job.document(),
-                     "job_error": job_error, "title": item.title, "posted_by": item.posted_by,
+                     "job_error": job_error and str(job_error), "title": item.title, "posted_by": item.posted_by,
                      "claimed_by": item.claimed_by})
-        if job is None:
+        if job is None:  # the whole reason: the last column runs free
             rows.append([item.id, printable(item.status or "?"), "-", "-", "-",
-                         "(does not decode: %s)" % preview(job_error.partition(": ")[2], 60)])
+                         "(does not decode: %s)" % printable(job_error.reason)])
         else:
             rows.append([item.id, printable(item.status or "?"), preview(job.model, 24), str(job.seed),
                          str(job.max_tokens) if job.max_tokens else "default", preview(job.prompt, 50)])
@@ -5130,6 +5300,8 @@ COMMANDS = [
 ]
 COMMAND_BY_NAME = {command.name: command for command in COMMANDS}
 PROG = "wl_infer.py"  # in usage lines and in every command we suggest
+SHARED_OPTIONS = ("options for every command, before or after its name (--wasteland, --local-db, --wl,\n"
+                  "--ollama, --timeout, --wl-timeout, --json, -q): see `%s --help`" % PROG)
 
 
 def command_list():
@@ -5176,29 +5348,34 @@ def build_parser(commands=None):
 
     width = _help_width()
 
-    def shared(p):
+    def shared(p, shown=True):
         """The options every command takes, accepted before and after the
-        command name: SUPPRESS defaults, filled in by parse_args."""
+        command name: SUPPRESS defaults, filled in by parse_args. Only the
+        top-level help lists them (`shown`); a command's points to it."""
         g = p.add_argument_group("options for every command")
+
+        def said(text):
+            return text if shown else argparse.SUPPRESS
+
         g.add_argument("--wasteland", metavar="ORG/DB", default=argparse.SUPPRESS,
-                       help="wasteland to use (passed to every wl call)")
+                       help=said("wasteland to use (passed to every wl call)"))
         g.add_argument("--local-db", action="store_true", default=argparse.SUPPRESS,
-                       help="use wl's local Dolt clone (passed to wl)")
+                       help=said("use wl's local Dolt clone (passed to wl)"))
         g.add_argument("--wl", metavar="PATH", default=argparse.SUPPRESS,
-                       help="wl executable (default: $WL_BIN, else wl on PATH)")
+                       help=said("wl executable (default: $WL_BIN, else wl on PATH)"))
         g.add_argument("--ollama", metavar="URL", action="append", default=argparse.SUPPRESS,
-                       help="Ollama server (default: $OLLAMA_HOST, else %s); `work` and `results` take several "
-                            "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA)
+                       help=said("Ollama server (default: $OLLAMA_HOST, else %s); `work` and `results` take several "
+                                 "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA))
         g.add_argument("--timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
-                       help="Ollama inactivity timeout: no byte for this long (default 300); "
-                            "a long generation is never cut for being long")
+                       help=said("Ollama inactivity timeout: no byte for this long (default 300); "
+                                 "a long generation is never cut for being long"))
         g.add_argument("--wl-timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
-                       help="limit for one wl call (default %g)" % DEFAULT_WL_TIMEOUT)
+                       help=said("limit for one wl call (default %g)" % DEFAULT_WL_TIMEOUT))
         g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="print one JSON document on stdout (wins over -q)")
+                       help=said("print one JSON document on stdout (wins over -q)"))
         g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status, "
-                            "output and results: theirs; others nothing); stderr: only warnings and errors")
+                       help=said("stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status, "
+                                 "output and results: theirs; others nothing); stderr: only warnings and errors"))
 
     class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
         def __call__(self, parser, namespace, values, option_string=None):
@@ -5207,7 +5384,8 @@ def build_parser(commands=None):
 
     parser = Parser(prog=PROG, usage="%(prog)s [options] COMMAND [options]",
                     description="Verifiable LLM inference jobs on the Wasteland wanted board.",
-                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 130 interrupted.\n"
+                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 3 jobs not done yet (results, post "
+                           "--wait), 130 interrupted.\n"
                            "`%s COMMAND --help` shows a command's options and examples." % PROG)
     parser.add_argument("--version", action=Version, nargs=0, help="show program's version number and exit")
     shared(parser)
@@ -5218,9 +5396,9 @@ def build_parser(commands=None):
         if commands is None or command.name in commands:
             p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
                                help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
-                               epilog="examples:\n" + "\n".join("  " + e for e in command.examples))
-            command.add_arguments(p)  # its own options first, then the shared ones
-            shared(p)
+                               epilog=SHARED_OPTIONS + "\n\nexamples:\n" + "\n".join("  " + e for e in command.examples))
+            command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
+            shared(p, shown=False)
     return parser
 
 
