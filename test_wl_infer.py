@@ -5702,7 +5702,8 @@ def run_suite(classes=None):
     suite = (unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in classes) if classes
              else loader.loadTestsFromModule(sys.modules[__name__]))
     pending = queue.Queue()
-    for test in _tests(suite):
+    # the longest first (the sandbox runs the whole README), so that it does not end the run alone
+    for test in sorted(_tests(suite), key=lambda t: not isinstance(t, SandboxTest)):
         pending.put(test)
     jobs = int(os.environ.get("TEST_JOBS") or min(6, 3 * (os.cpu_count() or 1)))
     results = [_Result() for _ in range(jobs)]
