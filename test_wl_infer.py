@@ -3756,7 +3756,8 @@ class WorkerTest(WorkTest):
         self.ollama.fail_prompts["poison"] = (500, "llama runner process has terminated: signal: segmentation fault")
         proc = self.start()
         try:
-            wait_for(lambda: proc.log.has("skipped %s (failed 3 times; not tried again by workers on this box)" % poison),
+            gave_up = "skipped %s (failed 3 times; not tried again by workers on this box)" % poison
+            wait_for(lambda: proc.log.has(gave_up),
                      "the worker to give up on the poison job")
         except AssertionError:
             raise AssertionError("no give-up; wl calls %s; log %s" % (self.board.started(), proc.log.lines))
@@ -3811,8 +3812,8 @@ class WorkerTest(WorkTest):
         self.assertNotIn("SIGINT is ignored", self.work("--once")[2])
         calls = len(self.board.calls())
         self.assertError(self.cli("work", "--models", "nosuch:7b,other:1b"),
-                               "none of --models is in an Ollama here: nosuch:7b, other:1b; http://%s has "
-                               "llama3.2:1b, qwen2.5:0.5b (pull one with `ollama pull nosuch:7b`)" % self.ollama.address)
+                         "none of --models is in an Ollama here: nosuch:7b, other:1b; http://%s has llama3.2:1b, "
+                         "qwen2.5:0.5b (pull one with `ollama pull nosuch:7b`)" % self.ollama.address)
         self.assertEqual(len(self.board.calls()), calls)  # refused before any wl call
         code, out, err = self.work("--once", "--models", "nosuch:7b,llama3.2:1b")
         self.assertEqual(code, 0, err)

@@ -5396,7 +5396,7 @@ def build_parser(commands=None):
         if commands is None or command.name in commands:
             p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
                                help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
-                               epilog=SHARED_OPTIONS + "\n\nexamples:\n" + "\n".join("  " + e for e in command.examples))
+                               epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, "\n".join("  " + e for e in command.examples)))
             command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
             shared(p, shown=False)
     return parser
