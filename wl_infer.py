@@ -5394,9 +5394,10 @@ def build_parser(commands=None):
 
     for command in COMMANDS:
         if commands is None or command.name in commands:
+            examples = "\n".join("  " + e for e in command.examples)
             p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
                                help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
-                               epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, "\n".join("  " + e for e in command.examples)))
+                               epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, examples))
             command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
             shared(p, shown=False)
     return parser
