@@ -59,6 +59,7 @@ Rows:
   --sample 4` (the same cost).
 """
 
+import collections
 import json
 import os
 import platform
@@ -477,6 +478,9 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
         seeded = sample + ["--sample-seed", "7"]
         cost = {"sampled": units(sample), "full": units([]), "verify_seeded": units(seeded),
                 "results_seeded": units(seeded, "results")}
+        fake.ollama.cache_prompt = False  # every prompt evaluated from scratch: kinder than a real Ollama
+        cost.update(sampled_uncached=units(sample), full_uncached=units([]))
+        fake.ollama.cache_prompt = True
         found = interleaved(n, sampled=lambda: setup.run(["verify", item_id, "-q"] + sample, env=fake.env),
                             full=lambda: setup.run(["verify", item_id, "-q"], env=fake.env))
     finally:
@@ -494,6 +498,11 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
                                 100 * cost["sampled"] / cost["full"]),
                             base_figure="%s full" % timing(found["full"], lambda v: "%.2f s" % v),
                             units=cost, units_ratio=cost["sampled"] / cost["full"], floor=floor),
+            "sampling_uncached": row("  the same on a server without the prompt cache (token-units)", None, None,
+                                     cost["sampled_uncached"] / cost["full_uncached"], None, None,
+                                     figure="%.0f of %.0f token-units (%.1f%%)" % (
+                                         cost["sampled_uncached"], cost["full_uncached"],
+                                         100 * cost["sampled_uncached"] / cost["full_uncached"])),
             "sampling_results": row("results --sample 4 --window 16 of the same claim, against verify's", None, None,
                                     cost["results_seeded"] / cost["verify_seeded"], "the same cost",
                                     abs(cost["results_seeded"] / cost["verify_seeded"] - 1) < 0.02,
@@ -725,16 +734,16 @@ def realmodel_paths():
 
 
 class Shim(object):
-    """One ollama_shim.py server on a free port, until stop()."""
+    """One ollama_shim.py server on a free port, until stop(); `extra`: its options."""
 
-    def __init__(self, python, gguf, shim, log):
+    def __init__(self, python, gguf, shim, log, extra=()):
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen([python, shim, "--model-path", gguf, "--port", str(self.port), "--quiet"],
-                                     stdout=subprocess.DEVNULL, stderr=log)
+        self.proc = subprocess.Popen([python, shim, "--model-path", gguf, "--port", str(self.port), "--quiet"]
+                                     + list(extra), stdout=subprocess.DEVNULL, stderr=log)
         self.url = "http://127.0.0.1:%d" % self.port
         deadline = time.monotonic() + 180
         while True:
@@ -747,22 +756,133 @@ class Shim(object):
                 time.sleep(0.5)
 
     def stop(self):
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(30)
+
+
+CACHE_PROMPTS = ["Name three rivers and say where each one flows.", "Why is the sky blue? Answer in a paragraph.",
+                 "Write a haiku about autumn leaves.", "Give two tips for learning a new language.",
+                 "Describe the smell of rain.", "What does a carpenter do all day?",
+                 "Tell a short joke about a cat.", "Explain what a prime number is.",
+                 "Write the opening line of a mystery novel.", "Compare tea and coffee in three sentences.",
+                 "Describe a mountain village in winter.", "How do bees make honey?"]
+
+
+def other_hardware(paths, log):
+    """(python, options, what it is) of the server that plays "other
+    hardware": the AVX-512 build where it runs here, else the AVX2 build with
+    another attention kernel (--flash-attn). An AVX-512 build can start and
+    then die at its first generation (SIGILL) on a CPU that lacks one of the
+    extensions it was built with (seen on an AMD EPYC without AVX-VNNI)."""
+    avx2, avx512, gguf, shim_path = paths
+    if avx512:
+        server = Shim(avx512, gguf, shim_path, log)
+        try:
+            wl_infer.Ollama(server.url, 120).generate(wl_infer.make_job("hi", REAL_MODEL, max_tokens=2), top=None)
+            return avx512, [], "the AVX-512 build"
+        except wl_infer.UserError:
+            pass
+        finally:
+            server.stop()
+    return avx2, ["--flash-attn"], "the AVX2 build with --flash-attn (%s)" % (
+        "the AVX-512 build dies at its first generation here" if avx512 else "no AVX-512 here")
+
+
+def realmodel_cache(paths, folder, log, tokens=96):
+    """What Ollama's prompt cache does to exact verification, measured twice:
+    on servers that cache as Ollama does, and on the same servers evaluating
+    every prompt from scratch (--no-cache-prompt). Four servers, one role
+    each: a worker that runs the jobs in order (each after the one before);
+    a verifier that checks each claim after the other claims (first check),
+    again at once (second check: the prompt is in its cache), a third time
+    after a priming request that shares only the chat template's opening
+    (the split a worker's server mostly has), then with --tolerance 0.5; the
+    same on "other hardware"; and one box that runs a job, then verifies it.
+    Returns ({mode: {measure: [verdicts]}, mode + " details": [per prompt]},
+    what the other hardware is)."""
+    avx2, avx512, gguf, shim_path = paths
+    other_build, other_extra, other_name = other_hardware(paths, log)
+    checks = ("first check", "second check", "third check, primed", "fourth check, primed long",
+              "fifth check, --tolerance 0.5")
+    found = {}
+    for mode, extra in (("cache", []), ("no cache", ["--no-cache-prompt"])):
+        worker, verifier, one_box = [Shim(avx2, gguf, shim_path, log, extra) for _ in range(3)]
+        other = Shim(other_build, gguf, shim_path, log, other_extra + extra)
+        try:
+            own = os.path.join(folder, mode.replace(" ", "-"))
+            os.makedirs(own)
+            board = fakes.FakeBoard(own, rig="poster")
+            measures = collections.OrderedDict([("run then verify on one server", [])]
+                                               + [(c, []) for c in checks]
+                                               + [("other hardware, " + c, []) for c in checks])
+
+            def cli(server, *args, board=board, own=own):
+                env = dict(os.environ, WL_BIN=board.exe, OLLAMA_HOST=server.url, FAKE_WL_RIG="carol",
+                           XDG_STATE_HOME=os.path.join(own, "state"))
+                proc = subprocess.run([sys.executable, os.path.join(HERE, "wl_infer.py"), "--json"] + list(args),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                if proc.returncode == 2:
+                    raise SystemExit("realmodel: wl_infer %s: %s" % (" ".join(args), proc.stderr.decode()))
+                return json.loads(proc.stdout.decode("utf-8"))
+
+            def prime(server, job, text="Hello."):
+                """A request that shares only the chat template's opening with the job's prompt."""
+                client = wl_infer.Ollama(server.url, 600)
+                rendered = client.rendered_prompt(job)
+                opening = rendered[:rendered.index(job.prompt)]
+                client.candidates(wl_infer.continuation_request(job, opening, text, 1), 0)
+
+            details = []  # per prompt: output tokens, and the prompt tokens each finished check evaluated
+            for prompt in CACHE_PROMPTS:
+                sys.stderr.write("realmodel (%s): %s\n" % (mode, prompt))
+                job = wl_infer.make_job(prompt, REAL_MODEL, max_tokens=tokens)
+                local = board.add(wl_infer.encode_job(job))
+                cli(one_box, "run", local)
+                measures["run then verify on one server"].append(cli(one_box, "verify", local)["verdict"])
+                item_id = board.add(wl_infer.encode_job(job))
+                evidence = cli(worker, "run", item_id)["evidence"]
+                row = {"prompt": prompt, "output_tokens": evidence["eval_count"],
+                       "worker_prompt_eval": evidence.get("prompt_eval_count"), "checks": []}
+                for server, prefix in ((verifier, ""), (other, "other hardware, ")):
+                    for name in checks:
+                        if "primed long" in name:  # about as long as a job and its answer: 120 tokens or so
+                            prime(server, job, " ".join(["A long line of filler words to fill the cache."] * 12))
+                        elif "primed" in name:
+                            prime(server, job)
+                        doc = cli(server, "verify", item_id, *(["--tolerance", "0.5"] if "tolerance" in name
+                                                               else []))
+                        measures[prefix + name].append(doc["verdict"])
+                        row["checks"].append((doc["verdict"], doc["local"]["prompt_eval_count"]))
+                details.append(row)
+            found[mode] = measures
+            found[mode + " details"] = details
+        finally:
+            for server in (worker, verifier, one_box, other):
+                server.stop()
+    return found, other_name
 
 
 def realmodel(argv):
     """post -> run -> verify (exact, tolerant, sampled) and forgeries on a
-    real model, through the command line against a fake wl board."""
+    real model, through the command line against a fake wl board; then
+    (or alone, `realmodel cache`) what the prompt cache does."""
     paths = realmodel_paths()
     if paths is None:
         print("realmodel: the real model is not set up here; %s. Then run `make realmodel` again." % REAL_SETUP)
         return 0
+    if argv[:1] == ["cache"]:
+        with tempfile.TemporaryDirectory() as folder, open(os.path.join(folder, "shim.log"), "w") as log:
+            found, other = realmodel_cache(paths, folder, log)
+        print(realmodel_cache_report(found, other))
+        return 0
     avx2, avx512, gguf, shim_path = paths
     sample = ["--sample", "4", "--window", "16"]
     with tempfile.TemporaryDirectory() as folder, open(os.path.join(folder, "shim.log"), "w") as log:
+        other_build, other_extra, other_name = other_hardware(paths, log)
         same = Shim(avx2, gguf, shim_path, log)
-        other = Shim(avx512, gguf, shim_path, log) if avx512 else None
+        uncached = Shim(avx2, gguf, shim_path, log, ["--no-cache-prompt"])  # kinder than any real Ollama
+        other = Shim(other_build, gguf, shim_path, log, other_extra)
         try:
             board = fakes.FakeBoard(folder, rig="poster")
 
@@ -806,6 +926,8 @@ def realmodel(argv):
                 r["exact"] = doc["verdict"]
                 doc, r["sampled_s"] = cli("carol", same, "verify", honest, *sample)
                 r["sampled"], r["coverage"] = doc["verdict"], doc["coverage"]
+                r["exact_uncached_s"] = cli("carol", uncached, "verify", honest)[1]
+                r["sampled_uncached_s"] = cli("carol", uncached, "verify", honest, *sample)[1]
                 if other is not None:
                     moved = board.add(wl_infer.encode_job(job))
                     cli("bob", other, "run", moved)
@@ -844,11 +966,29 @@ def realmodel(argv):
                     if doc["coverage"] is not None:
                         coverage.append(doc["coverage"])
         finally:
-            same.stop()
-            if other is not None:
-                other.stop()
-    print(realmodel_report(results, forgeries, coverage, other is not None))
+            for server in (same, uncached, other):
+                server.stop()
+        cache, _ = realmodel_cache(paths, folder, log)
+    print(realmodel_report(results, forgeries, coverage, other_name))
+    print(realmodel_cache_report(cache, other_name))
     return 0
+
+
+def realmodel_cache_report(found, other):
+    lines = ["wl_infer %s against %s on llama.cpp (ollama_shim.py), %d prompts, %d-token jobs, exact verification; "
+             "other hardware: %s; %s" % (wl_infer.__version__, REAL_MODEL, len(CACHE_PROMPTS), 96, other,
+                                         platform.platform(terse=True)),
+             "  %-42s %-12s %s" % ("VERIFIED", "with the cache", "without it")]
+    for measure in found["cache"]:
+        lines.append("  %-42s %-12s %s" % (measure, *("%d/%d" % (v.count("VERIFIED"), len(v))
+                                                       for v in (found[m][measure] for m in ("cache", "no cache")))))
+    lines.append("  with the cache, per prompt: output tokens, the worker's prompt_eval_count, and each check, "
+                 "the verifier's then other hardware's (V VERIFIED, M MISMATCH; then the prompt tokens it evaluated, "
+                 "when it ran to its end):")
+    for row in found["cache details"]:
+        lines.append("    %3s %3s  %s  %s" % (row["output_tokens"], row["worker_prompt_eval"], " ".join(
+            "%s%s" % (v[0], "" if count is None else count) for v, count in row["checks"]), row["prompt"][:40]))
+    return "\n".join(lines)
 
 
 def realmodel_report(results, forgeries, coverage, other):
@@ -872,7 +1012,11 @@ def realmodel_report(results, forgeries, coverage, other):
         "  verify --sample 4 --window 16       %.2f s: %.0f%% of the exact one; VERIFIED %d/%d, coverage %.1f%%" % (
             median("sampled_s"), 100 * median("sampled_s") / median("exact_s"),
             sum(r["sampled"] == "VERIFIED" for r in results), n, 100 * statistics.median(r["coverage"] or 0
-                                                                                        for r in results))]
+                                                                                        for r in results)),
+        "  the same without the prompt cache   %.2f s: %.0f%% of the exact one there (%.2f s)" % (
+            median("sampled_uncached_s"), 100 * median("sampled_uncached_s") / median("exact_uncached_s"),
+            median("exact_uncached_s")),
+        "  other hardware: %s" % other]
     if other:
         lines += ["  other build, exact                  VERIFIED %d/%d (MISMATCH causes: %s)" % (
                       sum(r["other_exact"]["verdict"] == "VERIFIED" for r in results), n,

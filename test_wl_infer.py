@@ -15,6 +15,7 @@ hostile-input tests and prints their tally (`make faults`);
 `python3 test_wl_infer.py fake-wl STATE ARGS...` is the fake wl.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -56,10 +57,13 @@ def default_output(model, prompt):
     return "Réponse de %s à « %s » : 42 ✓ — 答え 🙂" % (model, prompt[:40])
 
 
+TEMPLATE_OPENING = "<start_of_turn>user\n"  # what every templated prompt starts with
+
+
 def render_template(prompt):
     """The fake models' chat template (Gemma's shape): the text a templated
     request feeds the model, and what `_debug_render_only` answers."""
-    return "<start_of_turn>user\n%s<end_of_turn>\n<start_of_turn>model\n" % prompt
+    return TEMPLATE_OPENING + "%s<end_of_turn>\n<start_of_turn>model\n" % prompt
 
 
 BRANCH_WORDS = ("amber ", "basalt ", "cinder ", "delta ", "ember ", "fjord ", "gravel ", "harbor ")
@@ -163,10 +167,25 @@ class FakeOllama(object):
                                       runner-up at these token indexes
     render_supported = False          an older server (before 0.11.5): ignores
                                       `_debug_render_only` and generates
-    prompt_cost = x                   evaluating a prompt token costs x of piece_delay,
-                                      less the prefix shared with the previous request's
-                                      prompt and answer (Ollama's cache); `prefilled`
-                                      records the tokens evaluated per request
+    prompt_cost = x                   evaluating a prompt token costs x of piece_delay
+    the prompt cache, as Ollama has it (llama-server's, cache_prompt on every request):
+                                      a request reuses the longest common prefix with
+                                      the slot (the previous request's prompt and what it
+                                      generated), or with a saved state of an earlier
+                                      request that shares more (cache_states of them, the
+                                      newest; one is skipped when the prompt keeps under
+                                      a quarter of it), always evaluating at least the
+                                      prompt's last token; only evaluated tokens cost and
+                                      count (prompt_eval_count); `prefilled` records them
+    cache_prompt = False              evaluate every prompt from scratch (kinder than
+                                      any real Ollama: for the cost bench's baseline)
+    split_ties = {i, ...}             a prompt evaluated otherwise than a fresh one (more
+    split_shift = x                   reused than the chat template's opening, which every
+                                      prompt shares; or one this server evaluated before,
+                                      whatever came between: measured on llama.cpp, see
+                                      make realmodel) sees scripted models take the
+                                      runner-up at these token indexes, and every
+                                      logprob shifted by x
     requests                          one record per request: method, path, body, and
                                       `start` and `end` of its handling (time.time())
     streams                           one record per streamed generate: its prompt,
@@ -202,8 +221,14 @@ class FakeOllama(object):
         self.flips = set()
         self.render_supported = True
         self.prompt_cost = 0.0  # a prompt token's cost, in generated tokens' piece_delay (0.1: a cost model)
-        self.context = ""  # the previous request's prompt and answer: Ollama's cache
-        self.prefilled = []  # prompt tokens evaluated per generate request, less the cached prefix
+        self.cache_prompt = True
+        self.cache_states = 16
+        self.slot = ""  # what the KV cache holds: the last request's prompt and what it generated
+        self.saved = collections.OrderedDict()  # saved states: their text, oldest first
+        self.prefilled = []  # prompt tokens evaluated per generate request (the rest came from the cache)
+        self.split_ties = set()
+        self.split_shift = 0.0
+        self.evaluated = set()  # every prompt this server has evaluated
         self.streams = []
         self.version = "0.12.11"
         self.requests = []
@@ -274,11 +299,12 @@ class FakeOllama(object):
         # Ollama's runner stops at num_predict before it would sample the end
         return kept, "length" if 0 < limit <= count else "stop"
 
-    def generation(self, body):
+    def generation(self, body, split=False):
         """What the model generates for a request: chunks [(text, [token
         bytes])], the done reason, per token (its logprob, its candidates)
         when a scripted model made it (else None), and the index of its
-        first token in the answer (a raw prompt goes on from the middle)."""
+        first token in the answer (a raw prompt goes on from the middle).
+        `split`: its prompt was evaluated in other batches than a fresh one."""
         options = body.get("options") or {}
         prompt = body.get("prompt", "")
         fed = prompt if body.get("raw") is True else render_template(prompt)
@@ -286,7 +312,8 @@ class FakeOllama(object):
             head = render_template(scripted)
             if self.find(model) == self.find(body["model"]) and fed.startswith(head):
                 limit = options.get("num_predict", -1)
-                tokens, reason = script.generate(fed[len(head):], self.flips, limit if type(limit) is int else -1)
+                flips = self.flips | (self.split_ties if split else set())
+                tokens, reason = script.generate(fed[len(head):], flips, limit if type(limit) is int else -1)
                 return ([(t, [t.encode("utf-8")]) for t, _, _ in tokens], reason,
                         [(logprob, candidates) for _, logprob, candidates in tokens], 0)
         turn = re.match(r"<start_of_turn>user\n(.*?)<end_of_turn>\n<start_of_turn>model\n", fed, re.S)
@@ -297,30 +324,57 @@ class FakeOllama(object):
         chunks, reason = self.chunks_for(body["model"], prompt, options)
         return chunks, reason, None, 0
 
-    def prefill(self, fed, answer):
-        """Ollama's cost of evaluating the prompt `fed`: its tokens less the
-        prefix shared with the previous request's prompt and answer (the
-        KV cache Ollama keeps), at `prompt_cost` of a generated token's
-        `piece_delay`. Recorded in `prefilled`; returns the seconds."""
-        with self.lock:
-            shared = wl_infer._common_prefix(fed, self.context) if self.context else 0
-            new = -(-len(fed) // self.piece_chars) - shared // self.piece_chars
-            self.context = fed + answer
-            self.prefilled.append(new)
-        return new * self.piece_delay * self.prompt_cost
+    def tokens(self, text):
+        return -(-len(text) // self.piece_chars)  # the fake tokenizes by piece_chars characters
 
-    def logprobs_for(self, index, token, top, scripted=None):
+    def evaluate(self, fed):
+        """How Ollama evaluates the prompt `fed` (llama-server with
+        cache_prompt): (tokens evaluated, tokens reused from the slot or a
+        saved state, whether the evaluation is split otherwise than a
+        fresh one's). Recorded in `prefilled`."""
+        total, n = self.tokens(fed), self.piece_chars
+        with self.lock:
+            seen = fed in self.evaluated
+            self.evaluated.add(fed)
+            reused = wl_infer._common_prefix(self.slot, fed) // n if self.cache_prompt else 0
+            best = None
+            for text in (self.saved if self.cache_prompt else ()):
+                shared = wl_infer._common_prefix(text, fed) // n
+                if shared > reused and shared >= 0.25 * self.tokens(text) and (best is None or shared > best[0]):
+                    best = (shared, text)
+            if best is not None:  # restored from the host-memory cache
+                reused = best[0]
+                self.saved.move_to_end(best[1])
+            reused = min(reused, total - 1)  # the prompt's last token is always evaluated
+            self.prefilled.append(total - reused)
+        return total - reused, reused, seen or reused > len(TEMPLATE_OPENING) // n
+
+    def remember(self, fed, generated, complete):
+        """After a request: the slot holds its prompt and what it generated;
+        a request that ran to its end is saved as a state too."""
+        with self.lock:
+            self.slot = fed + generated
+            if complete and self.cache_states:
+                self.saved[self.slot] = True
+                self.saved.move_to_end(self.slot)
+                while len(self.saved) > self.cache_states:
+                    self.saved.popitem(last=False)
+
+
+    def logprobs_for(self, index, token, top, scripted=None, shift=0.0):
         """Ollama's logprob entry for answer token `index` (its bytes), with
-        `top` candidates (`scripted`: its logprob and candidates). A token
-        that is not whole UTF-8 shows as U+FFFD in `token`, as Go's JSON
-        encoder writes invalid bytes; `bytes` has them."""
-        chosen = round(-0.05 * (index % 5) + self.logprob_shift, 6)
+        `top` candidates (`scripted`: its logprob and candidates), shifted
+        by `shift` more (a split prompt). A token that is not whole UTF-8
+        shows as U+FFFD in `token`, as Go's JSON encoder writes invalid
+        bytes; `bytes` has them."""
+        shift += self.logprob_shift
+        chosen = round(-0.05 * (index % 5) + shift, 6)
         runner_up, margin = self.near_ties.get(index, ("~", 3.0))
         candidates = [(token, chosen), (runner_up.encode("utf-8"), chosen - margin)]
         candidates += [(b"#%d" % k, chosen - margin - k) for k in range(1, max(top - 1, 0))]
         if scripted:
-            chosen = scripted[0] + self.logprob_shift
-            candidates = [(t.encode("utf-8"), lp + self.logprob_shift) for t, lp in scripted[1]]
+            chosen = scripted[0] + shift
+            candidates = [(t.encode("utf-8"), lp + shift) for t, lp in scripted[1]]
 
         def entry(raw, logprob):
             return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
@@ -436,11 +490,13 @@ class _OllamaHandlerMixin(object):
         key = json.dumps(body, sort_keys=True)
         if self.fake.burst and key in self.fake.rendered:
             return self._send_rendered(self.fake.rendered[key])
-        chunks, reason, scripted, first = self.fake.generation(body)
-        cost = self.fake.prefill(prompt if body.get("raw") is True else render_template(prompt),
-                                 "".join(text for text, _ in chunks))
+        fed = prompt if body.get("raw") is True else render_template(prompt)
+        evaluated, reused, split = self.fake.evaluate(fed)
+        chunks, reason, scripted, first = self.fake.generation(body, split)
+        cost = evaluated * self.fake.piece_delay * self.fake.prompt_cost
         if cost:
             time.sleep(cost)
+        self.evaluation = (fed, evaluated, cost, self.fake.split_shift if split else 0.0)
         thinking = self.fake.thinking.get((body["model"], prompt), "")
         thoughts = [thinking[i:i + 4] for i in range(0, len(thinking), 4)]
         logprobs = None  # per chunk: the entries of its tokens
@@ -457,8 +513,8 @@ class _OllamaHandlerMixin(object):
         if want_logprobs:
             index, logprobs = first, []
             for _, tokens in chunks:
-                logprobs.append([self.fake.logprobs_for(index + k, t, top, scripted and scripted[index - first + k])
-                                 for k, t in enumerate(tokens)])
+                logprobs.append([self.fake.logprobs_for(index + k, t, top, scripted and scripted[index - first + k],
+                                                        self.evaluation[3]) for k, t in enumerate(tokens)])
                 index += len(tokens)
         count = sum(len(tokens) for _, tokens in chunks) + len(thoughts)
         if body.get("stream", True) is False:
@@ -467,6 +523,7 @@ class _OllamaHandlerMixin(object):
                 final["thinking"] = thinking
             if logprobs is not None:
                 final["logprobs"] = [entry for entries in logprobs for entry in entries]
+            self.fake.remember(fed, final["response"], True)
             return self._json(200, final)
         if self.fake.burst:
             self.fake.rendered[key] = self._render(name, thoughts, [text for text, _ in chunks], logprobs,
@@ -509,23 +566,28 @@ class _OllamaHandlerMixin(object):
 
     def _final(self, name, response, reason, count):
         # the durations of what the fake modelled: each token took piece_delay (a model at 1,000 tokens/s
-        # when none is set), as Ollama times its own generation
+        # when none is set), as Ollama times its own generation; the prompt's evaluated tokens, as it counts them
         per_token = self.fake.piece_delay or 0.001
         eval_ns = int(1e9 * per_token * max(count, 1))
+        _, evaluated, cost, _ = getattr(self, "evaluation", ("", 10, 0.0, 0.0))
+        prompt_ns = int(1e9 * cost) or 1000
         return {"model": name, "created_at": "2026-11-26T10:00:00Z", "response": response, "done": True,
-                "done_reason": reason, "total_duration": eval_ns + 1000000, "load_duration": 1000,
-                "prompt_eval_count": 10, "prompt_eval_duration": 1000, "eval_count": count,
+                "done_reason": reason, "total_duration": eval_ns + prompt_ns + 1000000, "load_duration": 1000,
+                "prompt_eval_count": evaluated, "prompt_eval_duration": prompt_ns, "eval_count": count,
                 "eval_duration": eval_ns}
 
     def _stream(self, name, prompt, thoughts, tokens, logprobs, reason, count):
         fake = self.fake
-        record = {"prompt": prompt, "sent": 0, "start": time.time(), "end": None, "ended": threading.Event()}
+        record = {"prompt": prompt, "sent": 0, "text": [], "start": time.time(), "end": None,
+                  "ended": threading.Event()}
         with fake.lock:
             record["gate"] = fake.gates.get(len(fake.streams), fake.gate)
             fake.streams.append(record)
         try:
             self._stream_lines(name, thoughts, tokens, logprobs, reason, count, record)
         finally:
+            # the slot holds what was generated, up to where a client that went away cancelled it
+            fake.remember(self.evaluation[0], "".join(record["text"]), "final" in record)
             record["end"] = time.time()
             record["ended"].set()
 
@@ -571,6 +633,8 @@ class _OllamaHandlerMixin(object):
                     obj["logprobs"] = next(entries)
                 send(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
                 record["sent"] += 1
+                if "text" in record:
+                    record["text"].append(token)
             if record["gate"] is not None:
                 send(b"", final=True)
                 record["gate"].wait(60)
@@ -1466,7 +1530,7 @@ class CodecTest(unittest.TestCase):
         job = wl_infer.make_job("p", "m")
         evidence = wl_infer.make_evidence(job, "out", {
             "model_digest": "ab" * 32, "ollama_version": "0.12.11", "options": {"temperature": 0, "seed": 42},
-            "done_reason": "stop", "eval_count": 2, "eval_ms": 40, "tokens_per_s": 50.0,
+            "done_reason": "stop", "eval_count": 2, "prompt_eval_count": 7, "eval_ms": 40, "tokens_per_s": 50.0,
             "logprobs": [-0.0001, 0.0], "token_lengths": [2, 1], "thinking_hash": wl_infer.output_hash("t")})
         text = wl_infer.encode_evidence(evidence)
         go_part = wl_infer.encode_evidence(wl_infer.make_evidence(job, "out"))
@@ -2035,7 +2099,8 @@ class EndToEndTest(CliTest):
         self.assertEqual(wl_infer.encode_evidence(go_view), GO_EVIDENCE)
         doc = json.loads(written)
         self.assertEqual(list(doc), ["output", "output_hash", "model", "seed", "model_digest", "ollama_version",
-                                     "options", "done_reason", "eval_count", "eval_ms", "tokens_per_s", "logprobs",
+                                     "options", "done_reason", "eval_count", "prompt_eval_count", "eval_ms",
+                                     "tokens_per_s", "logprobs",
                                      "token_lengths"])
         self.assertEqual(json.loads(out), {"id": item_id, "evidence": doc, "resubmitted": False})
         request = self.ollama.generate_requests()
@@ -3064,7 +3129,8 @@ class VerificationTest(CliTest):
         doc = self.verify(self.completed(output=self.HONEST[:10] + "xx", model_digest=local, ollama_version="0.9.0"))
         self.assertEqual((doc["cause"]["kind"], doc["cause"]["recorded"], doc["cause"]["local"]),
                          ("ollama-version", "0.9.0", "0.12.11"))
-        self.assertEqual(doc["local"], {"model_digest": local, "ollama_version": "0.12.11"})
+        self.assertEqual(doc["local"], {"model_digest": local, "ollama_version": "0.12.11",
+                                        "prompt_eval_count": None})  # the re-run stopped at the divergence
 
     def test_forged_claim_is_refuted_after_a_few_tokens(self):
         text = "abc" * 400  # 400 tokens of 3 characters
@@ -3190,7 +3256,8 @@ class VerificationTest(CliTest):
                 self.assertEqual(err, "wl_infer: warning: submitted without %s: the evidence would not fit "
                                  "wl's 65535-byte field with %s (verifiers will see them as not available)\n"
                                  % (("logprobs, token_lengths", "them") if kept else
-                                    ("model_digest, ollama_version, options, done_reason, eval_count, eval_ms, "
+                                    ("model_digest, ollama_version, options, done_reason, eval_count, "
+                                     "prompt_eval_count, eval_ms, "
                                      "tokens_per_s, logprobs, token_lengths", "them")))
                 self.verify(item_id, code=0)
 
@@ -3456,6 +3523,147 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [], 0.2).details["gap"], 0.25)
         gen.thinking = "hmm"
         self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, "HiHello world", [], 0.5).why)
+
+
+class PromptCacheTest(CliTest):
+    """Ollama's prompt cache, as every real Ollama has it: what a user meets
+    on one box and across boxes. A story with a near-tie at token 5; where
+    the scripted numerics say so, a prompt evaluated in other batches than a
+    fresh one (served from the cache beyond the template's opening) takes
+    the runner-up there."""
+
+    PROMPT = "Tell me a story."
+
+    def setUp(self):
+        CliTest.setUp(self)
+        self.worker = FakeOllama().start()  # the worker's own box; self.ollama is the verifier's
+        self.addCleanup(self.worker.stop)
+        for fake in (self.ollama, self.worker):
+            fake.scripts[("llama3.2:1b", self.PROMPT)] = ScriptedModel(TolerantVerificationTest.TEXT, {5: 0.21})
+
+    def run_job(self, prompt=PROMPT, server=None, rig="carol"):
+        item_id = self.board.add(self.job(prompt, max_tokens=64))
+        code, out, err = self.cli("run", item_id, env=self.env(FAKE_WL_RIG=rig,
+                                                               OLLAMA_HOST=(server or self.worker).address))
+        self.assertEqual(code, 0, err)
+        return item_id
+
+    def verify(self, item_id, *extra, code=0):
+        result = self.cli("--json", "verify", item_id, *extra)
+        self.assertEqual(result[0], code, result)
+        return json.loads(result[1])
+
+    def evidence(self, item_id):
+        return wl_infer.decode_evidence(self.board.item(item_id)["completion"]["evidence"])
+
+    def test_the_fake_reuses_prefixes_and_saved_states_as_llama_server_does(self):
+        fake = self.ollama
+        client = wl_infer.Ollama(fake.address)
+        tokens = fake.tokens(render_template(self.PROMPT))
+        opening = len(TEMPLATE_OPENING) // fake.piece_chars
+
+        def counts(prompt, **job):
+            gen = client.generate(wl_infer.make_job(prompt, "llama3.2:1b", **job), top=None)
+            return gen.final["prompt_eval_count"]
+        self.assertEqual(fake.evaluate(render_template("new"))[2], False)  # fresh: only the opening was reused
+        self.assertEqual(fake.evaluate(render_template("new"))[2], True)  # the same prompt again: split
+        self.assertEqual(counts(self.PROMPT), tokens)  # a fresh server: the whole prompt
+        self.assertEqual(counts(self.PROMPT), 1)  # the same prompt again: only its last token
+        self.assertEqual(counts("Another story, please."),
+                         fake.tokens(render_template("Another story, please.")) - opening)  # the opening is shared
+        # the first prompt again: restored from the saved state of its first request (it keeps over a quarter of it)
+        self.assertEqual(counts(self.PROMPT), 1)
+        fake.scripts[("llama3.2:1b", "long")] = ScriptedModel("word " * 200)
+        counts("long")
+        counts("something else")
+        self.assertEqual(counts("long", max_tokens=1), fake.tokens(render_template("long")) - opening,
+                         "a state the prompt keeps under a quarter of is not restored")
+        fake.cache_prompt = False
+        self.assertEqual((counts(self.PROMPT), counts(self.PROMPT)), (tokens, tokens))
+
+    def test_a_cut_generation_leaves_in_the_slot_only_what_it_generated(self):
+        fake, text = self.ollama, TolerantVerificationTest.TEXT
+        fake.piece_delay = 0.05  # 25 tokens in 1.25 s: the server notices the client gone long before the end
+        claim = text[:8] + "forged from here on"
+        job = wl_infer.make_job(self.PROMPT, "llama3.2:1b")
+        wl_infer.Ollama(fake.address).compare(wl_infer.generate_request(job, None), claim)
+        wait_for(lambda: fake.streams[-1]["ended"].is_set(), "the cut stream's end")
+        rendered = render_template(self.PROMPT)
+        self.assertTrue(fake.slot.startswith(rendered + text[:12]) and (rendered + text).startswith(fake.slot))
+        self.assertLess(len(fake.slot), len(rendered + text))
+        self.assertEqual(list(fake.saved), [])  # a cancelled request is not saved as a state
+
+    def test_a_worker_that_ran_other_jobs_first_is_verified_by_a_fresh_server(self):
+        for fake in (self.ollama, self.worker):
+            fake.split_ties = {5}
+        self.run_job("Name a colour.")
+        item_id = self.run_job()  # the prompt shares only the template's opening with the job before it
+        evidence = self.evidence(item_id)
+        self.assertEqual(evidence["prompt_eval_count"], self.worker.tokens(render_template(self.PROMPT))
+                         - len(TEMPLATE_OPENING) // self.worker.piece_chars)
+        doc = self.verify(item_id)
+        self.assertEqual((doc["verdict"], doc["exact"]), ("VERIFIED", True))
+
+    def test_run_then_verify_on_one_box(self):
+        item_id = self.run_job(server=self.ollama)
+        self.assertEqual(self.verify(item_id)["verdict"], "VERIFIED")  # the numerics agree
+        self.ollama.split_ties = {5}  # they do not: the re-run's prompt came from the cache of the run
+        doc = self.verify(item_id, code=1)
+        self.assertEqual((doc["cause"]["kind"], doc["refuted"]), ("near-tie", False))
+        self.assertEqual(self.verify(item_id, "--tolerance", "0.5")["verdict"], "VERIFIED")
+
+    def test_a_request_between_two_checks_does_not_make_the_second_a_fresh_one(self):
+        self.ollama.split_ties = {5}
+        item_id = self.run_job()
+        self.assertEqual(self.verify(item_id)["verdict"], "VERIFIED")
+        # a request that shares only the template's opening, as measured on llama.cpp (make realmodel): the
+        # server that evaluated the prompt once evaluates it otherwise after, whatever came between
+        wl_infer.Ollama(self.ollama.address).generate(wl_infer.make_job("Something else.", "llama3.2:1b"), top=None)
+        doc = self.verify(item_id, code=1)
+        self.assertEqual((doc["cause"]["kind"], doc["refuted"]), ("near-tie", False))
+
+    def test_verify_twice_in_a_row_and_the_cause_says_how_each_server_evaluated_the_prompt(self):
+        self.ollama.split_ties = {5}
+        item_id = self.run_job()
+        first = self.verify(item_id)
+        total = self.ollama.tokens(render_template(self.PROMPT))
+        self.assertEqual((first["verdict"], first["local"]["prompt_eval_count"]), ("VERIFIED", total))
+        second = self.verify(item_id, code=1)  # the first check left the prompt in the cache
+        self.assertEqual((second["cause"]["kind"], second["refuted"]), ("near-tie", False))
+        self.assertIsNone(second["local"]["prompt_eval_count"])  # the re-run stopped before Ollama counts
+        worker_count = second["evidence"]["prompt_eval_count"]
+        self.assertEqual(worker_count, total)
+        self.assertEqual((second["cause"]["worker_prompt_eval_count"], second["cause"]["prompt_tokens_estimated"]),
+                         (worker_count, int(len(render_template(self.PROMPT)) / 4)))
+        self.assertIn("the worker's server evaluated %d tokens of the prompt, as a fresh one does: if this server "
+                      "has run or checked this job before, the prompt came from its cache" % total,
+                      second["cause"]["message"])
+        self.assertEqual(self.verify(item_id, "--tolerance", "0.5")["verdict"], "VERIFIED")
+        code, out, err = self.cli("audit", "--reject")
+        self.assertEqual(code, 1, err)
+        self.assertIn("kept in review (not a refutation)", out)  # a cache split is never refuted
+        self.assertEqual(self.board.item(item_id)["status"], "in_review")
+
+    def test_an_audit_over_many_items_on_one_server(self):
+        ids = [self.run_job("job %d" % n) for n in range(3)]  # default answers: no near-tie to flip
+        self.worker.split_ties = {5}
+        client = wl_infer.Ollama(self.worker.address)
+        client.generate(wl_infer.make_job(self.PROMPT, "llama3.2:1b", max_tokens=64), top=None)  # its history
+        split = self.run_job()  # its server had the prompt cached: the runner-up at the near-tie
+        evidence = self.evidence(split)
+        self.assertEqual(evidence["prompt_eval_count"], 1)
+        code, out, err = self.cli("--json", "audit", "--reject")
+        docs = dict((d["id"], d) for d in json.loads(out))
+        self.assertEqual(code, 1, err)
+        self.assertEqual([docs[i]["verdict"] for i in ids], ["VERIFIED"] * 3)
+        cause = docs[split]["cause"]
+        self.assertEqual((docs[split]["verdict"], cause["kind"], docs[split]["action"]),
+                         ("MISMATCH", "near-tie", "kept in review (not a refutation)"))
+        self.assertIn("the worker's server evaluated 1 token of the prompt's about %d (the rest came from its "
+                      "prompt cache" % int(len(render_template(self.PROMPT)) / 4), cause["message"])
+        code, out, err = self.cli("--json", "audit", "--tolerance", "0.5", "--accept")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(d["verdict"] for d in json.loads(out)), ["VERIFIED"] * 4)
 
 
 class SampledVerificationTest(CliTest):

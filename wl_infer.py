@@ -263,8 +263,8 @@ JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int
               ("batch", str), ("custom_id", str))
 GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
 PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict), ("done_reason", str),
-                     ("eval_count", int), ("eval_ms", int), ("tokens_per_s", float), ("logprobs", list),
-                     ("token_lengths", "lengths"), ("thinking_hash", str))
+                     ("eval_count", int), ("prompt_eval_count", int), ("eval_ms", int), ("tokens_per_s", float),
+                     ("logprobs", list), ("token_lengths", "lengths"), ("thinking_hash", str))
 EVIDENCE_FIELDS = GO_EVIDENCE_FIELDS + PROVENANCE_FIELDS
 _ZERO = {str: "", int: 0, float: None, dict: None, list: None, "lengths": None}  # absent / null
 
@@ -567,6 +567,9 @@ def provenance(gen, model_digest, ollama_version, options):
     found = {"model_digest": model_digest or "", "ollama_version": ollama_version or "", "options": options,
              "done_reason": gen.final.get("done_reason") if isinstance(gen.final.get("done_reason"), str) else "",
              "eval_count": gen.eval_count}
+    prompt_tokens = gen.final.get("prompt_eval_count")
+    if type(prompt_tokens) is int and prompt_tokens >= 0:  # evaluated, not served from the prompt cache
+        found["prompt_eval_count"] = prompt_tokens
     ns = gen.final.get("eval_duration")
     if type(ns) is int and ns > 0:
         found["eval_ms"] = int(round(ns / 1e6))
@@ -2747,10 +2750,11 @@ def divergence(gen, claim, span):
             "submitted": claim[start:absolute + EXCERPT], "rerun": rerun}
 
 
-def diagnose(gen, job, evidence, digest, version, submitted):
+def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
     """The likely Cause of a divergence of `gen` from `submitted` (the
     claim from where the re-run started). It informs a person; the verdict
-    stays MISMATCH."""
+    stays MISMATCH. `rendered`: the prompt as the server renders it, when
+    known (to tell whether the worker's prompt came from its cache)."""
     recorded_digest = evidence["model_digest"] or job.model_digest
     recorded_version = evidence["ollama_version"]
     if recorded_digest and digest and not same_digest(recorded_digest, digest):
@@ -2780,13 +2784,39 @@ def diagnose(gen, job, evidence, digest, version, submitted):
         else "nothing more")
     details = dict(token=token, rerun_token=chosen, runner_up=runner_up[0], margin=round(margin, 4))
     if margin <= NEAR_TIE or took_runner_up:
+        cached = prompt_cache_note(evidence, rendered)
+        if cached:
+            details.update(cached[1])
         return Cause("near-tie", where + ": %s consistent with benign floating-point differences across "
-                     "hardware or batching; verify --tolerance %g checks whether the rest of the output follows"
-                     % ("the runner-up," if took_runner_up else "a close call,", NEAR_TIE), **details)
+                     "hardware or batching%s; verify --tolerance %g checks whether the rest of the output follows"
+                     % ("the runner-up," if took_runner_up else "a close call,", cached[0] if cached else "", NEAR_TIE),
+                     **details)
     caveat = "" if recorded_digest else (" (the evidence records no model digest, so other weights "
                                          "are not ruled out)")
     return Cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
                  **details)
+
+
+def prompt_cache_note(evidence, rendered):
+    """How the worker's server evaluated the prompt, from its evidence's
+    prompt_eval_count: (words for a near-tie's cause, details for --json),
+    or None when the evidence does not say. Ollama counts only the prompt
+    tokens it evaluated; a prompt served in part from its cache is split
+    into other evaluation batches than a fresh server's, and that can flip
+    a near-tie. The prompt's own length in tokens is not known here (a
+    re-run stopped at a divergence never gets Ollama's count), so it is
+    estimated from its rendered text."""
+    count = evidence["prompt_eval_count"]
+    if not count:  # not recorded (Go's evidence; Ollama always evaluates at least one)
+        return None
+    estimate = int(len(rendered) / CHARS_PER_TOKEN) if rendered else None
+    details = {"worker_prompt_eval_count": count, "prompt_tokens_estimated": estimate}
+    if estimate is not None and count * 2 < estimate:
+        return ("; the worker's server evaluated %s of the prompt's about %d (the rest came from its prompt "
+                "cache, evaluated in other batches than a fresh server's)" % (_tokens(count), estimate), details)
+    return ("; the worker's server evaluated %s of the prompt, as a fresh one does: if this server has run or "
+            "checked this job before, the prompt came from its cache, evaluated in other batches"
+            % _tokens(count), details)
 
 
 def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
@@ -2861,6 +2891,7 @@ class Verification(object):
         self.actual_hash = None  # of the re-run's whole output
         self.output = None  # the re-run's output (None when sampled)
         self.local_digest = self.local_version = None
+        self.local_prompt_eval_count = None  # Ollama's, for the job's own request, when it ran to its end
         self.sampling = None  # sampled: {"windows", "sample_seed", "window_tokens", "tokens_checked", ...}
         self.rendered, self.render_asked = None, False  # the server's rendering of the prompt, asked once
 
@@ -2904,6 +2935,8 @@ class Verification(object):
                                         if self.sampling else "")
             gen = self._follow(ollama, policy, span, (progress or NO_PROGRESS)(label, None))
             self.tokens_generated += gen.eval_count
+            if not span.char and gen.final is not None and type(gen.final.get("prompt_eval_count")) is int:
+                self.local_prompt_eval_count = gen.final["prompt_eval_count"]
             if self.sampling:
                 self.sampling["windows"].append({"start_token": span.token, "start_char": span.char,
                                                  "tokens": len(gen.token_ends)})
@@ -2999,7 +3032,8 @@ class Verification(object):
             " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None else "", steps)))
         if self.cause is None:
             self.local_version = local_version(ollama) if evidence["ollama_version"] else None
-            self.cause = diagnose(gen, self.job, evidence, digest, self.local_version, claim[span.char:])
+            self.cause = diagnose(gen, self.job, evidence, digest, self.local_version, claim[span.char:],
+                                  self.rendered)
 
     def _follow(self, ollama, policy, span, progress):
         """The re-run of one span, compared with the submitted output as it
@@ -3099,7 +3133,8 @@ class Verification(object):
                 "tokens_generated": self.tokens_generated, "logprob_max_diff": self.logprob_max_diff,
                 "expected_hash": self.expected_hash, "actual_hash": self.actual_hash, "job": self.job.document(),
                 "output": self.output, "local": {"model_digest": self.local_digest,
-                                                 "ollama_version": self.local_version},
+                                                 "ollama_version": self.local_version,
+                                                 "prompt_eval_count": self.local_prompt_eval_count},
                 "evidence": evidence_document(self.evidence)}
 
     def report(self):
