@@ -470,6 +470,8 @@ def bench_sampling(setup, tokens=1000, rate=500.0, n=5):
         sample = ["--sample", "4", "--window", "16"]
 
         def units(argv, command="verify"):  # the fake's cost of one check: generated + prompt_cost x prompt tokens
+            fake.ollama.slot = ""  # each from a cache that holds none of the claim: what comes before is alike
+            fake.ollama.saved.clear()
             streams, prefilled = len(fake.ollama.streams), len(fake.ollama.prefilled)
             setup.run([command, item_id, "-q"] + argv, env=fake.env)
             generated = sum(s["sent"] for s in fake.ollama.streams[streams:])
