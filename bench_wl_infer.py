@@ -34,7 +34,7 @@ Rows:
 - tolerant verification: an honest 400-token claim made on "other
   hardware" (3 near-ties flipped) verified with --tolerance 0.5, against an
   exact verification of a same-hardware claim (fake Ollama at 400 tokens/s):
-  tokens generated (target: the claim's length plus one per near-tie, the
+  tokens generated (target: the submitted output's length plus one per near-tie, the
   probe that asks for the candidates there), requests, and the wall-time ratio.
 - sampled verification: `verify --sample 4 --window 16` of an honest
   1,000-token claim against its full verification, on a fake Ollama with a
@@ -446,12 +446,12 @@ def bench_tolerance(setup, tokens=400, rate=400.0, ties=(100, 200, 300), n=5):
     generated = doc["tokens_generated"]
     return {"tolerance": row("verify --tolerance 0.5: %d-token claim, %d near-ties (%g tok/s)"
                              % (tokens, len(ties), rate), found["tolerant"], found["exact"], ratio,
-                             "tokens generated = claim's + 1 per near-tie (its probe)",
+                             "tokens generated = submitted + 1 per near-tie (its probe)",
                              generated == tokens + len(doc["forced"]),
                              figure="%s, %d tokens generated, %d requests" % (
                                  timing(found["tolerant"], lambda v: "%.2f s" % v), generated, len(asked)),
                              base_figure="%s exact, 1 request" % timing(found["exact"], lambda v: "%.2f s" % v),
-                             tokens_generated=generated, claim_tokens=tokens, requests=len(asked),
+                             tokens_generated=generated, submitted_tokens=tokens, requests=len(asked),
                              forced=len(doc["forced"]))}
 
 

@@ -3137,7 +3137,7 @@ class VerificationTest(CliTest):
         self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = text
         self.ollama.piece_delay = 0.005  # a full re-run takes 2 s
         doc = self.verify(self.completed(output=text[:6] + "X" + text[7:]))  # wrong in the 3rd token
-        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (6, 2))
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token_index"]), (6, 2))
         self.assertEqual((doc["diverged_at"]["submitted"], doc["diverged_at"]["rerun"]),
                          (text[:6] + "X" + text[7:30], "abcabcabc"))  # up to 24 characters each side
         self.assertEqual((doc["tokens_generated"], doc["actual_hash"]), (4, None))  # 3, and the probe's 1
@@ -3150,12 +3150,12 @@ class VerificationTest(CliTest):
         self.ollama.outputs[("llama3.2:1b", self.PROMPT)] = text
         # shorter claim: the re-run is longer, so stop as soon as it passes the claim's end
         doc = self.verify(self.completed(output=text[:30]))
-        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"], doc["tokens_generated"]),
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token_index"], doc["tokens_generated"]),
                          (30, 10, 12))  # 11, and the probe's 1
         self.assertEqual(doc["diverged_at"]["submitted"], text[6:30])
         # longer claim: the re-run ends first; it ran in full, so its hash is known
         doc = self.verify(self.completed(output=text + "and more"))
-        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (150, 50))
+        self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token_index"]), (150, 50))
         self.assertEqual(doc["actual_hash"], wl_infer.output_hash(text))
         self.assertEqual(doc["cause"]["kind"], "unknown")
         self.assertIn("the re-run ended where the submitted output goes on", doc["cause"]["message"])
@@ -3170,8 +3170,8 @@ class VerificationTest(CliTest):
             with self.subTest(near_tie=near_tie):
                 self.ollama.near_ties = {3: near_tie} if near_tie else {}
                 doc = self.verify(item_id)
-                self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token"]), (9, 3))
-                self.assertEqual((doc["cause"]["kind"], doc["cause"]["margin"], doc["cause"]["rerun_token"]),
+                self.assertEqual((doc["diverged_at"]["char"], doc["diverged_at"]["token_index"]), (9, 3))
+                self.assertEqual((doc["cause"]["kind"], doc["cause"]["margin"], doc["cause"]["rerun_token_text"]),
                                  (kind, margin, "e l"))
         code, out, err = self.cli("verify", item_id)
         self.assertIn("Cause:     different-output: at token 3 the re-run chose \"e l\" over \"~\" by 3.00 nats "
@@ -3200,10 +3200,10 @@ class VerificationTest(CliTest):
         for claim, char, token, strict in (("é1é2éX", 5, 8, True), ("é1ü2é3", 2, 3, True), ("é1é2éX", 5, 5, False)):
             with self.subTest(claim=claim, strict=strict):
                 where = self.verify(self.completed(output=claim), *["--strict"] * strict)["diverged_at"]
-                self.assertEqual((where["char"], where["token"]), (char, token))
+                self.assertEqual((where["char"], where["token_index"]), (char, token))
         self.ollama.near_ties = {3: ("ü", 0.1)}  # the first byte token of the second é
         doc = self.verify(self.completed(output="é1ü2é3"), "--strict")
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token"]), ("near-tie", 3))
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token_index"]), ("near-tie", 3))
 
     def test_same_text_with_different_logprobs(self):
         item_id = self.board.add(self.job())
@@ -3229,7 +3229,7 @@ class VerificationTest(CliTest):
         self.assertEqual(set(doc), {"id", "verdict", "refuted", "exact", "tolerance", "forced", "checks", "cause",
                                     "diverged_at", "tokens_generated", "logprob_max_diff", "expected_hash",
                                     "actual_hash", "job", "output", "evidence", "local", "sampled", "windows",
-                                    "tokens_checked", "claim_tokens", "coverage", "sample_seed"})
+                                    "tokens_checked", "submitted_tokens", "coverage", "sample_seed"})
         self.assertEqual((doc["verdict"], doc["exact"], doc["tolerance"], doc["forced"]), ("VERIFIED", True, 0, []))
         self.assertEqual((doc["sampled"], doc["windows"], doc["coverage"]), (False, None, None))
         self.assertEqual([c["name"] for c in doc["checks"]],
@@ -3303,15 +3303,15 @@ class TolerantVerificationTest(CliTest):
         claim = evidence["output"]
         self.assertNotEqual(claim, self.TEXT)  # the flips led elsewhere
         exact = self.verify(item_id)
-        self.assertEqual((exact["verdict"], exact["exact"], exact["cause"]["kind"], exact["diverged_at"]["token"]),
+        self.assertEqual((exact["verdict"], exact["exact"], exact["cause"]["kind"], exact["diverged_at"]["token_index"]),
                          ("MISMATCH", None, "near-tie", 5))
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", code=0)
         self.assertEqual((doc["verdict"], doc["exact"], doc["tolerance"], doc["cause"]), ("VERIFIED", False, 0.5, None))
-        self.assertEqual([(s["token"], s["gap"]) for s in doc["forced"]], [(5, 0.2), (12, 0.3)])
+        self.assertEqual([(s["token_index"], s["gap"]) for s in doc["forced"]], [(5, 0.2), (12, 0.3)])
         main = ScriptedModel(self.TEXT).main
-        self.assertEqual(doc["forced"][0]["rerun"], main[5])
-        self.assertEqual(doc["forced"][0]["submitted"], main[5].swapcase())  # the runner-up the claim took
+        self.assertEqual(doc["forced"][0]["rerun_token_text"], main[5])
+        self.assertEqual(doc["forced"][0]["submitted_token_text"], main[5].swapcase())  # the runner-up the claim took
         self.assertEqual(doc["actual_hash"], evidence["output_hash"])
         self.assertEqual(doc["tokens_generated"], len(main) + 2)  # each diverging token replaced a forced one; 2 probes
         requests = self.ollama.generate_requests()[before:]
@@ -3329,7 +3329,7 @@ class TolerantVerificationTest(CliTest):
             self.assertEqual(probe, dict(requests[0], prompt=head + claim[:forced["char"]], raw=True,
                                          options=dict(requests[0]["options"], num_predict=1),
                                          logprobs=True, top_logprobs=5))
-        through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["submitted"])] for n in (0, 1)]
+        through = [claim[:doc["forced"][n]["char"] + len(doc["forced"][n]["submitted_token_text"])] for n in (0, 1)]
         for request, text in zip((requests[3], requests[5]), through):
             self.assertEqual(request, dict(requests[0], prompt=head + text, raw=True))
         code, out, err = self.cli("verify", item_id, "--tolerance", "0.5")
@@ -3349,7 +3349,7 @@ class TolerantVerificationTest(CliTest):
             with self.subTest(forged=forged):
                 output = "".join(main[:7]) + forged + "".join(main[8:])
                 doc = self.verify(self.completed(self.PROMPT, output=output), "--tolerance", "0.5")
-                self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["cause"]["token"], doc["cause"]["gap"]),
+                self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["cause"]["token_index"], doc["cause"]["gap"]),
                                  ("MISMATCH", "different-output", 7, None))
                 self.assertIn("none of the model's top 5 candidates", doc["cause"]["message"])
                 self.assertEqual(doc["forced"], [])
@@ -3357,7 +3357,7 @@ class TolerantVerificationTest(CliTest):
     def test_a_runner_up_two_nats_down_is_a_mismatch(self):
         item_id, _ = self.claim({7: 2.0}, {7})
         doc = self.verify(item_id, "--tolerance", "0.5")
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token"], doc["cause"]["gap"]),
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["token_index"], doc["cause"]["gap"]),
                          ("different-output", 7, 2.0))
         self.assertIn("2.00 nats below the model's choice", doc["cause"]["message"])
         self.assertEqual(self.verify(item_id, "--tolerance", "2", code=0)["forced"][0]["gap"], 2.0)
@@ -3380,15 +3380,15 @@ class TolerantVerificationTest(CliTest):
         ties = dict((i, 0.1) for i in range(2, 20, 2))  # 9 of them
         item_id, _ = self.claim(ties, set(ties))
         doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
-        self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token"],
-                          doc["diverged_at"]["token"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
+        self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token_index"],
+                          doc["diverged_at"]["token_index"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
         self.assertIn("at token 18 the submitted output takes a near-tie (0.10 nats) for the 9th time, "
                       "more than --max-forced 8 allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
         self.assertEqual(len(doc["forced"]), 9)
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "0")
-        self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token"], doc["forced"]),
+        self.assertEqual((doc["cause"]["kind"], doc["diverged_at"]["token_index"], doc["forced"]),
                          ("too-many-divergences", 2, []))
         # the re-run, the render and one probe for the candidates there; no continuation
         self.assertEqual(len(self.ollama.generate_requests()), before + 3)
@@ -3433,7 +3433,7 @@ class TolerantVerificationTest(CliTest):
         item_id, evidence = self.claim({14: 0.2}, {14}, max_tokens=15, prompt="the end")
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", code=0)
-        self.assertEqual(([s["token"] for s in doc["forced"]], len(self.generated(before))), ([14], 2))  # +probe
+        self.assertEqual(([s["token_index"] for s in doc["forced"]], len(self.generated(before))), ([14], 2))  # +probe
         # a claim that goes on past the budget is refuted
         main = ScriptedModel(self.TEXT).main
         job = wl_infer.make_job("the end", "llama3.2:1b", max_tokens=15)
@@ -3515,12 +3515,15 @@ class TolerantVerificationTest(CliTest):
             {"token": "Hello", "logprob": -0.3}, {"token": "Hx", "logprob": -0.05}]}])
         gen.text, gen.diverged_at = "HiHelp", 5
         step = wl_infer.near_tie_step(gen, "HiHello world", [], 0.5)
-        self.assertEqual((step.token, step.submitted, step.rerun, step.gap), (1, "Hello", "Help", 0.25))
+        self.assertEqual(step.kind, wl_infer.FORCE)
+        forced = step.forced
+        self.assertEqual((forced.token_index, forced.submitted_token_text, forced.rerun_token_text, forced.gap),
+                         (1, "Hello", "Help", 0.25))
         # the worker's tokens: "Hi", "Hell", "o"
-        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [2, 4, 1], 0.5).submitted, "Hell")
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [2, 4, 1], 0.5).forced.submitted_token_text, "Hell")
         # boundaries that do not agree are ignored
-        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [3, 4], 0.5).submitted, "Hello")
-        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [], 0.2).details["gap"], 0.25)
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [3, 4], 0.5).forced.submitted_token_text, "Hello")
+        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [], 0.2).cause.details["gap"], 0.25)
         gen.thinking = "hmm"
         self.assertIn("cannot include its thinking", wl_infer.near_tie_step(gen, "HiHello world", [], 0.5).why)
 
@@ -3703,14 +3706,14 @@ class SampledVerificationTest(CliTest):
         self.assertEqual((doc["verdict"], doc["sampled"], doc["exact"], doc["sample_seed"]),
                          ("VERIFIED", True, False, 7))
         windows = doc["windows"]
-        starts = [w["start_token"] for w in windows]
+        starts = [w["start_token_index"] for w in windows]
         self.assertEqual(len(windows), 4)
         self.assertEqual((starts[0], starts[-1] + windows[-1]["tokens"]), (0, 200))  # the start and the end
         self.assertEqual([w["tokens"] for w in windows], [8, 8, 8, 8])
         self.assertEqual(starts, sorted(starts))
         self.assertTrue(all(b - a >= 8 for a, b in zip(starts, starts[1:])), starts)  # no overlap
         self.assertEqual([w["start_char"] for w in windows], [5 * t for t in starts])
-        self.assertEqual((doc["tokens_checked"], doc["claim_tokens"], doc["coverage"]), (32, 200, 0.16))
+        self.assertEqual((doc["tokens_checked"], doc["submitted_tokens"], doc["coverage"]), (32, 200, 0.16))
         self.assertEqual((doc["actual_hash"], doc["output"]), (None, None))
         # the requests: the render, then one per window, raw from the output before it; no logprobs anywhere
         requests = self.ollama.generate_requests()[before:]
@@ -3723,7 +3726,7 @@ class SampledVerificationTest(CliTest):
         self.assertEqual(self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "7")["windows"],
                          windows)  # anyone can re-check the same windows
         other = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "8")["windows"]
-        self.assertNotEqual([w["start_token"] for w in other], starts)
+        self.assertNotEqual([w["start_token_index"] for w in other], starts)
         drawn = self.verify(item_id, "--sample", "4", "--window", "8")
         self.assertIsInstance(drawn["sample_seed"], int)  # drawn from the system's CSPRNG, and told
         code, out, err = self.cli("verify", item_id, "--sample", "4", "--window", "8", "--sample-seed", "7")
@@ -3737,8 +3740,8 @@ class SampledVerificationTest(CliTest):
     def test_an_edit_inside_a_window_is_caught_and_one_outside_every_window_is_not_seen(self):
         item_id, evidence = self.honest()
         windows = self.verify(item_id, "--sample", "3", "--window", "8", "--sample-seed", "3")["windows"]
-        inside = windows[1]["start_token"] + 4
-        gap = next(t for t in range(8, 200) if all(not w["start_token"] <= t < w["start_token"] + 8 for w in windows))
+        inside = windows[1]["start_token_index"] + 4
+        gap = next(t for t in range(8, 200) if all(not w["start_token_index"] <= t < w["start_token_index"] + 8 for w in windows))
         for token, verdict in ((inside, "MISMATCH"), (gap, "VERIFIED")):
             with self.subTest(token=token):
                 edited = self.WORDS[:5 * token] + " x999" + self.WORDS[5 * token + 5:]
@@ -3752,7 +3755,7 @@ class SampledVerificationTest(CliTest):
         mismatch = self.verify(self.forged(self.WORDS[:5 * inside] + " x999" + self.WORDS[5 * inside + 5:],
                                            evidence["token_lengths"]), "--sample", "3", "--window", "8",
                                "--sample-seed", "3", code=1)
-        self.assertEqual((mismatch["diverged_at"]["char"], mismatch["diverged_at"]["token"]),
+        self.assertEqual((mismatch["diverged_at"]["char"], mismatch["diverged_at"]["token_index"]),
                          (5 * inside + 1, inside))
         rerun = next(c for c in mismatch["checks"] if c["name"] == "rerun")
         self.assertIn("in window 2 of the sample", rerun["message"])
@@ -3763,7 +3766,7 @@ class SampledVerificationTest(CliTest):
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "5")
         last = [r for r in self.ollama.generate_requests()[before:] if not r.get("_debug_render_only")][-1]
-        self.assertEqual(last["options"]["num_predict"], 200 - doc["windows"][-1]["start_token"])  # the budget left
+        self.assertEqual(last["options"]["num_predict"], 200 - doc["windows"][-1]["start_token_index"])  # the budget left
         cut = self.forged(self.WORDS[:600], evidence["token_lengths"][:120], max_tokens=200)  # 60%, consistent
         doc = self.verify(cut, "--sample", "4", "--window", "8", code=1)
         self.assertEqual((doc["diverged_at"]["char"], doc["refuted"]), (600, True))  # the model goes on
@@ -3778,10 +3781,10 @@ class SampledVerificationTest(CliTest):
         item_id = self.completed(self.PROMPT, evidence=go)
         doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "1")
         self.assertEqual((doc["verdict"], doc["sampled"]), ("VERIFIED", True))
-        self.assertEqual([w["start_token"] for w in doc["windows"]], [None] * 4)  # no token count in the evidence
+        self.assertEqual([w["start_token_index"] for w in doc["windows"]], [None] * 4)  # no token count in the evidence
         self.assertEqual(doc["windows"][0]["start_char"], 0)
         self.assertTrue(all(self.WORDS[w["start_char"]] == " " for w in doc["windows"]))  # before a space
-        self.assertEqual(doc["claim_tokens"], 200)  # estimated from the last window's characters per token
+        self.assertEqual(doc["submitted_tokens"], 200)  # estimated from the last window's characters per token
         capped = wl_infer.make_job(self.PROMPT, "llama3.2:1b", max_tokens=200)
         item_id = self.board.add(wl_infer.encode_job(capped))
         self.assertEqual(self.board.wl("claim", item_id, rig="carol").returncode, 0)
@@ -3809,10 +3812,10 @@ class SampledVerificationTest(CliTest):
         doc = self.verify(item_id, *args, "--tolerance", "0.5")
         self.assertEqual((doc["verdict"], doc["sampled"], doc["exact"]), ("VERIFIED", True, False))
         self.assertTrue(doc["forced"], doc)
-        starts = [(w["start_token"], w["start_token"] + w["tokens"]) for w in doc["windows"]]
+        starts = [(w["start_token_index"], w["start_token_index"] + w["tokens"]) for w in doc["windows"]]
         for step in doc["forced"]:  # tokens of the whole output, inside a window
-            self.assertIn(step["token"], ties)
-            self.assertTrue(any(a <= step["token"] < b for a, b in starts), (step, starts))
+            self.assertIn(step["token_index"], ties)
+            self.assertTrue(any(a <= step["token_index"] < b for a, b in starts), (step, starts))
 
     def test_audit_samples_and_says_so_when_it_accepts(self):
         item_id, _ = self.honest()

@@ -75,7 +75,7 @@ import threading
 import time
 import urllib.parse
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # =============================================================================
 # Errors, exit codes and signals
@@ -107,14 +107,23 @@ class JobError(UserError):
 
 
 class WlError(UserError):
-    """wl failed; the message carries wl's own error text. `conflict`: the
-    board refused the request as made (trying again cannot help).
-    `item_status`: the item's status read back after the failure, if known."""
+    """wl failed; the message carries wl's own error text. Its data, set
+    where it is raised: `command` (wl's), `item_id` (the item the call was
+    about, or None), `reason` (wl's own text), `refusal` (a short name
+    from WL_REFUSALS when the board refused the request as made, else
+    None), `conflict` (refused: trying again cannot help), `item_status`
+    (the item's status read back after the failure, if known)."""
 
-    def __init__(self, message, conflict=False):
+    def __init__(self, message, command=None, item_id=None, reason=None, refusal=None):
         UserError.__init__(self, message)
-        self.conflict = conflict
+        self.command, self.item_id, self.reason, self.refusal = command, item_id, reason or message, refusal
+        self.conflict = refusal is not None
         self.item_status = None
+
+
+def refused(exc):
+    """True when `exc` is the board refusing a wl request as made."""
+    return isinstance(exc, WlError) and exc.conflict
 
 
 class OllamaError(UserError):
@@ -255,7 +264,7 @@ MAX_NESTING = 32  # JSON depth refused beyond this: no honest job or evidence ne
 MODEL_NAME_MAX = 200  # characters; Ollama names are far shorter
 LOGPROB_TOKENS = 1024  # evidence keeps the logprobs of the first this many tokens
 TOP_LOGPROBS = 2  # asked of Ollama: the chosen token and its runner-up, enough to see a near-tie
-TOLERANT_TOP_LOGPROBS = 5  # asked by tolerant verification: where to look for the claim's token
+TOLERANT_TOP_LOGPROBS = 5  # asked by tolerant verification: where to look for the submitted token
 MAX_TOP_LOGPROBS = 20  # Ollama's own limit: candidates beyond it are a server's garbage
 
 # model_digest, batch and custom_id are ours (a pin; where a batch file put the job)
@@ -1024,15 +1033,16 @@ class Generation(object):
         parsed = _logprob_entry(entries[index - first])
         return parsed and parsed[:2]
 
-    def force(self, index, token, logprob):
-        """Put `token` (with its logprob) at token `index` in place of what
-        was generated there and after it: the next request continues from it."""
+    def force(self, index, token_text, logprob):
+        """Put `token_text` (with its logprob) at token `index` in place of
+        what was generated there and after it: the next request continues
+        from it."""
         self.earlier = self.eval_count
         start = self.token_start(index)
         self.pieces = [self.text[:start]] if start else []
         del self.token_ends[index:], self.chosen[index:]
         self.chunks, self.final, self.diverged_at, self.probed = 0, None, None, None
-        self.add(token, [{"token": token, "logprob": logprob}])
+        self.add(token_text, [{"token": token_text, "logprob": logprob}])
         self.text = "".join(self.pieces)
 
     def compare_end(self, expected):
@@ -1170,13 +1180,15 @@ class Ollama(object):
         logprobs at all)."""
         return self._stream(generate_request(job, top), Generation(), on_token, max_bytes=max_bytes)
 
-    def candidates(self, request, token):
-        """Stream `request` to token index `token` (its budget must end
+    def candidates(self, request, token_index):
+        """Stream `request` to token `token_index` (its budget must end
         there) and return that token's (logprob, [(candidate, logprob)]), or
         None when the server sent none. A verification asks this only where
         it needs it, at a divergence: logprobs on every token cost time."""
         gen = self._stream(request, Generation(), None, max_bytes=FIELD_LIMIT)
-        return gen.entry_at(token) if len(gen.token_ends) > token else None
+        if len(gen.token_ends) <= token_index:
+            return None
+        return gen.entry_at(token_index)
 
     def compare(self, request, expected, on_token=None, into=None):
         """Stream `request` against the `expected` text and stop at the
@@ -1407,9 +1419,27 @@ def wl_error_text(stderr, stdout=""):
     return message
 
 
-# wl's messages for a request the board refuses as made: trying again cannot help.
-_WL_CONFLICTS = ("is not claimed", "is not open", "is not in review", "does not exist", "no wanted item matching",
-                 "ambiguous prefix", "Data too long", "required flag", "unknown flag", "unknown command")
+# wl's messages for a request the board refuses as made (trying again cannot
+# help), and the short name a WlError carries for each.
+WL_REFUSALS = (
+    ("is not claimed", "not-claimed"),
+    ("is not open", "not-open"),
+    ("is not in review", "not-in-review"),
+    ("does not exist", "no-such-item"),
+    ("no wanted item matching", "no-such-item"),
+    ("ambiguous prefix", "ambiguous-prefix"),
+    ("cannot accept your own completion", "own-completion"),
+    ("Data too long", "too-long"),
+    ("required flag", "usage"),
+    ("unknown flag", "usage"),
+    ("unknown command", "usage"),
+)
+
+
+def wl_refusal(text):
+    """The WL_REFUSALS name of wl's error text, or None."""
+    return next((name for words, name in WL_REFUSALS if words in text), None)
+
 
 # Sections of `wl status` that may follow the description, in wl's order.
 _STATUS_SECTIONS = ("  Claimed by:", "  Branch:", "  Completion:", "  Stamp:")
@@ -1599,7 +1629,8 @@ class Wl(object):
         if mutating and self.no_push:
             argv.append("--no-push")
         env = dict(os.environ, NO_COLOR="1")
-        what = "`wl %s`" % " ".join([command] + [a for a in args[:1] if is_item_id(a)])
+        item_id = next((a for a in args[:1] if is_item_id(a)), None)
+        what = "`wl %s`" % " ".join([command] + ([item_id] if item_id else []))
         with self.counting:
             self.calls += 1
         with self.turn, SIGNALS.protected(what if mutating else None):  # from before wl starts until it has ended
@@ -1609,9 +1640,9 @@ class Wl(object):
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=env, start_new_session=True)
             except OSError as exc:
-                raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)))
+                raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)), command, item_id, _reason(exc))
             try:
-                stdout, stderr = self._wait(proc, command, what)
+                stdout, stderr = self._wait(proc, command, item_id, what)
             except BaseException:  # a signal that is not held, or the time limit: stop wl and what it started
                 _stop_group(proc)
                 raise
@@ -1620,11 +1651,11 @@ class Wl(object):
         out = stdout.decode("utf-8", "surrogateescape")
         if proc.returncode != 0:
             err = wl_error_text(stderr.decode("utf-8", "replace"), _go_string(out))
-            raise WlError("wl %s failed: %s" % (command, err or "exit status %d and no message" % proc.returncode),
-                          conflict=any(c in (err or "") for c in _WL_CONFLICTS))
+            reason = err or "exit status %d and no message" % proc.returncode
+            raise WlError("wl %s failed: %s" % (command, reason), command, item_id, reason, wl_refusal(err or ""))
         return out
 
-    def _wait(self, proc, command, what):
+    def _wait(self, proc, command, item_id, what):
         """wl's output, waiting in slices: CPython runs a signal handler only
         between bytecodes, so a signal landing just as a long wait resumes
         would otherwise go unnoticed until wl ends (a second Ctrl-C ignored
@@ -1637,8 +1668,9 @@ class Wl(object):
                     return proc.communicate(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     if time.monotonic() >= deadline:
-                        raise WlError("wl %s did not finish within %g s and was stopped; the board may be "
-                                      "unreachable (raise the limit with --wl-timeout)" % (command, self.timeout))
+                        reason = "did not finish within %g s and was stopped" % self.timeout
+                        raise WlError("wl %s %s; the board may be unreachable (raise the limit with "
+                                      "--wl-timeout)" % (command, reason), command, item_id, reason)
                     if self.status_line:
                         self.status_line.show("waiting for %s (%.0f s)" % (what, time.monotonic() - start))
         finally:
@@ -2264,7 +2296,7 @@ def release_claim(ctx, item_id):
         ctx.wl.unclaim(item_id)
         return "the claim on %s was released and the job is open again" % item_id
     except UserError as exc:
-        if getattr(exc, "conflict", False):  # unclaimed by someone else, or (after a failed claim) never ours
+        if refused(exc):  # unclaimed by someone else, or (after a failed claim) never ours
             return "no claim of ours is held on %s (%s)" % (item_id, exc)
         return "releasing the claim also failed (%s); run `wl unclaim %s`" % (exc, item_id)
     except KeyboardInterrupt:  # a second signal: wl was stopped mid-call
@@ -2463,10 +2495,10 @@ class JobRun(object):
         """What a failure left on the board, releasing what is ours."""
         if self.skip_claim:
             return "the claim on %s was left to its owner (--skip-claim)" % self.id
-        if self.phase == CLAIMING and getattr(exc, "conflict", True):
+        if self.phase == CLAIMING and refused(exc):
             return "nothing was claimed"
         # a claim that timed out or failed for another reason may still have been written
-        status = getattr(exc, "item_status", None) or "claimed"
+        status = (exc.item_status if isinstance(exc, WlError) else None) or "claimed"
         if status != "claimed":
             return "%s is now %s, so there is no claim to release" % (self.id, status)
         return release_claim(self.ctx, self.id)
@@ -2568,9 +2600,9 @@ class Sample(collections.namedtuple("Sample", "windows tokens seed")):
     __slots__ = ()
 
 
-class Span(collections.namedtuple("Span", "char token budget last")):
+class Span(collections.namedtuple("Span", "char token_index budget last")):
     """A stretch of the submitted output that a verification re-generates:
-    from character `char` (token `token`; None when the evidence does not
+    from character `char` (token `token_index`; None when the evidence does not
     say), at most `budget` tokens (None: no limit), and to the output's end
     when `last`. A whole verification is one Span from 0."""
 
@@ -2604,7 +2636,7 @@ def window_spans(job, evidence, sample, rng):
     Returns (spans, why not) with spans None when sampling cannot check this
     output: it is short, or it may end at max_tokens and its token count is
     unknown (Go's evidence), so where it ends could not be checked."""
-    claim, size = evidence["output"], sample.tokens
+    submitted, size = evidence["output"], sample.tokens
     lengths = exact_token_lengths(evidence)
     budget = job.max_tokens or None
     if lengths is None and budget:
@@ -2613,13 +2645,13 @@ def window_spans(job, evidence, sample, rng):
     if lengths is not None:
         count, cuts, at = len(lengths), [], 0
         for index, n in enumerate(lengths):  # a token boundary at a word boundary
-            if index == 0 or (n and claim[at].isspace() != claim[at - 1].isspace()):
+            if index == 0 or (n and submitted[at].isspace() != submitted[at - 1].isspace()):
                 cuts.append((at, index))
             at += n
     else:
-        count = len(claim) / CHARS_PER_TOKEN
-        cuts = [(0, None)] + [(i, None) for i in range(1, len(claim)) if claim[i].isspace()
-                              and not claim[i - 1].isspace()]
+        count = len(submitted) / CHARS_PER_TOKEN
+        cuts = [(0, None)] + [(i, None) for i in range(1, len(submitted)) if submitted[i].isspace()
+                              and not submitted[i - 1].isspace()]
     if count <= sample.windows * size:
         return None, "the output is short (%s), so it is re-run whole" % _tokens(int(count))
 
@@ -2660,18 +2692,117 @@ class Cause(object):
         return dict(self.details, kind=self.kind, message=self.message)
 
 
-class ForcedStep(collections.namedtuple("ForcedStep", "token char submitted rerun gap logprob")):
-    """A near-tie a tolerant verification accepted: at token `token`
-    (character `char`) the submitted text has `submitted` where the re-run
-    chose `rerun`, `gap` nats below it."""
+class Submission(collections.namedtuple("Submission", "item_id job evidence completed_by checks cause")):
+    """A completion to verify, as read from the board: the job, the
+    submitted evidence (decoded), who completed it, and the checks that
+    need no model. `cause`: a Cause when those checks refute it (no re-run
+    is needed), else None."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, item):
+        job = job_of(item)
+        completion = item.completion
+        if completion is None or not completion.evidence:
+            raise UserError("%s has no completion evidence to verify (status %s)" % (item.id, item.status))
+        evidence, checks, cause = evidence_checks(job, completion.evidence)
+        if evidence is None:
+            raise JobError(checks[0].message, item.id)
+        return cls(item.id, job, evidence, completion.completed_by, checks, cause)
+
+    @property
+    def submitted(self):
+        """The worker's output."""
+        return self.evidence["output"]
+
+    @property
+    def expected_hash(self):
+        return self.evidence["output_hash"]
+
+
+class Forced(collections.namedtuple("Forced", "token_index char submitted_token_text rerun_token_text gap "
+                                              "logprob")):
+    """A near-tie a tolerant verification accepted: at token `token_index`
+    (character `char`) the submitted text has `submitted_token_text` where
+    the re-run chose `rerun_token_text`, `gap` nats below it."""
 
     __slots__ = ()
 
 
-class ToleranceNotApplied(collections.namedtuple("ToleranceNotApplied", "why")):
-    """The re-run cannot apply the tolerance here; the exact verdict stands."""
+class Divergence(collections.namedtuple("Divergence", "char token_index excerpt_start submitted rerun")):
+    """Where a re-run left the submitted output: character `char` and token
+    `token_index` (None when not known) of it, and both texts from
+    `excerpt_start` to a little past it."""
 
     __slots__ = ()
+
+
+class Window(collections.namedtuple("Window", "start_token_index start_char tokens")):
+    """A window a sampled verification re-generated: from token
+    `start_token_index` (None when the evidence does not say), character
+    `start_char`, `tokens` long."""
+
+    __slots__ = ()
+
+
+class Sampling(collections.namedtuple("Sampling", "windows sample_seed window_tokens submitted_tokens "
+                                                  "tokens_checked coverage")):
+    """What a sampled verification re-generated: its Windows, the seed that
+    placed them, their size, the submitted output's tokens (estimated when
+    the evidence does not say), those checked and their share."""
+
+    __slots__ = ()
+
+
+class LocalServer(collections.namedtuple("LocalServer", "model_digest ollama_version prompt_eval_count")):
+    """The verifying server: its model's digest, its Ollama version (asked
+    only when the evidence has one to compare) and its prompt_eval_count for
+    the job's own request (when it ran to its end)."""
+
+    __slots__ = ()
+
+
+NO_SERVER = LocalServer(None, None, None)
+
+
+class Outcome(collections.namedtuple("Outcome", "verdict exact tolerance forced checks cause diverged_at "
+                                                "tokens_generated probe_tokens logprob_max_diff actual_hash "
+                                                "output local sampling")):
+    """What verifying a Submission found: `verdict` VERIFIED or MISMATCH,
+    `exact` (VERIFIED without forced steps or sampling), the Forced steps,
+    the checks made after the Submission's own, the Cause of a MISMATCH,
+    the Divergence, the cost in tokens, the largest logprob difference
+    (--strict), the re-run's hash and output (None when it stopped early or
+    was sampled), the LocalServer and the Sampling (None: not sampled)."""
+
+    __slots__ = ()
+
+
+class Verification(collections.namedtuple("Verification", "submission outcome")):
+    """A Submission and the Outcome of verifying it (verify_submission)."""
+
+    __slots__ = ()
+
+    item_id = property(lambda self: self.submission.item_id)
+    job = property(lambda self: self.submission.job)
+    evidence = property(lambda self: self.submission.evidence)
+    expected_hash = property(lambda self: self.submission.expected_hash)
+    verdict = property(lambda self: self.outcome.verdict)
+    cause = property(lambda self: self.outcome.cause)
+    forced = property(lambda self: self.outcome.forced)
+    sampling = property(lambda self: self.outcome.sampling)
+
+    @property
+    def checks(self):
+        return self.submission.checks + self.outcome.checks
+
+    @property
+    def refuted(self):
+        """A MISMATCH that proves the submitted output is not this job's
+        (what `audit --reject` rejects); a near-tie or an unknown cause could
+        be an honest worker on other hardware."""
+        return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
 
 
 def evidence_checks(job, raw):
@@ -2736,63 +2867,80 @@ def local_model_check(job, evidence, digest):
     return Check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
 
 
-def divergence(gen, claim, span):
-    """Where the re-run of `span` left the submitted output `claim`:
-    character and token index in the claim (token None when the span's
-    start token is unknown), with a short excerpt of both texts around it."""
+def divergence(gen, submitted, span):
+    """Where the re-run of `span` left the `submitted` output (the whole of
+    it), with a short excerpt of both texts around it."""
     at = gen.diverged_at
-    token = gen.token_at(at)
-    token = len(gen.token_ends) if token is None else token
+    index = gen.token_at(at)
+    if index is None:
+        index = len(gen.token_ends)
     absolute = span.char + at
     start = max(0, absolute - EXCERPT)
-    rerun = claim[start:span.char] + gen.text[max(0, start - span.char):at + EXCERPT]
-    return {"char": absolute, "token": None if span.token is None else span.token + token, "excerpt_start": start,
-            "submitted": claim[start:absolute + EXCERPT], "rerun": rerun}
+    rerun = submitted[start:span.char] + gen.text[max(0, start - span.char):at + EXCERPT]
+    token_index = None if span.token_index is None else span.token_index + index
+    return Divergence(absolute, token_index, start, submitted[start:absolute + EXCERPT], rerun)
 
 
 def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
     """The likely Cause of a divergence of `gen` from `submitted` (the
-    claim from where the re-run started). It informs a person; the verdict
-    stays MISMATCH. `rendered`: the prompt as the server renders it, when
-    known (to tell whether the worker's prompt came from its cache)."""
+    worker's output from where the re-run started). It informs a person;
+    the verdict stays MISMATCH. `rendered`: the prompt as the server
+    renders it, when known (to tell whether the worker's prompt came from
+    its cache)."""
     recorded_digest = evidence["model_digest"] or job.model_digest
     recorded_version = evidence["ollama_version"]
     if recorded_digest and digest and not same_digest(recorded_digest, digest):
+        whose = "the worker's model" if evidence["model_digest"] else "the job's pinned model"
         return Cause("model-digest", "%s is %s and this one is %s: different weights give different text; "
                      "re-check with that version of the model"
-                     % ("the worker's model" if evidence["model_digest"] else "the job's pinned model",
-                        short_digest(recorded_digest), short_digest(digest)), recorded=recorded_digest, local=digest)
+                     % (whose, short_digest(recorded_digest), short_digest(digest)),
+                     recorded=recorded_digest, local=digest)
     if recorded_version and version and recorded_version != version:
         return Cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
                      "numerics; re-check with the worker's version" % (preview(recorded_version, 20), version),
                      recorded=recorded_version, local=version)
-    token = gen.token_at(gen.diverged_at)
-    entry = gen.entry_at(token)
-    start = gen.token_start(token) if token is not None else gen.diverged_at
-    chosen = gen.text[start:gen.token_ends[token]] if token is not None else ""
-    runner_up = next(((t, lp) for t, lp in (entry[1] if entry else []) if t != chosen), None)
-    if entry is None or runner_up is None:
-        where = ("the re-run ended where the submitted output goes on" if token is None
-                 else "this Ollama returned no candidates (logprobs) at the divergence" if entry is None
-                 else "the re-run's logprobs at the divergence list no runner-up")
-        return Cause("unknown", where + ", so a near-tie cannot be told from a different output")
-    margin = entry[0] - runner_up[1]
-    took_runner_up = bool(runner_up[0]) and submitted.startswith(runner_up[0], start)
+    index = gen.token_at(gen.diverged_at)
+    entry = gen.entry_at(index)
+    if index is None:
+        start, chosen = gen.diverged_at, ""
+    else:
+        start = gen.token_start(index)
+        chosen = gen.text[start:gen.token_ends[index]]
+    runner_up = next(((text, lp) for text, lp in (entry[1] if entry else []) if text != chosen), None)
+    if index is None:
+        return Cause("unknown", "the re-run ended where the submitted output goes on, so a near-tie cannot be "
+                     "told from a different output")
+    if entry is None:
+        return Cause("unknown", "this Ollama returned no candidates (logprobs) at the divergence, so a near-tie "
+                     "cannot be told from a different output")
+    if runner_up is None:
+        return Cause("unknown", "the re-run's logprobs at the divergence list no runner-up, so a near-tie "
+                     "cannot be told from a different output")
+    runner_up_text, runner_up_logprob = runner_up
+    margin = entry[0] - runner_up_logprob
+    took_runner_up = bool(runner_up_text) and submitted.startswith(runner_up_text, start)
+    if start < len(submitted):
+        theirs = submitted[start:start + max(len(chosen), len(runner_up_text))]
+        has = preview(_dumps(theirs), 20)
+    else:
+        has = "nothing more"
     where = "at token %d the re-run chose %s over %s by %.2f nats where the submitted output has %s" % (
-        token, preview(_dumps(chosen), 20), preview(_dumps(runner_up[0]), 20), margin,
-        preview(_dumps(submitted[start:start + max(len(chosen), len(runner_up[0]))]), 20) if start < len(submitted)
-        else "nothing more")
-    details = dict(token=token, rerun_token=chosen, runner_up=runner_up[0], margin=round(margin, 4))
+        index, preview(_dumps(chosen), 20), preview(_dumps(runner_up_text), 20), margin, has)
+    details = dict(token_index=index, rerun_token_text=chosen, runner_up_text=runner_up_text,
+                   margin=round(margin, 4))
     if margin <= NEAR_TIE or took_runner_up:
         cached = prompt_cache_note(evidence, rendered)
+        cache_words = ""
         if cached:
+            cache_words = cached[0]
             details.update(cached[1])
+        call = "the runner-up," if took_runner_up else "a close call,"
         return Cause("near-tie", where + ": %s consistent with benign floating-point differences across "
                      "hardware or batching%s; verify --tolerance %g checks whether the rest of the output follows"
-                     % ("the runner-up," if took_runner_up else "a close call,", cached[0] if cached else "", NEAR_TIE),
-                     **details)
-    caveat = "" if recorded_digest else (" (the evidence records no model digest, so other weights "
-                                         "are not ruled out)")
+                     % (call, cache_words, NEAR_TIE), **details)
+    caveat = ""
+    if not recorded_digest:
+        caveat = " (the evidence records no model digest, so other weights are not ruled out)"
     return Cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
                  **details)
 
@@ -2834,382 +2982,384 @@ def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
                  % (diff, len(pairs))), diff
 
 
+# The kinds of Step a tolerant re-run takes at a divergence
+FORCE = "force"  # the submitted token is a near-tie: force it and go on
+DECIDED = "decided"  # the tolerance decides: a MISMATCH with its cause
+NOT_APPLIED = "not-applied"  # the tolerance cannot be applied here: the exact verdict stands
+NO_TOKEN = "no-token"  # one text ends where the other goes on: nothing to force
+
+
+class Step(collections.namedtuple("Step", "kind forced cause why")):
+    """What a tolerant re-run does at a divergence: its `kind`, with the
+    Forced step (FORCE), the Cause (DECIDED) or why the tolerance is not
+    applied (NOT_APPLIED)."""
+
+    __slots__ = ()
+
+
+def _force(forced):
+    return Step(FORCE, forced, None, None)
+
+
+def _decided(cause):
+    return Step(DECIDED, None, cause, None)
+
+
+def _not_applied(why):
+    return Step(NOT_APPLIED, None, None, why)
+
+
+NO_STEP = Step(NO_TOKEN, None, None, None)
+
+
 def near_tie_step(gen, submitted, lengths, tolerance):
-    """At the divergence of `gen` from `submitted` (the claim from where the
-    re-run started; `lengths`: its tokens' lengths, [] when unknown), what
-    the tolerance makes of it: a ForcedStep when the submitted text goes on
-    with one of the model's candidates at most `tolerance` nats below its
-    choice; a Cause when it does not; ToleranceNotApplied when the re-run
-    cannot tell; None when one text ends where the other goes on (no token
-    to force)."""
-    token = gen.token_at(gen.diverged_at)
-    start = gen.token_start(token) if token is not None else None
-    if token is None or start >= len(submitted):
-        return None
+    """The Step the tolerance makes of the divergence of `gen` from
+    `submitted` (the worker's output from where the re-run started;
+    `lengths`: its tokens' lengths, [] when unknown): FORCE when the
+    submitted text goes on with one of the model's candidates at most
+    `tolerance` nats below its choice, DECIDED when it does not,
+    NOT_APPLIED when the re-run cannot tell, NO_TOKEN when one text ends
+    where the other goes on."""
+    index = gen.token_at(gen.diverged_at)
+    if index is None:
+        return NO_STEP
+    start = gen.token_start(index)
+    if start >= len(submitted):
+        return NO_STEP
     if gen.thinking:
-        return ToleranceNotApplied("the model thinks before it answers, and a continuation cannot include its "
-                                   "thinking")
-    entry = gen.entry_at(token)
+        return _not_applied("the model thinks before it answers, and a continuation cannot include its thinking")
+    entry = gen.entry_at(index)
     if entry is None or not entry[1]:
-        return ToleranceNotApplied("this Ollama returned no candidates (top_logprobs) at the divergence")
-    chosen = gen.text[start:gen.token_ends[token]]
+        return _not_applied("this Ollama returned no candidates (top_logprobs) at the divergence")
+    chosen = gen.text[start:gen.token_ends[index]]
     best = max([entry[0]] + [lp for _, lp in entry[1]])
     fits = [(text, lp) for text, lp in entry[1] if text and submitted.startswith(text, start)]
     if not fits:
-        return Cause("different-output", "at token %d the submitted output goes on with %s, which is none of the "
-                     "model's top %d candidates there: the output was not produced by this model and seed"
-                     % (token, preview(_dumps(submitted[start:start + 12]), 24), len(entry[1])), gap=None,
-                     token=token, rerun_token=chosen)
-    length = lengths[token] if token < len(lengths) and sum(lengths[:token]) == start else None
-    text, logprob = next((c for c in fits if len(c[0]) == length), max(fits, key=lambda c: len(c[0])))
+        return _decided(Cause(
+            "different-output", "at token %d the submitted output goes on with %s, which is none of the "
+            "model's top %d candidates there: the output was not produced by this model and seed"
+            % (index, preview(_dumps(submitted[start:start + 12]), 24), len(entry[1])), gap=None,
+            token_index=index, rerun_token_text=chosen))
+    length = None
+    if index < len(lengths) and sum(lengths[:index]) == start:
+        length = lengths[index]
+    longest = max(fits, key=lambda c: len(c[0]))
+    text, logprob = next((c for c in fits if len(c[0]) == length), longest)
     gap = round(best - logprob, 4) + 0.0
     if gap > tolerance:
-        return Cause("different-output", "at token %d the submitted output has %s, %.2f nats below the model's "
-                     "choice %s: beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
-                     % (token, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
-                     gap=gap, submitted_token=text, token=token, rerun_token=chosen)
-    return ForcedStep(token, start, text, chosen, gap, round(logprob, 4) + 0.0)
+        return _decided(Cause(
+            "different-output", "at token %d the submitted output has %s, %.2f nats below the model's "
+            "choice %s: beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
+            % (index, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
+            gap=gap, submitted_token_text=text, token_index=index, rerun_token_text=chosen))
+    return _force(Forced(index, start, text, chosen, gap, round(logprob, 4) + 0.0))
 
 
-class Verification(object):
-    """Verifying one completion, and what it found: built from an item by
-    check_evidence(), decided by rerun(), rendered by report() and
-    document(). verdict: VERIFIED, MISMATCH, or None while a re-run is to
-    decide."""
+NO_RENDERING = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 and later), so it "
+                "cannot %s")
 
-    def __init__(self, item_id, job, evidence, completed_by, checks, cause):
-        self.item_id, self.job, self.evidence, self.completed_by = item_id, job, evidence, completed_by
-        self.checks, self.cause = checks, cause
-        self.verdict = MISMATCH if cause else None
-        self.exact = None  # VERIFIED: True without forced steps
-        self.tolerance = 0.0
-        self.forced = []  # ForcedSteps
-        self.diverged_at = None  # divergence()
+
+class Plan(collections.namedtuple("Plan", "policy spans sample_seed note")):
+    """What a verification will re-generate and how: the Policy, the Spans
+    (the whole output as one, or its sampled windows), the seed that placed
+    the windows (None: not sampled) and a Check saying why a sample asked
+    for was not taken (else None)."""
+
+    __slots__ = ()
+
+    @property
+    def sampled(self):
+        return self.sample_seed is not None
+
+
+def plan_verification(job, evidence, policy, renders):
+    """The Plan for re-running `job` against `evidence` under `policy`.
+    `renders()`: whether the server can render prompts, asked only when
+    windows are to start inside the output."""
+    whole = [Span(0, 0, job.max_tokens or None, True)]
+    if policy.sample is None:
+        return Plan(policy, whole, None, None)
+    seed = policy.sample.seed
+    if seed is None:
+        seed = random.SystemRandom().getrandbits(63)
+    # the positions are a function of the seed and the output's token boundaries: anyone can re-check them
+    spans, why_not = window_spans(job, evidence, policy.sample, random.Random(seed))
+    if spans is not None and not renders():
+        spans, why_not = None, NO_RENDERING % "start a window inside the output"
+    if spans is None:
+        return Plan(policy, whole, None, Check("sample", None, "not sampled: %s" % why_not))
+    return Plan(policy, spans, seed, None)
+
+
+class Followed(collections.namedtuple("Followed", "gen cause")):
+    """One span's re-run: its Generation, and the Cause when the tolerance
+    decided a MISMATCH (else None)."""
+
+    __slots__ = ()
+
+
+class Rerun(object):
+    """Re-running a Submission on one Ollama as a Plan says, comparing as it
+    streams: run() returns the Outcome. What it gathers on the way (checks,
+    forced steps, windows, tokens) is its own until then."""
+
+    def __init__(self, submission, policy, ollama, progress=None):
+        self.submission, self.policy, self.ollama = submission, policy, ollama
+        self.progress = progress or NO_PROGRESS
+        self.plan = None  # made once the model is known to be here
+        self.checks = []
+        self.forced = []  # Forced steps, over every span
+        self.windows = []  # Windows re-generated (sampled)
         self.tokens_generated = 0
         self.probe_tokens = 0  # of those, generated to learn the model's candidates at a divergence
-        self.logprob_max_diff = None
-        self.actual_hash = None  # of the re-run's whole output
-        self.output = None  # the re-run's output (None when sampled)
-        self.local_digest = self.local_version = None
-        self.local_prompt_eval_count = None  # Ollama's, for the job's own request, when it ran to its end
-        self.sampling = None  # sampled: {"windows", "sample_seed", "window_tokens", "tokens_checked", ...}
         self.rendered, self.render_asked = None, False  # the server's rendering of the prompt, asked once
 
-    @classmethod
-    def check_evidence(cls, item):
-        """The checks that need no model: verdict MISMATCH when they refute
-        the submitted output, else None (a re-run decides)."""
-        job = job_of(item)
-        completion = item.completion
-        if completion is None or not completion.evidence:
-            raise UserError("%s has no completion evidence to verify (status %s)" % (item.id, item.status))
-        evidence, checks, cause = evidence_checks(job, completion.evidence)
-        if evidence is None:
-            raise JobError(checks[0].message, item.id)
-        return cls(item.id, job, evidence, completion.completed_by, checks, cause)
+    def rendered_prompt(self):
+        """The prompt as the server renders it, asked once (None: it cannot say)."""
+        if not self.render_asked:
+            self.rendered, self.render_asked = self.ollama.rendered_prompt(self.submission.job), True
+        return self.rendered
 
-    @property
-    def expected_hash(self):
-        return self.evidence["output_hash"]
+    def outcome(self, verdict, exact=None, cause=None, diverged_at=None, logprob_max_diff=None, actual_hash=None,
+                output=None, local=NO_SERVER, sampling=None):
+        return Outcome(verdict, exact, self.policy.tolerance, self.forced, self.checks, cause, diverged_at,
+                       self.tokens_generated, self.probe_tokens, logprob_max_diff, actual_hash, output, local,
+                       sampling)
 
-    @property
-    def refuted(self):
-        """A MISMATCH that proves the submitted output is not this job's
-        (what `audit --reject` rejects); a near-tie or an unknown cause could
-        be an honest worker on other hardware."""
-        return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
-
-    def rerun(self, ollama, policy=EXACT, progress=None):
-        """Re-run the job on `ollama`, stopping at the first character that
-        differs from the submitted output (tolerant: forcing near-ties), and
-        decide the verdict; with policy.sample, re-run only its windows.
-        `progress(label, total)`: a Progress for the status line (None:
-        none)."""
-        job, evidence, claim = self.job, self.evidence, self.evidence["output"]
-        self.verdict, self.tolerance = MISMATCH, policy.tolerance
-        digest = self.local_digest = require_local_model(ollama.models(), job.model, ollama.url)
+    def run(self):
+        submission, policy, ollama = self.submission, self.policy, self.ollama
+        job, evidence = submission.job, submission.evidence
+        digest = require_local_model(ollama.models(), job.model, ollama.url)
         self.checks.append(local_model_check(job, evidence, digest))
-        spans = self._plan(ollama, policy)
+        plan = self.plan = plan_verification(job, evidence, policy, lambda: self.rendered_prompt() is not None)
+        if plan.note:
+            self.checks.append(plan.note)
+        spans, sampled = plan.spans, plan.sampled
+        prompt_eval_count = output = actual_hash = gen = None
         for n, span in enumerate(spans):
-            label = "verifying %s%s" % (self.item_id, ", window %d of %d" % (n + 1, len(spans))
-                                        if self.sampling else "")
-            gen = self._follow(ollama, policy, span, (progress or NO_PROGRESS)(label, None))
+            label = "verifying %s" % submission.item_id
+            if sampled:
+                label += ", window %d of %d" % (n + 1, len(spans))
+            gen, cause = self._follow(span, self.progress(label, None))
             self.tokens_generated += gen.eval_count
-            if not span.char and gen.final is not None and type(gen.final.get("prompt_eval_count")) is int:
-                self.local_prompt_eval_count = gen.final["prompt_eval_count"]
-            if self.sampling:
-                self.sampling["windows"].append({"start_token": span.token, "start_char": span.char,
-                                                 "tokens": len(gen.token_ends)})
+            final = gen.final
+            if not span.char and final is not None and type(final.get("prompt_eval_count")) is int:
+                prompt_eval_count = final["prompt_eval_count"]
+            if sampled:
+                self.windows.append(Window(span.token_index, span.char, len(gen.token_ends)))
             else:
-                self.output = gen.text
-                self.actual_hash = output_hash(gen.text) if gen.final is not None else None
+                output = gen.text
+                actual_hash = output_hash(gen.text) if final is not None else None
+            local = LocalServer(digest, None, prompt_eval_count)
             if gen.diverged_at is not None:
-                return self._diverged(ollama, gen, span, digest)
-            if self.cause is not None:  # the tolerance decided
-                return
-        if self.forced and evidence["done_reason"] and gen.final.get("done_reason") != evidence["done_reason"]:
+                return self._diverged(gen, span, cause, local, output, actual_hash)
+            if cause is not None:  # the tolerance decided
+                return self.outcome(MISMATCH, cause=cause, actual_hash=actual_hash, output=output, local=local)
+        local = LocalServer(digest, None, prompt_eval_count)
+        recorded_ending, ending = evidence["done_reason"], gen.final.get("done_reason")
+        if self.forced and recorded_ending and ending != recorded_ending:
             # one request makes the ending the same as the submitted one's; forced steps split it over several
             message = ("the re-run ends where the submitted output does, but for another reason (%s, the evidence "
-                       "says %s)" % (preview(_dumps(gen.final.get("done_reason")), 20),
-                                     preview(_dumps(evidence["done_reason"]), 20)))
+                       "says %s)" % (preview(_dumps(ending), 20), preview(_dumps(recorded_ending), 20)))
             self.checks.append(Check("rerun", False, message))
-            self.cause = Cause("different-ending", message)
-            return
+            return self.outcome(MISMATCH, cause=Cause("different-ending", message), actual_hash=actual_hash,
+                                output=output, local=local)
         forcing = ", forcing %s" % _steps(len(self.forced)) if self.forced else ""
-        if self.sampling:
-            self._sampled(claim)
+        if sampled:
+            sampling = self._sampling()
             self.checks.append(Check("rerun", True, "%d windows re-generated the submitted text (%d of %s%s, "
                                      "coverage %.1f%%, sample seed %d)" % (
-                                         len(spans), self.sampling["tokens_checked"],
-                                         _tokens(self.sampling["claim_tokens"]), forcing,
-                                         100 * self.sampling["coverage"], self.sampling["sample_seed"])))
+                                         len(spans), sampling.tokens_checked, _tokens(sampling.submitted_tokens),
+                                         forcing, 100 * sampling.coverage, sampling.sample_seed)))
             self.checks.append(Check("logprobs", None, "logprobs: not compared (sampled)"))
-            self.verdict, self.exact = VERIFIED, False
-            return
+            return self.outcome(VERIFIED, exact=False, local=local, sampling=sampling)
         self.checks.append(Check("rerun", True, "re-run produced the submitted output (%s%s)" % (
             _tokens(gen.eval_count), forcing)))
+        verified = self.outcome(VERIFIED, exact=not self.forced, actual_hash=actual_hash, output=output,
+                                local=local)
         if not policy.strict:
             self.checks.append(Check("logprobs", None, "logprobs: not compared (--strict compares them, at the cost "
                                                        "of asking for them on every token)"))
-            self.verdict, self.exact = VERIFIED, not self.forced
-            return
-        check, self.logprob_max_diff = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
+            return verified
+        check, diff = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
         self.checks.append(check)
         if check.ok is False:
-            self.cause = Cause("different-numerics", check.message + " (--strict)")
-            return
-        self.verdict, self.exact = VERIFIED, not self.forced
+            return verified._replace(verdict=MISMATCH, exact=None, logprob_max_diff=diff,
+                                     cause=Cause("different-numerics", check.message + " (--strict)"))
+        return verified._replace(logprob_max_diff=diff)
 
-    def _plan(self, ollama, policy):
-        """The Spans to re-generate: the whole output, or its windows."""
-        job, evidence = self.job, self.evidence
-        whole = [Span(0, 0, job.max_tokens or None, True)]
-        if policy.sample is None:
-            return whole
-        seed = policy.sample.seed
-        if seed is None:
-            seed = random.SystemRandom().getrandbits(63)
-        # the positions are a function of the seed and the output's token boundaries: anyone can re-check them
-        spans, why_not = window_spans(job, evidence, policy.sample, random.Random(seed))
-        if spans is not None and self._rendered(ollama) is None:
-            spans, why_not = None, ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 "
-                                    "and later), so it cannot start a window inside the output")
-        if spans is None:
-            self.checks.append(Check("sample", None, "not sampled: %s" % why_not))
-            return whole
-        self.sampling = {"windows": [], "sample_seed": seed, "window_tokens": policy.sample.tokens}
-        return spans
-
-    def _sampled(self, claim):
-        """The coverage of a sampled VERIFIED: the share of the output's
-        tokens that a window re-generated (an edit there is caught; an edit
-        elsewhere only may be, through a later window's prompt, so it is not
-        counted)."""
-        lengths = exact_token_lengths(self.evidence)
-        windows = self.sampling["windows"]
-        checked = sum(w["tokens"] for w in windows)
+    def _sampling(self):
+        """The Sampling of a VERIFIED: the share of the output's tokens that a
+        window re-generated (an edit there is caught; an edit elsewhere only
+        may be, through a later window's prompt, so it is not counted)."""
+        submitted = self.submission.submitted
+        lengths = exact_token_lengths(self.submission.evidence)
+        windows = self.windows
+        checked = sum(w.tokens for w in windows)
         if lengths is not None:
             total = len(lengths)
         else:  # estimated from the characters per token of the last window, which runs to the end
             last = windows[-1]
-            total = max(checked, int(round(len(claim) * last["tokens"] / max(len(claim) - last["start_char"], 1))))
-        self.sampling.update(claim_tokens=total, tokens_checked=checked, coverage=round(min(1.0, checked / total), 4))
+            last_chars = max(len(submitted) - last.start_char, 1)
+            total = max(checked, int(round(len(submitted) * last.tokens / last_chars)))
+        coverage = round(min(1.0, checked / total), 4)
+        return Sampling(windows, self.plan.sample_seed, self.policy.sample.tokens, total, checked, coverage)
 
-    def _rendered(self, ollama):
-        """The prompt as the server renders it, asked once (None: it cannot say)."""
-        if not self.render_asked:
-            self.rendered, self.render_asked = ollama.rendered_prompt(self.job), True
-        return self.rendered
-
-    def _diverged(self, ollama, gen, span, digest):
-        """A span's re-run left the submitted output: where, and the likely cause."""
-        evidence, claim = self.evidence, self.evidence["output"]
-        where = self.diverged_at = divergence(gen, claim, span)
+    def _diverged(self, gen, span, cause, local, output, actual_hash):
+        """A span's re-run left the submitted output: where, and the likely
+        cause (unless the tolerance gave one)."""
+        submission = self.submission
+        evidence, submitted = submission.evidence, submission.submitted
+        where = divergence(gen, submitted, span)
+        token = ", token %d" % where.token_index if where.token_index is not None else ""
+        window = " (in window %d of the sample)" % len(self.windows) if self.plan.sampled else ""
+        stopped = " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None else ""
         steps = " after %s" % _steps(len(self.forced)) if self.forced else ""
         self.checks.append(Check("rerun", False, "re-run diverges at character %d%s%s%s%s" % (
-            where["char"], ", token %d" % where["token"] if where["token"] is not None else "",
-            " (in window %d of the sample)" % len(self.sampling["windows"]) if self.sampling else "",
-            " (stopped after %s)" % _tokens(gen.eval_count) if gen.final is None else "", steps)))
-        if self.cause is None:
-            self.local_version = local_version(ollama) if evidence["ollama_version"] else None
-            self.cause = diagnose(gen, self.job, evidence, digest, self.local_version, claim[span.char:],
-                                  self.rendered)
+            where.char, token, window, stopped, steps)))
+        if cause is None:
+            version = local_version(self.ollama) if evidence["ollama_version"] else None
+            local = local._replace(ollama_version=version)
+            cause = diagnose(gen, submission.job, evidence, local.model_digest, version, submitted[span.char:],
+                             self.rendered)
+        return self.outcome(MISMATCH, cause=cause, diverged_at=where, actual_hash=actual_hash, output=output,
+                            local=local)
 
-    def _follow(self, ollama, policy, span, progress):
+    def _follow(self, span, progress):
         """The re-run of one span, compared with the submitted output as it
         streams; with a tolerance, forced through near-ties (self.forced)
-        until it reproduces the rest or the tolerance decides (self.cause).
-        Logprobs are asked only with --strict: elsewhere the candidates at a
-        divergence come from one probe. Returns the Generation."""
-        job, claim = self.job, self.evidence["output"]
-        submitted = claim[span.char:]
-        lengths = exact_token_lengths(self.evidence) or []
-        lengths = lengths[span.token:] if span.token is not None else []
-        top = (TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS) if policy.strict else None
-        total = span.budget if not span.last else self.evidence["eval_count"] if not span.char else None
-        progress.total = total if total and total > 0 else None  # of the claim's tokens
-        request = (generate_request(job, top, span.budget) if not span.char
-                   else continuation_request(job, self._rendered(ollama), claim[:span.char], span.budget, top))
+        until it reproduces the rest or the tolerance decides. Logprobs are
+        asked only with --strict: elsewhere the candidates at a divergence
+        come from one probe."""
+        policy, evidence = self.policy, self.submission.evidence
+        job, whole = self.submission.job, self.submission.submitted
+        submitted = whole[span.char:]
+        lengths = exact_token_lengths(evidence) or []
+        lengths = lengths[span.token_index:] if span.token_index is not None else []
+        top = None
+        if policy.strict:
+            top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
+        total = None  # of the submitted tokens
+        if not span.last:
+            total = span.budget
+        elif not span.char:
+            total = evidence["eval_count"]
+        progress.total = total if total and total > 0 else None
+        if span.char:
+            request = continuation_request(job, self.rendered_prompt(), whole[:span.char], span.budget, top)
+        else:
+            request = generate_request(job, top, span.budget)
         gen = None
         try:
             while True:
-                gen = ollama.compare(request, submitted, progress, into=gen)
-                if gen.diverged_at is not None and not span.last and gen.final is not None and \
-                        gen.final.get("done_reason") == "length" and gen.diverged_at == len(gen.text):
+                gen = self.ollama.compare(request, submitted, progress, into=gen)
+                if self._window_full(gen, span):
                     gen.diverged_at = None  # the window's budget ended it; the output goes on
                 if gen.diverged_at is None:
-                    return gen
-                token = gen.token_at(gen.diverged_at)
-                if token is not None and gen.entry_at(token) is None:
-                    self._probe(ollama, policy, span, gen, token)
+                    return Followed(gen, None)
+                index = gen.token_at(gen.diverged_at)
+                if index is not None and gen.entry_at(index) is None:
+                    self._probe(span, gen, index)
                 if not policy.tolerance:
-                    return gen
-                step = near_tie_step(gen, submitted, lengths, policy.tolerance)
-                if isinstance(step, ForcedStep) and len(self.forced) >= policy.max_forced:
-                    self.cause = Cause(
-                        "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f nats) for "
-                        "the %s time, more than --max-forced %d allows: more than near-tie noise"
-                        % (step.token, step.gap, _ordinal(len(self.forced) + 1), policy.max_forced),
-                        token=step.token, gap=step.gap, near_ties=len(self.forced) + 1)
-                    return gen
-                if isinstance(step, ForcedStep) and self._rendered(ollama) is None:
-                    step = ToleranceNotApplied("this Ollama does not render prompts (`_debug_render_only`, "
-                                               "Ollama 0.11.5 and later), so it cannot continue from the "
-                                               "submitted text")
-                if isinstance(step, ToleranceNotApplied):
+                    return Followed(gen, None)
+                step = self._step(gen, submitted, lengths, span)
+                if step.kind == NOT_APPLIED:
                     self.checks.append(Check("tolerance", None, "tolerance not applied: %s; the verdict is the "
                                                                 "exact one" % step.why))
-                    return gen
-                if isinstance(step, Cause) and self.forced and step.details.get("token") is not None and \
-                        step.details["token"] - (self.forced[-1].token - (span.token or 0)) <= RETOKENIZED_REACH:
-                    step = Cause("unknown", "%s; but this is right after a forced token, where the continuation's "
-                                 "prompt may not split into tokens as the worker's model made them, so a forgery "
-                                 "cannot be told from an honest output here" % step.message, **step.details)
-                if not isinstance(step, ForcedStep):  # a Cause, or no token to force
-                    self.cause = step
-                    return gen
-                self.forced.append(step._replace(token=step.token + (span.token or 0), char=step.char + span.char))
-                gen.force(step.token, step.submitted, step.logprob)
+                    return Followed(gen, None)
+                if step.kind != FORCE:
+                    return Followed(gen, step.cause)
+                forced = step.forced
+                self.forced.append(forced._replace(token_index=forced.token_index + (span.token_index or 0),
+                                                   char=forced.char + span.char))
+                gen.force(forced.token_index, forced.submitted_token_text, forced.logprob)
                 budget = span.budget - len(gen.token_ends) if span.budget else None
                 if budget is not None and budget <= 0:  # num_predict 0 would mean no limit at all
                     gen.final = {"done": True, "done_reason": "length"}
                     if span.last:
                         gen.compare_end(submitted)
-                    return gen
-                request = continuation_request(job, self._rendered(ollama), claim[:span.char] + gen.text, budget, top)
+                    return Followed(gen, None)
+                request = continuation_request(job, self.rendered_prompt(), whole[:span.char] + gen.text, budget,
+                                               top)
         finally:
             progress.clear()
 
-    def _probe(self, ollama, policy, span, gen, token):
-        """The model's candidates at the divergence token, asked only now:
-        one token after the output so far, sent raw (or, on a server that
-        cannot render prompts, the job's request again up to that token)."""
-        top = TOLERANT_TOP_LOGPROBS if policy.tolerance else TOP_LOGPROBS
-        prefix = self.evidence["output"][:span.char] + gen.text[:gen.token_start(token)]
-        rendered = self._rendered(ollama)
+    @staticmethod
+    def _window_full(gen, span):
+        """A window (not the last) that diverged only by ending at its budget."""
+        final = gen.final
+        return (gen.diverged_at is not None and not span.last and final is not None
+                and final.get("done_reason") == "length" and gen.diverged_at == len(gen.text))
+
+    def _step(self, gen, submitted, lengths, span):
+        """near_tie_step, and what this re-run makes of it: a near-tie past
+        --max-forced is too many; one on a server that cannot render prompts
+        cannot be continued; a refutation right after a forced token may be
+        the continuation's own re-tokenization."""
+        policy, forced = self.policy, self.forced
+        step = near_tie_step(gen, submitted, lengths, policy.tolerance)
+        if step.kind == FORCE and len(forced) >= policy.max_forced:
+            index, gap = step.forced.token_index, step.forced.gap
+            return _decided(Cause(
+                "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f nats) for "
+                "the %s time, more than --max-forced %d allows: more than near-tie noise"
+                % (index, gap, _ordinal(len(forced) + 1), policy.max_forced),
+                token_index=index, gap=gap, near_ties=len(forced) + 1))
+        if step.kind == FORCE and self.rendered_prompt() is None:
+            return _not_applied(NO_RENDERING % "continue from the submitted text")
+        if step.kind == DECIDED and forced:
+            index = step.cause.details.get("token_index")
+            last_forced = forced[-1].token_index - (span.token_index or 0)
+            if index is not None and index - last_forced <= RETOKENIZED_REACH:
+                cause = step.cause
+                return _decided(Cause(
+                    "unknown", "%s; but this is right after a forced token, where the continuation's prompt may "
+                    "not split into tokens as the worker's model made them, so a forgery cannot be told from "
+                    "an honest output here" % cause.message, **cause.details))
+        return step
+
+    def _probe(self, span, gen, index):
+        """The model's candidates at token `index` of the divergence, asked
+        only now: one token after the output so far, sent raw (or, on a
+        server that cannot render prompts, the job's request again up to
+        that token)."""
+        job = self.submission.job
+        top = TOLERANT_TOP_LOGPROBS if self.policy.tolerance else TOP_LOGPROBS
+        prefix = self.submission.submitted[:span.char] + gen.text[:gen.token_start(index)]
+        rendered = self.rendered_prompt()
         if rendered is not None:
-            entry = ollama.candidates(continuation_request(self.job, rendered, prefix, 1, top), 0)
-            self.tokens_generated += 1
-            self.probe_tokens += 1
+            entry = self.ollama.candidates(continuation_request(job, rendered, prefix, 1, top), 0)
+            cost = 1
         elif not span.char:
-            entry = ollama.candidates(generate_request(self.job, top, token + 1), token)
-            self.tokens_generated += token + 1
-            self.probe_tokens += token + 1
+            entry = self.ollama.candidates(generate_request(job, top, index + 1), index)
+            cost = index + 1
         else:
             return
+        self.tokens_generated += cost
+        self.probe_tokens += cost
         if entry is not None:
-            gen.probed = (token, entry)
-
-    def document(self):
-        """verify's --json document (audit prints one per item)."""
-        sampling = self.sampling or {}
-        return {"id": self.item_id, "verdict": self.verdict, "refuted": self.refuted, "exact": self.exact,
-                "tolerance": self.tolerance, "sampled": bool(self.sampling),
-                "windows": sampling.get("windows"), "tokens_checked": sampling.get("tokens_checked"),
-                "claim_tokens": sampling.get("claim_tokens"), "coverage": sampling.get("coverage"),
-                "sample_seed": sampling.get("sample_seed"),
-                "forced": [step._asdict() for step in self.forced], "checks": [c._asdict() for c in self.checks],
-                "cause": self.cause and self.cause.document(), "diverged_at": self.diverged_at,
-                "tokens_generated": self.tokens_generated, "logprob_max_diff": self.logprob_max_diff,
-                "expected_hash": self.expected_hash, "actual_hash": self.actual_hash, "job": self.job.document(),
-                "output": self.output, "local": {"model_digest": self.local_digest,
-                                                 "ollama_version": self.local_version,
-                                                 "prompt_eval_count": self.local_prompt_eval_count},
-                "evidence": evidence_document(self.evidence)}
-
-    def report(self):
-        """verify's report, for a person."""
-        ok = self.verdict == VERIFIED
-        cause, where, sampling = self.cause, self.diverged_at, self.sampling
-        within = " within tolerance %g nats: %s" % (self.tolerance, _steps(len(self.forced))) if self.forced else ""
-        if ok and sampling:
-            headline = "✓ VERIFIED by sampling (%d windows, %d of %s checked, coverage %.1f%%%s)" % (
-                len(sampling["windows"]), sampling["tokens_checked"], _tokens(sampling["claim_tokens"]),
-                100 * sampling["coverage"], ";" + within if within else "")
-        elif ok and self.forced:
-            headline = "✓ VERIFIED (%s)" % within.strip()
-        elif ok:
-            headline = "✓ VERIFIED — the re-run produced the submitted output, hashes match"
-        elif where is not None:
-            headline = "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where["char"], cause.kind)
-        elif self.tokens_generated:
-            headline = "✗ MISMATCH — %s" % (cause.kind if cause.kind != "different-numerics"
-                                            else "same text, different numerics (--strict)")
-        else:
-            headline = "✗ MISMATCH — %s, without a re-run" % cause.kind
-        text = [headline,
-                "  Item:      %s (completed by %s)" % (self.item_id, printable(self.completed_by or "unknown")),
-                "  Checks:"] + _check_lines(self.checks, "    ")
-        if sampling:
-            text.append("  Windows:   " + ", ".join(
-                "tokens %s-%s" % (w["start_token"], w["start_token"] + w["tokens"]) if w["start_token"] is not None
-                else "characters from %d (%s)" % (w["start_char"], _tokens(w["tokens"])) for w in sampling["windows"]))
-            if ok:
-                text.append("  Sampled:   not an exact verification: an edit outside the windows is not proven "
-                            "absent (re-check: --sample %d --window %d --sample-seed %d)" % (
-                                len(sampling["windows"]), sampling["window_tokens"], sampling["sample_seed"]))
-        if cause:
-            text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
-            text.append("  Refuted:   " + ("yes: the submitted output is not this job's" if self.refuted else
-                                           "no: this can be an honest worker's output (audit --reject keeps it "
-                                           "in review)"))
-        for n, step in enumerate(self.forced):
-            text.append("%s token %d: the submitted %s, where the re-run chose %s (%.2f nats)" % (
-                "  Forced:   " if n == 0 else "            ", step.token, preview(_dumps(step.submitted), 24),
-                preview(_dumps(step.rerun), 24), step.gap))
-        if where is not None:
-            text += ["  Diverged:  character %d%s" % (where["char"], ", token %d" % where["token"]
-                                                      if where["token"] is not None else ""),
-                     "    submitted: " + _excerpt(where, "submitted"),
-                     "    re-run:    " + _excerpt(where, "rerun")]
-        if ok and self.output is not None:
-            text.append("  Output:    " + preview(self.output))
-        text += ["  Expected:  " + printable(self.expected_hash),
-                 "  Actual:    " + (self.actual_hash or ("none (sampled: only the windows were re-generated)"
-                                                         if ok else "none (the re-run stopped at the divergence)"
-                                                         if self.tokens_generated else "none (no re-run)")),
-                 "  Cost:      %s generated%s" % (_tokens(self.tokens_generated), (
-                     " (%d of them to ask the model's candidates at the divergence)" % self.probe_tokens
-                     if self.probe_tokens else ""))]
-        if self.logprob_max_diff is not None:
-            text.append("  Logprobs:  largest difference %.4f nats" % self.logprob_max_diff)
-        return text
+            gen.probed = (index, entry)
 
 
-def verify_item(ctx, item, policy=EXACT):
-    """Verify an item's completion evidence: the cheap checks, then (when
-    they leave it open) the re-run. Returns the Verification."""
-    verification = Verification.check_evidence(item)
-    if verification.verdict is None:
-        verification.rerun(ctx.ollama, policy, ctx.progress)
-    return verification
+def refuted_outcome(submission):
+    """The Outcome of a Submission its own checks refute: no re-run."""
+    return Outcome(MISMATCH, None, 0.0, [], [], submission.cause, None, 0, 0, None, None, None, NO_SERVER, None)
 
 
-def _excerpt(where, side):
-    """Text around the divergence, with ⟨here⟩ marking it."""
-    text, cut = where[side], where["char"] - where["excerpt_start"]
-    return "%s%s⟨here⟩%s%s" % ("…" if where["excerpt_start"] else "", printable(text[:cut]),
-                              printable(text[cut:]), "…" if len(text) - cut >= EXCERPT else "")
+def verify_submission(submission, ollama, policy=EXACT, progress=None):
+    """Verify a Submission on `ollama`: refuted by its own checks, or
+    re-run as planned. `progress(label, total)`: a Progress for the status
+    line (None: none). Returns the Verification."""
+    if submission.cause is not None:
+        return Verification(submission, refuted_outcome(submission))
+    return Verification(submission, Rerun(submission, policy, ollama, progress).run())
+
+
+def verify_item(item, ollama, policy=EXACT, progress=None):
+    """Verify an item's completion evidence (a BoardItem from Wl.status):
+    the checks that need no model, then (when they leave it open) the
+    re-run on `ollama`. Returns the Verification."""
+    return verify_submission(Submission.of(item), ollama, policy, progress)
 
 
 def _ordinal(n):
@@ -3218,6 +3368,131 @@ def _ordinal(n):
 
 def _steps(n):
     return "1 near-tie step" if n == 1 else "%d near-tie steps" % n
+
+
+# =============================================================================
+# Rendering a verification: verify's report and its --json document
+# =============================================================================
+# Only the Outcome's fields are read here: a new verification mode adds to
+# the Plan and the Rerun, and shows up through the same fields.
+
+
+def verification_document(verification):
+    """verify's --json document (audit prints one per item)."""
+    v, outcome = verification, verification.outcome
+    sampling, where, local = outcome.sampling, outcome.diverged_at, outcome.local
+    windows = [w._asdict() for w in sampling.windows] if sampling else None
+    return {"id": v.item_id, "verdict": v.verdict, "refuted": v.refuted, "exact": outcome.exact,
+            "tolerance": outcome.tolerance, "sampled": bool(sampling),
+            "windows": windows, "tokens_checked": sampling and sampling.tokens_checked,
+            "submitted_tokens": sampling and sampling.submitted_tokens, "coverage": sampling and sampling.coverage,
+            "sample_seed": sampling and sampling.sample_seed,
+            "forced": [step._asdict() for step in outcome.forced], "checks": [c._asdict() for c in v.checks],
+            "cause": v.cause and v.cause.document(), "diverged_at": where and where._asdict(),
+            "tokens_generated": outcome.tokens_generated, "logprob_max_diff": outcome.logprob_max_diff,
+            "expected_hash": v.expected_hash, "actual_hash": outcome.actual_hash, "job": v.job.document(),
+            "output": outcome.output, "local": local._asdict(), "evidence": evidence_document(v.evidence)}
+
+
+def verification_lines(verification):
+    """verify's report, for a person: its lines."""
+    v, outcome = verification, verification.outcome
+    ok = v.verdict == VERIFIED
+    cause, where, sampling, forced = v.cause, outcome.diverged_at, outcome.sampling, outcome.forced
+    text = [_headline(outcome),
+            "  Item:      %s (completed by %s)" % (v.item_id, printable(v.submission.completed_by or "unknown")),
+            "  Checks:"] + _check_lines(v.checks, "    ")
+    if sampling:
+        text.append("  Windows:   " + ", ".join(_window_words(w) for w in sampling.windows))
+        if ok:
+            text.append("  Sampled:   not an exact verification: an edit outside the windows is not proven "
+                        "absent (re-check: --sample %d --window %d --sample-seed %d)" % (
+                            len(sampling.windows), sampling.window_tokens, sampling.sample_seed))
+    if cause:
+        text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
+        if v.refuted:
+            text.append("  Refuted:   yes: the submitted output is not this job's")
+        else:
+            text.append("  Refuted:   no: this can be an honest worker's output (audit --reject keeps it in "
+                        "review)")
+    for n, step in enumerate(forced):
+        label = "  Forced:   " if n == 0 else "            "
+        text.append("%s token %d: the submitted %s, where the re-run chose %s (%.2f nats)" % (
+            label, step.token_index, preview(_dumps(step.submitted_token_text), 24),
+            preview(_dumps(step.rerun_token_text), 24), step.gap))
+    if where is not None:
+        token = ", token %d" % where.token_index if where.token_index is not None else ""
+        text += ["  Diverged:  character %d%s" % (where.char, token),
+                 "    submitted: " + _excerpt(where, where.submitted),
+                 "    re-run:    " + _excerpt(where, where.rerun)]
+    if ok and outcome.output is not None:
+        text.append("  Output:    " + preview(outcome.output))
+    if outcome.actual_hash:
+        actual = outcome.actual_hash
+    elif ok:
+        actual = "none (sampled: only the windows were re-generated)"
+    elif outcome.tokens_generated:
+        actual = "none (the re-run stopped at the divergence)"
+    else:
+        actual = "none (no re-run)"
+    probes = ""
+    if outcome.probe_tokens:
+        probes = " (%d of them to ask the model's candidates at the divergence)" % outcome.probe_tokens
+    text += ["  Expected:  " + printable(v.expected_hash),
+             "  Actual:    " + actual,
+             "  Cost:      %s generated%s" % (_tokens(outcome.tokens_generated), probes)]
+    if outcome.logprob_max_diff is not None:
+        text.append("  Logprobs:  largest difference %.4f nats" % outcome.logprob_max_diff)
+    return text
+
+
+def _headline(outcome):
+    ok, cause, sampling = outcome.verdict == VERIFIED, outcome.cause, outcome.sampling
+    within = ""
+    if outcome.forced:
+        within = "within tolerance %g nats: %s" % (outcome.tolerance, _steps(len(outcome.forced)))
+    if ok and sampling:
+        return "✓ VERIFIED by sampling (%d windows, %d of %s checked, coverage %.1f%%%s)" % (
+            len(sampling.windows), sampling.tokens_checked, _tokens(sampling.submitted_tokens),
+            100 * sampling.coverage, "; " + within if within else "")
+    if ok and within:
+        return "✓ VERIFIED (%s)" % within
+    if ok:
+        return "✓ VERIFIED — the re-run produced the submitted output, hashes match"
+    if outcome.diverged_at is not None:
+        return "✗ MISMATCH — the re-run diverges at character %d (%s)" % (outcome.diverged_at.char, cause.kind)
+    if outcome.tokens_generated and cause.kind == "different-numerics":
+        return "✗ MISMATCH — same text, different numerics (--strict)"
+    if outcome.tokens_generated:
+        return "✗ MISMATCH — %s" % cause.kind
+    return "✗ MISMATCH — %s, without a re-run" % cause.kind
+
+
+def _window_words(window):
+    if window.start_token_index is not None:
+        start = window.start_token_index
+        return "tokens %s-%s" % (start, start + window.tokens)
+    return "characters from %d (%s)" % (window.start_char, _tokens(window.tokens))
+
+
+def acceptance_message(verification):
+    """What `wl accept` records for a VERIFIED: how it was verified, and the hash."""
+    outcome = verification.outcome
+    how = ""
+    if outcome.forced:
+        how = " within tolerance %g nats (%s)" % (outcome.tolerance, _steps(len(outcome.forced)))
+    sampling = outcome.sampling
+    if sampling:
+        how += " by sampling (%d windows, %.1f%% coverage, --sample-seed %d)" % (
+            len(sampling.windows), 100 * sampling.coverage, sampling.sample_seed)
+    return "verified by wl_infer%s: %s" % (how, verification.expected_hash)
+
+
+def _excerpt(where, text):
+    """`text` (one side of a Divergence) around it, with ⟨here⟩ marking it."""
+    cut = where.char - where.excerpt_start
+    return "%s%s⟨here⟩%s%s" % ("…" if where.excerpt_start else "", printable(text[:cut]),
+                              printable(text[cut:]), "…" if len(text) - cut >= EXCERPT else "")
 
 
 _MARKS = {True: "✓", False: "✗", None: "–"}
@@ -3546,7 +3821,7 @@ class Worker(object):
         try:
             run.attempt(run.claim)
         except (UserError, Interrupted) as exc:
-            if run.phase == CLAIMING and getattr(run.cause, "conflict", False):
+            if run.phase == CLAIMING and refused(run.cause):
                 self.count("lost")
                 # the rest of this poll's jobs are as stale as this one: one browse costs less than the
                 # claims that would fail
@@ -4007,15 +4282,16 @@ WAITING, READING, CHECKING, HELD, FINAL, WRITTEN = (
 
 class Result(object):
     """One job's result while it is collected: the board's view of it, its
-    Verification once read (the cheap checks made), whether a re-run (or a
-    cheap check) decided it (`checked`), an error, the action taken on the
-    board, and its `state`."""
+    Submission once read (the cheap checks made), its Verification once a
+    re-run (or a cheap check) decided it (`checked`), an error, the action
+    taken on the board, and its `state`."""
 
     def __init__(self, index, job):
         self.index, self.job, self.item_id = index, job, job.item_id
         self.state = WAITING
         self.status = self.worker = self.completion_id = None
-        self.verification, self.checked, self.error, self.action = None, False, None, None
+        self.submission = self.verification = None
+        self.checked, self.error, self.action = False, None, None
         self.servers = ()  # where it can be checked
 
     @property
@@ -4026,7 +4302,7 @@ class Result(object):
     def custom_id(self):
         if self.job.custom_id is not None:
             return self.job.custom_id
-        return (self.verification and self.verification.job.custom_id) or None
+        return (self.submission and self.submission.job.custom_id) or None
 
     @property
     def verdict(self):
@@ -4038,15 +4314,17 @@ class Result(object):
 
     def document(self):
         """The line `results` writes."""
-        v = self.verification
+        s, v = self.submission, self.verification
         decided = self.verdict is not None
+        exact = sampled = coverage = refuted = cause = None
+        if decided:
+            exact, sampled, refuted = v.outcome.exact, bool(v.sampling), self.refuted
+            coverage = v.sampling and v.sampling.coverage
+            cause = v.cause and v.cause.document()
         return {"custom_id": self.custom_id, "line": self.job.line, "id": self.item_id, "status": self.status,
-                "worker": self.worker, "output": v and v.evidence["output"], "output_hash": v and v.expected_hash,
-                "checked": self.checked, "verdict": self.verdict, "exact": v.exact if decided else None,
-                "sampled": bool(v.sampling) if decided else None,
-                "coverage": v.sampling["coverage"] if decided and v.sampling else None,
-                "refuted": self.refuted if decided else None,
-                "cause": v.cause.document() if decided and v.cause else None, "action": self.action,
+                "worker": self.worker, "output": s and s.submitted, "output_hash": s and s.expected_hash,
+                "checked": self.checked, "verdict": self.verdict, "exact": exact, "sampled": sampled,
+                "coverage": coverage, "refuted": refuted, "cause": cause, "action": self.action,
                 "error": self.error}
 
     def openai(self, created):
@@ -4071,7 +4349,7 @@ class Result(object):
         return line
 
     def _completion(self, output, created):
-        evidence, job = self.verification.evidence, self.verification.job
+        evidence, job = self.submission.evidence, self.submission.job
         lengths = exact_token_lengths(evidence)
         tokens = evidence["eval_count"] or (len(lengths) if lengths is not None else None)
         finish = evidence["done_reason"] or None
@@ -4246,11 +4524,11 @@ class Collector(object):
                     return
                 r = self.unread.popleft()
                 self.in_flight += 1
-            item = verification = error = None
+            item = submission = error = None
             try:
                 item = self.reads_wl.status(r.item_id)
                 if item.status in FINISHED:
-                    verification = Verification.check_evidence(item)
+                    submission = Submission.of(item)
             except UserError as exc:
                 error = str(exc)
             with self.cond:
@@ -4266,7 +4544,7 @@ class Collector(object):
                 elif item.status not in FINISHED:  # sent back meanwhile (rejected): the next poll sees it again
                     r.state = WAITING
                 else:
-                    r.verification = verification
+                    r.submission = submission
                     self._decide(r)
                 self.cond.notify_all()
 
@@ -4274,8 +4552,8 @@ class Collector(object):
     def _decide(self, r):
         """After the cheap checks: final (refuted by them, or not to be
         checked), to be checked, or held for the spot check (under cond)."""
-        if r.verification.verdict is not None:  # the cheap checks refuted it
-            r.checked = True
+        if r.submission.cause is not None:  # the cheap checks refuted it
+            r.verification, r.checked = verify_submission(r.submission, None), True
             self._finalize(r)
         elif not self.options.verify:
             self._finalize(r)
@@ -4286,7 +4564,7 @@ class Collector(object):
             r.state = HELD
 
     def _check(self, r):
-        model = r.verification.job.model
+        model = r.submission.job.model
         r.servers = [s for s in self.servers if find_model(s.models, model) is not None] or self.servers[:1]
         r.state = CHECKING
         self.unchecked.append(r)
@@ -4303,14 +4581,14 @@ class Collector(object):
                 r = mine()
                 self.unchecked.remove(r)
                 self.in_flight += 1
-            error = None
+            verification = error = None
             try:
-                r.verification.rerun(server.ollama, self.policy)
+                verification = verify_submission(r.submission, server.ollama, self.policy)
             except UserError as exc:
                 error = str(exc)
             with self.cond:
                 self.in_flight -= 1
-                r.checked, r.error = error is None, error
+                r.verification, r.checked, r.error = verification, error is None, error
                 self._finalize(r)
                 self.cond.notify_all()
 
@@ -4492,10 +4770,9 @@ def wait_for_answer(ctx, doc, policy, options):
         ctx.warn("the answer to %s is a MISMATCH (%s%s), so it is not printed; `wl_infer.py verify %s` says why"
                  % (item_id, cause.kind, ", refuted" if result.refuted else "", item_id))
         return Report(EXIT_MISMATCH, doc, [])
-    verification = result.verification
     note = ("✓ VERIFIED answer to %s (completed by %s)" % (item_id, printable(result.worker or "unknown"))
             if result.checked else "the answer to %s, not checked (--no-verify)" % item_id)
-    return Report(EXIT_OK, doc, [], [note], raw=verification.evidence["output"])
+    return Report(EXIT_OK, doc, [], [note], raw=result.submission.submitted)
 
 
 def wait_settings(args):
@@ -4567,13 +4844,16 @@ def cmd_run(ctx, args):
 
 def cmd_verify(ctx, args):
     policy = verify_policy(args)
-    return each_item(args.ids, lambda item_id: verification_report(verify_item(ctx, ctx.wl.status(item_id),
-                                                                               policy)))
+    def verified(item_id):
+        item = ctx.wl.status(item_id)
+        return verification_report(verify_item(item, ctx.ollama, policy, ctx.progress))
+
+    return each_item(args.ids, verified)
 
 
 def verification_report(verification):
-    return Report(EXIT_OK if verification.verdict == VERIFIED else EXIT_MISMATCH, verification.document(),
-                  verification.report())
+    exit_code = EXIT_OK if verification.verdict == VERIFIED else EXIT_MISMATCH
+    return Report(exit_code, verification_document(verification), verification_lines(verification))
 
 
 def each_item(ids, report_of):
@@ -4799,7 +5079,7 @@ def spot_check_figures(results):
     chance that forging 1, a tenth or half of them would have gone unchecked."""
     by_worker = collections.OrderedDict()
     for r in results:
-        if r.verification is not None and r.error is None:
+        if r.submission is not None and r.error is None:
             by_worker.setdefault(r.worker or "unknown", []).append(r)
     figures = []
     for worker, mine in by_worker.items():
@@ -4920,11 +5200,13 @@ def cmd_list(ctx, args):
 
 
 class AuditRow(object):
-    """One item in review: its Verification (None after an error), the
-    error, and what was done on the board (accepted, rejected)."""
+    """One item in review: its Submission and its Verification (None until
+    made, or after an error), the error, and what was done on the board
+    (accepted, rejected)."""
 
     def __init__(self, item_id):
-        self.item_id, self.verification, self.error, self.action = item_id, None, None, None
+        self.item_id, self.submission, self.verification = item_id, None, None
+        self.error, self.action = None, None
 
 
 def cmd_audit(ctx, args):
@@ -4936,16 +5218,20 @@ def cmd_audit(ctx, args):
     for n, row in enumerate(rows, 1):
         ctx.status.show("%d of %d: reading %s" % (n, len(rows), row.item_id))
         try:
-            row.verification = Verification.check_evidence(ctx.wl.status(row.item_id))
+            row.submission = Submission.of(ctx.wl.status(row.item_id))
         except UserError as exc:
             row.error = str(exc)
+            continue
+        if row.submission.cause is not None:  # refuted by the cheap checks: no re-run
+            row.verification = verify_submission(row.submission, None)
     ctx.status.clear()
-    pending = [r for r in rows if r.verification and r.verification.verdict is None]
-    for n, row in enumerate(sorted(pending, key=lambda r: len(r.verification.evidence["output"])), 1):
+    pending = [r for r in rows if r.submission and r.verification is None]
+    for n, row in enumerate(sorted(pending, key=lambda r: len(r.submission.submitted)), 1):
         try:
-            row.verification.rerun(ctx.ollama, policy, _positioned(ctx, "%d of %d: " % (n, len(pending))))
+            row.verification = verify_submission(row.submission, ctx.ollama, policy,
+                                                 _positioned(ctx, "%d of %d: " % (n, len(pending))))
         except UserError as exc:
-            row.verification, row.error = None, str(exc)
+            row.error = str(exc)
     for row in rows:
         if row.verification is None:
             continue
@@ -4967,16 +5253,10 @@ def _positioned(ctx, position):
 
 def _accept(ctx, verification):
     try:
-        within = " within tolerance %g nats (%s)" % (verification.tolerance, _steps(len(verification.forced))) \
-            if verification.forced else ""
-        sampling = verification.sampling
-        if sampling:
-            within += " by sampling (%d windows, %.1f%% coverage, --sample-seed %d)" % (
-                len(sampling["windows"]), 100 * sampling["coverage"], sampling["sample_seed"])
-        ctx.wl.accept(verification.item_id, "verified by wl_infer%s: %s" % (within, verification.expected_hash))
+        ctx.wl.accept(verification.item_id, acceptance_message(verification))
         return "accepted"
     except WlError as exc:
-        if "cannot accept your own completion" not in str(exc):
+        if exc.refusal != "own-completion":
             raise
         return "not accepted: completed by this rig (wl forbids accepting your own)"
 
@@ -4989,13 +5269,18 @@ def audit_report(rows, policy):
         verdict = "ERROR" if row.error else verification.verdict
         counts[verdict] += 1
         if verification is not None:
-            doc = dict(verification.document(), action=row.action, error=row.error)
-            cause = verification.cause
-            sampled = verification.sampling and verification.verdict == VERIFIED
-            table.append([item_id, preview(verification.job.model, 24), verdict, cause.kind if cause else
-                          "sampled: %.0f%% coverage" % (100 * verification.sampling["coverage"]) if sampled else
-                          "tolerance: %d forced" % len(verification.forced) if verification.forced else "-",
-                          "%d" % verification.tokens_generated, row.action or ""])
+            doc = dict(verification_document(verification), action=row.action, error=row.error)
+            cause, sampling, forced = verification.cause, verification.sampling, verification.forced
+            if cause:
+                how = cause.kind
+            elif sampling and verification.verdict == VERIFIED:
+                how = "sampled: %.0f%% coverage" % (100 * sampling.coverage)
+            elif forced:
+                how = "tolerance: %d forced" % len(forced)
+            else:
+                how = "-"
+            tokens = "%d" % verification.outcome.tokens_generated
+            table.append([item_id, preview(verification.job.model, 24), verdict, how, tokens, row.action or ""])
             if cause:
                 notes.append("%s: %s: %s" % (item_id, cause.kind, printable(cause.message)))
             if verification.verdict == MISMATCH and not verification.refuted:
@@ -5198,7 +5483,7 @@ def _policy_arguments(p):
                    help="same text with logprobs more than %g nats (or the tolerance) apart is a MISMATCH"
                    % LOGPROB_TOLERANCE)
     p.add_argument("--tolerance", type=_nats, default=0.0, metavar="NATS",
-                   help="accept the claim's token where the model's own choice was at most NATS better "
+                   help="accept the submitted token where the model's own choice was at most NATS better "
                    "(0.5 for mixed hardware; default 0: exact)")
     p.add_argument("--max-forced", type=_max_tokens, metavar="N",
                    help="with --tolerance: at most N such tokens (default %d)" % DEFAULT_MAX_FORCED)
