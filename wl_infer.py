@@ -2029,12 +2029,16 @@ class WorkerMemory(object):
                     _remove(tmp)
             return found
 
-    def failure(self, item_id, delay):
-        """Count a failure of `item_id`, not to be tried for `delay` seconds; returns the count."""
+    def failure(self, item_id, delay_after):
+        """Count a failure of `item_id`, not to be tried for
+        `delay_after(failures before this one)` seconds, in one change
+        (the worker's threads and other workers may count at once);
+        returns (the count, the delay)."""
         def change():
-            count = self.failures.get(item_id, [0, 0])[0] + 1
-            self.failures[item_id] = [count, time.time() + delay]
-            return count
+            earlier = self.failures.get(item_id, [0, 0])[0]
+            delay = delay_after(earlier)
+            self.failures[item_id] = [earlier + 1, time.time() + delay]
+            return earlier + 1, delay
         return self._change(change)
 
     def failed(self, item_id):
@@ -2089,10 +2093,12 @@ def _sync_dir(folder):
 
 class Context(object):
     """What a command works with: the parsed options, and the wl driver and
-    Ollama client, each created on first use (status never touches Ollama)."""
+    Ollama client, each created on first use (status never touches Ollama).
+    `threaded`: the command's wl calls overlap on threads (`work`), so the
+    status line shows its jobs, not a slow wl call."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, threaded=False):
+        self.args, self.threaded = args, threaded
         self._wl = None
         self._ollama = None
         self.status = StatusLine(not args.quiet and sys.stderr.isatty())
@@ -2102,7 +2108,7 @@ class Context(object):
     @property
     def wl(self):
         if self._wl is None:
-            self._wl = self.new_wl(self.status)
+            self._wl = self.new_wl(None if self.threaded else self.status)
         return self._wl
 
     def new_wl(self, status_line):
@@ -3514,16 +3520,28 @@ WORK_BACKOFF_MAX = 600.0  # seconds between polls while wl (or every Ollama) kee
 JOB_TRIES = 3  # a job that fails is tried at most this often per worker process
 
 
-class Candidate(collections.namedtuple("Candidate", "run servers")):
-    """A job the worker can take: its JobRun, checked for the claim, and the servers that can run it."""
+# The kinds of Eligibility: what the worker does with an open job
+TAKE = "take"  # claim it: `run` is checked for the claim, `servers` can run it
+SKIP = "skip"  # leave it alone, for `reason` (logged once)
+LATER = "later"  # not now; a later poll looks again
+
+
+class Eligibility(collections.namedtuple("Eligibility", "kind run servers reason")):
+    """What the worker makes of an open job: its `kind`, with the JobRun and
+    the servers (TAKE) or the reason (SKIP)."""
 
     __slots__ = ()
 
 
-class Skip(collections.namedtuple("Skip", "reason")):
-    """A job the worker leaves alone, and why (logged once)."""
+def _take(run, servers):
+    return Eligibility(TAKE, run, servers, None)
 
-    __slots__ = ()
+
+def _skip(reason):
+    return Eligibility(SKIP, None, (), reason)
+
+
+NOT_NOW = Eligibility(LATER, None, (), None)
 
 
 class Server(object):
@@ -3553,30 +3571,41 @@ class Worker(object):
     each through JobRun, overlapping the wl calls with generation. Never
     more than one job is claimed ahead of its generation (`ready`)."""
 
+    # Threads: the main one (run: signals, the status line), the claimer
+    # (claim_loop: polls, eligible, take), one per Server (serve) and the
+    # submitter (submit_loop). Each attribute below says who writes it and
+    # under which lock; "cond" is self.cond. Set once here: ctx, args,
+    # clock, servers (their own fields are written by their thread, read
+    # for the status line as plain values), wanted, rng, memory (locked
+    # inside), start.
     def __init__(self, ctx, args):
         self.ctx, self.args, self.clock = ctx, args, time.monotonic
         self.servers = [Server(url, args.timeout) for url in args.ollama_urls]
         self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
-        self.cond = threading.Condition()
-        self.ready = None  # a Candidate claimed, not yet generating; at most one
-        self.finished = collections.deque()  # generated, waiting for wl done
-        self.claiming, self.serving = True, len(self.servers)
-        self.stopping = False
-        self.fatal = None  # an error that ends the worker (--once: the board or Ollama cannot be used)
-        self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
         self.rng = random.Random()  # seeded from the system: workers on one board draw different orders
-        self.lost_race = False  # a claim was lost: look at the board again before claiming anything else
-        # jobs lost to other workers since the last regular poll: a board that still lists one as open
-        # (a lagging clone) must not make the fresh looks after a loss go round for ever
-        self.lost_ids = set()
-        self.memory = WorkerMemory()  # failures and skips, across runs
-        self.skipped = set()  # jobs skipped by this run, for the summary
-        self.taken = 0
-        self.held = set()  # IDs of the jobs this worker has in hand, from its claim to their outcome
-        self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}
-        self.jobs = []  # {"id", "result", "error"} per job taken, for the summary
-        self.records = {}  # JobRun in hand -> its record (a finished JobRun, with its output, is let go)
+        self.memory = WorkerMemory()  # failures and skips, across runs; its own locks
         self.start = self.clock()
+        self.cond = threading.Condition()
+        # claimer and server threads, under cond: an Eligibility (TAKE) claimed, not yet generating (at most one)
+        self.ready = None
+        self.finished = collections.deque()  # server threads append, the submitter pops; under cond
+        self.claiming = True  # claimer, under cond: False once it takes no more jobs
+        self.serving = len(self.servers)  # server threads, under cond: those still running
+        self.stopping = False  # any thread, under cond (stop())
+        self.fatal = None  # claimer or guarded(), under cond: an error that ends the worker
+        # claimer only (no lock): the jobs of the last poll still to take, the polls, whether the last
+        # found any, the failing polls in a row, and a lost claim (look at the board again first)
+        self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
+        self.lost_race = False
+        # claimer only: jobs lost to other workers since the last regular poll (a board that still lists
+        # one as open, a lagging clone, must not make the fresh looks after a loss go round for ever)
+        self.lost_ids = set()
+        self.skipped = set()  # claimer only: jobs skipped by this run, for the summary
+        self.taken = 0  # claimer, under cond: jobs claimed
+        self.held = set()  # claimer adds, whoever finishes removes, under cond: IDs from claim to outcome
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}  # any thread, count()
+        self.jobs = []  # claimer appends, under cond: {"id", "result", "error"} per job taken
+        self.records = {}  # under cond: JobRun in hand -> its record (a finished one, with its output, let go)
 
     def log(self, message):
         """A line of the log on stderr: failures and what a signal does (-q keeps these)."""
@@ -3747,9 +3776,9 @@ class Worker(object):
         skips = collections.OrderedDict()
         for item in items:
             found = self.eligible(item)
-            if isinstance(found, Candidate):
+            if found.kind == TAKE:
                 self.candidates.append(found)
-            elif isinstance(found, Skip):
+            elif found.kind == SKIP:
                 skips[item.id] = found.reason
         open_ids = None if len(items) >= BROWSE_LIMIT else set(i.id for i in items)
         for item_id, reason in self.memory.poll(open_ids, skips, told=not self.args.quiet).items():
@@ -3761,7 +3790,8 @@ class Worker(object):
 
     def failed_poll(self, what, exc):
         if self.args.once:
-            self.fatal = exc
+            with self.cond:
+                self.fatal = exc
             self.stop()
             return
         self.failing += 1
@@ -3770,49 +3800,48 @@ class Worker(object):
         self.pause(delay)
 
     def eligible(self, item):
-        """A Candidate (a JobRun checked for its claim, and the servers that
-        can run it), a Skip saying why not, or None: not now, perhaps at a
-        later poll."""
+        """The Eligibility of an open job: TAKE (a JobRun checked for its
+        claim, and the servers that can run it), SKIP (and why) or LATER."""
         args = self.args
         with self.cond:
             if item.id in self.held:  # released a moment ago; its failure is being recorded
-                return None
+                return NOT_NOW
         if item.id in self.lost_ids:  # another worker has it, whatever this look at the board says
-            return None
+            return NOT_NOW
         failures, wait = self.memory.failed(item.id)
         if failures >= JOB_TRIES:
-            return Skip("failed %d times; not tried again by workers on this box" % failures)
+            return _skip("failed %d times; not tried again by workers on this box" % failures)
         if wait:
-            return None
+            return NOT_NOW
         try:
             job = job_of(item)
         except JobError as exc:
-            return Skip(exc.reason)
+            return _skip(exc.reason)
         except UserError as exc:
-            return Skip(str(exc))
+            return _skip(str(exc))
         model = job.model
         if self.wanted is not None and full_model_name(model).lower() not in self.wanted:
-            return Skip("model %s is not in --models" % model)
+            return _skip("model %s is not in --models" % model)
         servers = [s for s in self.servers if find_model(s.models, model) is not None]
         if not servers:
-            return Skip("model %s not available" % model)
+            return _skip("model %s not available" % model)
         if job.model_digest:
             servers = [s for s in servers if same_digest(find_model(s.models, model), job.model_digest)]
             if not servers:
-                return Skip("model %s here is not the pinned %s" % (model, short_digest(job.model_digest)))
+                return _skip("model %s here is not the pinned %s" % (model, short_digest(job.model_digest)))
         if job.max_tokens == 0 and not args.allow_uncapped:
-            return Skip("max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it")
+            return _skip("max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it")
         if job.max_tokens > args.max_tokens_cap:
-            return Skip("max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap))
+            return _skip("max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap))
         if _size(job.prompt) > args.max_prompt_bytes:
-            return Skip("prompt of %d bytes is over --max-prompt-bytes %d" % (
+            return _skip("prompt of %d bytes is over --max-prompt-bytes %d" % (
                 _size(job.prompt), args.max_prompt_bytes))
         run = JobRun(self.ctx, item)
         try:
             run.check(servers[0].models, servers[0].url)
         except UserError as exc:
-            return Skip(str(exc))
-        return Candidate(run, servers)
+            return _skip(str(exc))
+        return _take(run, servers)
 
     def take(self, run):
         """Claim; a claim someone else made first is normal: log it, move on."""
@@ -3918,9 +3947,7 @@ class Worker(object):
         """A job that fails is tried again later, at most JOB_TRIES times in
         all (by the workers on this box, across runs), so a poison job
         cannot keep a worker spinning, under cron either."""
-        count, _ = self.memory.failed(run.id)
-        delay = self.args.interval * 2 ** (count + 1)
-        count = self.memory.failure(run.id, delay)
+        count, delay = self.memory.failure(run.id, lambda earlier: self.args.interval * 2 ** (earlier + 1))
         if count >= JOB_TRIES:
             return "failure %d of %d: not tried again by workers on this box" % (count, JOB_TRIES)
         return "failure %d of %d: tried again in %s at the earliest" % (count, JOB_TRIES, _seconds(delay))
@@ -5309,8 +5336,7 @@ def audit_report(rows, policy):
 
 def cmd_work(ctx, args):
     SIGNALS.graceful = True  # the first signal lets the job in flight finish
-    wl = ctx.wl  # made before the threads start: a missing wl is an error now
-    wl.status_line = None  # calls overlap on threads: the status line shows the jobs in flight instead
+    ctx.wl  # made before the threads start: a missing wl is an error now
     return Worker(ctx, args).run()
 
 
@@ -5386,14 +5412,25 @@ def _rate(text):
     return value
 
 
-_seed.__name__ = "64-bit integer seed"
-_duration.__name__ = "duration (seconds, or 90s, 15m, 2h)"
-_rate.__name__ = "share between 0 and 1 (or 1% to 100%)"
-_max_tokens.__name__ = "non-negative integer"
-_positive.__name__ = "positive number of seconds"
-_nats.__name__ = "non-negative number of nats"
-_count.__name__ = "positive integer"
-_tags.__name__ = "comma-separated list of models"
+def _argument_type(name, parse):
+    """An argparse type from `parse`, whose ValueError becomes argparse's
+    own wording with `name`: "invalid NAME value: 'TEXT'"."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("invalid %s value: %r" % (name, text))
+    return convert
+
+
+_seed = _argument_type("64-bit integer seed", _seed)
+_duration = _argument_type("duration (seconds, or 90s, 15m, 2h)", _duration)
+_rate = _argument_type("share between 0 and 1 (or 1% to 100%)", _rate)
+_max_tokens = _argument_type("non-negative integer", _max_tokens)
+_positive = _argument_type("positive number of seconds", _positive)
+_nats = _argument_type("non-negative number of nats", _nats)
+_count = _argument_type("positive integer", _count)
+_tags = _argument_type("comma-separated list of models", _tags)
 
 
 ID_HELP = "the item's ID on the board, e.g. w-3f9a0c12be (any unique prefix will do)"
@@ -5633,40 +5670,17 @@ def command_list():
                      + ["", "`%s COMMAND --help` shows a command's options and examples." % PROG])
 
 
-def _help_width():
-    """The width argparse gets from shutil.get_terminal_size (less its 2 columns), without shutil."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
-        except (AttributeError, ValueError, OSError):
-            columns = 80
-    return columns - 2
-
-
-def build_parser(commands=None):
-    """The parser with these commands (all when None): building them all
-    costs more than the rest of a start."""
+def build_parser():
+    """The parser of every command (plain argparse)."""
     class Parser(argparse.ArgumentParser):
-        def __init__(self, **kwargs):
-            super(Parser, self).__init__(formatter_class=Formatter, **kwargs)
+        def __init__(self, **kwargs):  # examples keep their lines
+            super(Parser, self).__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
         def error(self, message):  # one line, our prefix, exit 2 (see main)
             option = re.match(r"argument (--[\w-]+)(?:/[-\w]+)?: expected one argument$", message)
             if option:  # argparse takes a value starting with - for an option
                 message += "; for a value that starts with -, write %s=VALUE" % option.group(1)
             raise UserError("%s (see `%s --help`)" % (message, self.prog))
-
-    class Formatter(argparse.RawDescriptionHelpFormatter):  # examples keep their lines
-        # argparse makes one per argument added, and its default width costs
-        # an import of shutil (with bz2 and lzma) and a terminal query each
-        def __init__(self, prog):
-            super(Formatter, self).__init__(prog, width=width)
-
-    width = _help_width()
 
     def shared(p, shown=True):
         """The options every command takes, accepted before and after the
@@ -5697,43 +5711,28 @@ def build_parser(commands=None):
                        help=said("stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status, "
                                  "output and results: theirs; others nothing); stderr: only warnings and errors"))
 
-    class Version(argparse.Action):  # argparse's own formats one line with shutil and textwrap imported
-        def __call__(self, parser, namespace, values, option_string=None):
-            _emit(sys.stdout, "wl_infer %s\n" % __version__)
-            parser.exit()
-
     parser = Parser(prog=PROG, usage="%(prog)s [options] COMMAND [options]",
                     description="Verifiable LLM inference jobs on the Wasteland wanted board.",
                     epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 3 jobs not done yet (results, post "
                            "--wait), 130 interrupted.\n"
                            "`%s COMMAND --help` shows a command's options and examples." % PROG)
-    parser.add_argument("--version", action=Version, nargs=0, help="show program's version number and exit")
+    parser.add_argument("--version", action="version", version="wl_infer " + __version__)
     shared(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     for command in COMMANDS:
-        if commands is None or command.name in commands:
-            examples = "\n".join("  " + e for e in command.examples)
-            p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
-                               help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
-                               epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, examples))
-            command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
-            shared(p, shown=False)
+        examples = "\n".join("  " + e for e in command.examples)
+        p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
+                           help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
+                           epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, examples))
+        command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
+        shared(p, shown=False)
     return parser
 
 
 def parse_args(argv):
-    # Only the command named is built (none for --version). Whenever that
-    # parse succeeds, the complete parser would give the same; top-level help,
-    # errors and a command name that was an option's value get the complete one.
-    command = next((a for a in argv if a in COMMAND_BY_NAME), None)
-    before = argv[:argv.index(command)] if command else argv
-    top_help = any(a.startswith(("-h", "--h")) for a in before)
-    try:
-        args = build_parser(None if top_help else [command] if command else []).parse_args(argv)
-    except UserError:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
                 "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
                 "json": False, "quiet": False, "no_push": False,
@@ -5777,7 +5776,7 @@ def main(argv=None):
     try:
         SIGNALS.install()
         args = parse_args(argv)
-        ctx = Context(args)
+        ctx = Context(args, threaded=args.command == "work")
         try:
             report = COMMAND_BY_NAME[args.command].run(ctx, args)
         finally:
