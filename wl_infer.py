@@ -144,10 +144,10 @@ class Signals(object):
     `graceful` (the worker): signals are only counted; the first one asks
     to stop taking jobs, the second aborts (`aborting()`, `check()`)."""
 
-    def __init__(self):
+    def __init__(self, graceful=False):
         self.received = 0
         self.holding = []  # what a first signal waits for: "`wl claim w-1`"
-        self.graceful = False
+        self.graceful = graceful
         self.ignored = []  # the names of those we found ignored
 
     def install(self):
@@ -206,7 +206,6 @@ def _say_now(message):
         pass
 
 
-SIGNALS = Signals()  # installed by main(); inert when the module is imported
 
 
 # =============================================================================
@@ -1614,12 +1613,13 @@ class Wl(object):
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
 
     def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False,
-                 status_line=None, turn=None):
+                 status_line=None, turn=None, signals=None):
         self.exe = exe
         self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
         self.timeout = timeout
         self.no_push = no_push
         self.turn = turn or _NoLock()  # a lock when calls must not overlap (--local-db, on several threads)
+        self.signals = signals or Signals()  # main()'s, installed; a library user's own, or inert
         self.status_line = status_line  # shows a slow call; None: calls are not shown (work's threads)
         self.calls = 0  # wl processes started (the worker reports them per job)
         self.counting = threading.Lock()
@@ -1633,7 +1633,7 @@ class Wl(object):
         what = "`wl %s`" % " ".join([command] + ([item_id] if item_id else []))
         with self.counting:
             self.calls += 1
-        with self.turn, SIGNALS.protected(what if mutating else None):  # from before wl starts until it has ended
+        with self.turn, self.signals.protected(what if mutating else None):  # from before wl starts until it has ended
             try:
                 # Its own session: a Ctrl-C at the terminal reaches us, not wl,
                 # so a claim or a submission is never cut half-way by the terminal.
@@ -2091,19 +2091,52 @@ def _sync_dir(folder):
 # =============================================================================
 
 
-class Context(object):
-    """What a command works with: the parsed options, and the wl driver and
-    Ollama client, each created on first use (status never touches Ollama).
-    `threaded`: the command's wl calls overlap on threads (`work`), so the
-    status line shows its jobs, not a slow wl call."""
+class Settings(collections.namedtuple("Settings", "wl wasteland local_db no_push wl_timeout ollama_urls "
+                                                  "timeout quiet json no_logprobs")):
+    """What every command is set up with: the wl executable and its
+    options (wasteland, local_db, no_push, wl_timeout in seconds), the
+    Ollama URLs (`work` and `results` use them all, other commands the
+    first) and their inactivity timeout, and how it talks (quiet, json;
+    no_logprobs: a worker asks for none). default_settings() makes one."""
 
-    def __init__(self, args, threaded=False):
-        self.args, self.threaded = args, threaded
+    __slots__ = ()
+
+    @property
+    def ollama(self):
+        return self.ollama_urls[0]
+
+
+def default_settings(**given):
+    """Settings as the command line's defaults make them ($WL_BIN,
+    $OLLAMA_HOST), with `given` in their place: for library use."""
+    urls = [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",") if u.strip()]
+    defaults = dict(wl=os.environ.get("WL_BIN") or "wl", wasteland=None, local_db=False, no_push=False,
+                    wl_timeout=DEFAULT_WL_TIMEOUT, ollama_urls=urls or [DEFAULT_OLLAMA], timeout=300.0,
+                    quiet=False, json=False, no_logprobs=False)
+    defaults.update(given)
+    return Settings(**defaults)
+
+
+def settings_of(args):
+    """The Settings of parsed command-line options."""
+    return Settings(*(getattr(args, name) for name in Settings._fields))
+
+
+class Context(object):
+    """What a command works with: its Settings, the Signals it acts on, and
+    the wl driver and Ollama client, each created on first use (status
+    never touches Ollama). `threaded`: the command's wl calls overlap on
+    threads (`work`), so the status line shows its jobs, not a slow wl
+    call. From Python: Context(default_settings(...))."""
+
+    def __init__(self, settings, signals=None, threaded=False):
+        self.settings, self.threaded = settings, threaded
+        self.signals = signals or Signals()  # not installed: a library user installs their own
         self._wl = None
         self._ollama = None
-        self.status = StatusLine(not args.quiet and sys.stderr.isatty())
+        self.status = StatusLine(not settings.quiet and sys.stderr.isatty())
         # a local Dolt clone takes one wl at a time: the drivers made here share this lock
-        self.wl_turn = threading.Lock() if args.local_db else None
+        self.wl_turn = threading.Lock() if settings.local_db else None
 
     @property
     def wl(self):
@@ -2113,14 +2146,14 @@ class Context(object):
 
     def new_wl(self, status_line):
         """A wl driver of its own (for calls on other threads: `status_line` None)."""
-        a = self.args
-        return Wl(find_executable(a.wl), a.wasteland, a.local_db, a.wl_timeout, a.no_push, status_line,
-                  self.wl_turn)
+        c = self.settings
+        return Wl(find_executable(c.wl), c.wasteland, c.local_db, c.wl_timeout, c.no_push, status_line,
+                  self.wl_turn, self.signals)
 
     @property
     def ollama(self):
         if self._ollama is None:
-            self._ollama = Ollama(self.args.ollama, self.args.timeout)
+            self._ollama = Ollama(self.settings.ollama, self.settings.timeout)
         return self._ollama
 
     def progress(self, label, total=None):
@@ -2133,9 +2166,9 @@ class Context(object):
         """A line of data on stdout at once, for a command that streams its
         results (-q: `quiet` instead, or nothing; --json: nothing, the
         document comes at the end)."""
-        if self.args.quiet:
+        if self.settings.quiet:
             line = quiet
-        if line is not None and not self.args.json:
+        if line is not None and not self.settings.json:
             self.status.above(line, sys.stdout)
 
 
@@ -2324,7 +2357,7 @@ def submit_evidence(ctx, item_id, encoded):
             ctx.wl.done(item_id, encoded)
             return
         except WlError as exc:
-            if exc.conflict or attempt == DONE_TRIES or SIGNALS.aborting():
+            if exc.conflict or attempt == DONE_TRIES or ctx.signals.aborting():
                 failure = exc
                 break
             delay = DONE_BACKOFF * 2 ** (attempt - 1)
@@ -2370,7 +2403,7 @@ def kept_result(ctx, item, digest):
 
 
 def resubmit_command(ctx, item_id, skip_claim=False):
-    a = ctx.args
+    a = ctx.settings
     words = ["wl_infer.py", "run", item_id] + (["--skip-claim"] if skip_claim else [])
     words += ["--wasteland=" + a.wasteland] if a.wasteland else []
     words += ["--local-db"] if a.local_db else []
@@ -2437,7 +2470,7 @@ class JobRun(object):
         if not self.skip_claim:
             self.ctx.wl.claim(self.id)
         self.phase = HOLDING
-        SIGNALS.check()  # a signal held during the claim: release it now
+        self.ctx.signals.check()  # a signal held during the claim: release it now
 
     def infer(self, ollama, version, on_token=None, digest=None):
         """Run the job on `ollama` (unless a kept result is submitted
@@ -2445,7 +2478,7 @@ class JobRun(object):
         there."""
         if self.full is None:
             job = self.job
-            top = None if self.ctx.args.no_logprobs else TOP_LOGPROBS
+            top = None if self.ctx.settings.no_logprobs else TOP_LOGPROBS
             started = time.monotonic()
             gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT, top=top)
             self.generating_s = time.monotonic() - started
@@ -2456,27 +2489,27 @@ class JobRun(object):
             digest = digest or self.digest
             self.full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
             self.spooled = self._keep(digest)
-        SIGNALS.check()
+        self.ctx.signals.check()
 
     def _keep(self, digest):
         """Spool the finished result (a signal waits until it is on disk); a
         full disk must not cost the result itself."""
         try:
-            with SIGNALS.protected("the write of the result to disk"):
+            with self.ctx.signals.protected("the write of the result to disk"):
                 return spool_write(self.item, digest, self.full)
         except OSError as exc:
             self.ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
             return None
 
     def submit(self):
-        SIGNALS.check()
+        self.ctx.signals.check()
         self.evidence, encoded = fit_evidence(self.full)
         self.phase = SUBMITTING
         submit_evidence(self.ctx, self.id, encoded)
         self.phase = SUBMITTED
         if self.spooled:
             _remove(self.spooled)
-        SIGNALS.check()
+        self.ctx.signals.check()
         dropped = [name for name, _ in PROVENANCE_FIELDS if self.full.get(name) and name not in self.evidence]
         if dropped:
             self.ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
@@ -2489,7 +2522,7 @@ class JobRun(object):
         # between keeping the result and submitting it, only its size can fail
         message = "%s; %s%s" % (exc, self._after_failure(exc),
                                 self._kept_note(self.skip_claim, submittable=self.phase != HOLDING))
-        return (Interrupted if SIGNALS.aborting() else UserError)(message)
+        return (Interrupted if self.ctx.signals.aborting() else UserError)(message)
 
     def interruption(self):
         """The Interrupted to raise for a signal, once what is ours is released."""
@@ -3514,7 +3547,7 @@ def _check_lines(checks, indent):
 # Threads: one claimer (polls the board, claims the next job while the current
 # ones generate), one per Ollama server (generates, one job at a time), one
 # submitter (wl done of finished jobs). They meet in `Worker.cond`. Signals
-# are only counted (SIGNALS.graceful); the main thread acts on them.
+# are only counted (Signals.graceful); the main thread acts on them.
 
 WORK_BACKOFF_MAX = 600.0  # seconds between polls while wl (or every Ollama) keeps failing
 JOB_TRIES = 3  # a job that fails is tried at most this often per worker process
@@ -3628,8 +3661,8 @@ class Worker(object):
         while any(t.is_alive() for t in threads):
             threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
             self.ctx.status.show(self.in_flight())
-            if SIGNALS.received != seen:
-                seen = SIGNALS.received
+            if self.ctx.signals.received != seen:
+                seen = self.ctx.signals.received
                 if seen == 1:
                     self.log("stopping: no new jobs; the job in flight finishes and is submitted "
                              "(a second signal aborts it)")
@@ -3640,7 +3673,7 @@ class Worker(object):
                     held = ", ".join(self.jobs_in_flight()) or "none"
                     raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
                                       "with `wl status ID` and release them with `wl unclaim ID`" % held)
-            if SIGNALS.aborting():  # at every wake-up: a generation may still have been connecting
+            if self.ctx.signals.aborting():  # at every wake-up: a generation may still have been connecting
                 self.stop()  # first, so that no server starts another job
                 for server in self.servers:
                     server.ollama.cancel()
@@ -3652,7 +3685,7 @@ class Worker(object):
         """What an operator must know at once: a stop signal that is
         ignored, and --models that no server here has (none of them: the
         worker would idle for ever, so it does not start)."""
-        if "SIGINT" in SIGNALS.ignored:
+        if "SIGINT" in self.ctx.signals.ignored:
             self.log("SIGINT is ignored (a shell does that to `work &` in a script), so Ctrl-C and kill -INT do "
                      "nothing: stop this worker with SIGTERM (kill %d)" % os.getpid())
         if self.wanted is None:
@@ -3895,7 +3928,7 @@ class Worker(object):
 
         def on_token(tokens):
             server.tokens = tokens
-            SIGNALS.check()  # a second signal stops a generation at its next token
+            self.ctx.signals.check()  # a second signal stops a generation at its next token
 
         server.running, server.tokens, server.started = run.id, 0, self.clock()
         try:
@@ -3935,7 +3968,7 @@ class Worker(object):
             self.finish(run, "done")
 
     def job_failed(self, run, exc):
-        if SIGNALS.aborting():  # the second signal stopped it: not a failure of the job
+        if self.ctx.signals.aborting():  # the second signal stopped it: not a failure of the job
             self.log("released %s, stopped by the signal: %s" % (run.id, exc))
             self.finish(run, "released", str(exc))
             return
@@ -3980,7 +4013,7 @@ class Worker(object):
         doc = dict(c, wall_s=round(wall, 3), wl_calls=calls, wl_calls_per_job=per_job, servers=servers,
                    jobs=[dict(r) for r in self.jobs])
         code = EXIT_OK
-        if SIGNALS.aborting():
+        if self.ctx.signals.aborting():
             code = EXIT_INTERRUPTED
         elif self.args.once and c["failed"] and not c["done"]:  # for cron: a run that only failed is an error
             code = EXIT_ERROR
@@ -4237,7 +4270,7 @@ class BatchPost(object):
                 rate = done / elapsed if elapsed > 0 else 0.0
                 self.ctx.status.show("posting batch %s: %d of %d%s" % (self.name, done, self.jobs, (
                     ", %.1f jobs/s, %s left" % (rate, _seconds((self.jobs - done) / rate)) if rate else "")))
-                if SIGNALS.received:  # held while wl wrote the job
+                if self.ctx.signals.received:  # held while wl wrote the job
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             raise Interrupted("%s; run the same command again to post the rest" % self._so_far())
@@ -4420,9 +4453,9 @@ class Collector(object):
         self.flagged = set()  # workers with a refuted result
         self.rng = random.SystemRandom()  # which results a spot check takes: a worker must not know
         self.next_out = 0  # input order: the next result to hand on
-        args = ctx.args
         self.reads_wl = ctx.new_wl(None)  # calls overlap on threads: the status line says how far we are
-        self.servers = [Server(url, args.timeout) for url in args.ollama_urls] if options.verify else []
+        urls = ctx.settings.ollama_urls
+        self.servers = [Server(url, ctx.settings.timeout) for url in urls] if options.verify else []
 
     def run(self):
         """Collect; returns the Results, in input order."""
@@ -4431,7 +4464,7 @@ class Collector(object):
         if self.servers and all(s.error for s in self.servers):
             raise OllamaError(self.servers[0].error + " (results are checked on it; --no-verify collects "
                                                       "them unchecked)")
-        readers = 1 if self.ctx.args.local_db else READS_IN_FLIGHT  # a local Dolt clone: one at a time
+        readers = 1 if self.ctx.settings.local_db else READS_IN_FLIGHT  # a local Dolt clone: one at a time
         threads = [threading.Thread(target=self._guarded, args=(self.read_loop,), daemon=True)
                    for _ in range(readers)]
         threads += [threading.Thread(target=self._guarded, args=(self.check_loop, s), daemon=True)
@@ -4443,7 +4476,7 @@ class Collector(object):
         next_poll = clock()
         try:
             while self.hand_on() < len(self.results):
-                if SIGNALS.received:  # held during an accept or a reject
+                if self.ctx.signals.received:  # held during an accept or a reject
                     raise KeyboardInterrupt
                 with self.cond:
                     if self.fatal is not None:
@@ -4765,7 +4798,7 @@ def cmd_post(ctx, args):
         ctx.warn(prompt_warning(job))
     title = post_title(prompt)
     item_id = wl.post(title, description)
-    if SIGNALS.received:  # held while wl wrote the job
+    if ctx.signals.received:  # held while wl wrote the job
         raise Interrupted("the job was posted before stopping: %s" % item_id)
     doc = {"id": item_id, "title": title, "job": job.document()}
     if options is None:
@@ -4779,7 +4812,7 @@ def wait_for_answer(ctx, doc, policy, options):
     done it and it is checked, exactly as it is on stdout."""
     item_id = doc["id"]
     later = "`wl_infer.py results %s --wait`" % item_id
-    if not ctx.args.quiet:
+    if not ctx.settings.quiet:
         ctx.status.above("posted %s; waiting for a worker to do it" % item_id)
     try:
         [result] = Collector(ctx, [BatchJob(None, None, "", item_id)], policy, options, lambda r: None).run()
@@ -5335,7 +5368,6 @@ def audit_report(rows, policy):
 
 
 def cmd_work(ctx, args):
-    SIGNALS.graceful = True  # the first signal lets the job in flight finish
     ctx.wl  # made before the threads start: a missing wl is an error now
     return Worker(ctx, args).run()
 
@@ -5774,9 +5806,11 @@ def main(argv=None):
         _emit(sys.stderr, command_list() + "\n")
         return EXIT_ERROR
     try:
-        SIGNALS.install()
         args = parse_args(argv)
-        ctx = Context(args, threaded=args.command == "work")
+        working = args.command == "work"
+        signals = Signals(graceful=working)  # a worker: the first signal lets the job in flight finish
+        signals.install()
+        ctx = Context(settings_of(args), signals, threaded=working)
         try:
             report = COMMAND_BY_NAME[args.command].run(ctx, args)
         finally:
