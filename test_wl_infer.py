@@ -15,12 +15,14 @@ hostile-input tests and prints their tally (`make faults`);
 `python3 test_wl_infer.py fake-wl STATE ARGS...` is the fake wl.
 """
 
+import atexit
 import collections
 import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +35,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WL_INFER = os.path.join(HERE, "wl_infer.py")
 sys.path.insert(0, HERE)
 import wl_infer  # noqa: E402
+
+# In-process library tests keep their state (the spool, the worker's memory) here, never in the user's.
+_STATE_HOME = tempfile.mkdtemp(prefix="wl_infer_test_state.")
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
+atexit.register(shutil.rmtree, _STATE_HOME, True)
 
 DEADLINE = 30.0  # seconds any wait-for-condition may take before failing
 
@@ -639,6 +646,8 @@ class _OllamaHandlerMixin(object):
                 send(b"", final=True)
                 record["gate"].wait(60)
             record["final"] = time.time()  # the generation is over: the client may start another
+            # the slot holds it before the client hears the end (a real server's next request waits for the slot)
+            self.fake.remember(self.evaluation[0], "".join(record["text"]), True)
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -1390,6 +1399,110 @@ class CliTest(unittest.TestCase):
         self.assertEqual(self.board.wl("claim", item_id, rig="carol").returncode, 0)
         self.assertEqual(self.board.wl("done", item_id, "--evidence=" + evidence, rig="carol").returncode, 0)
         return item_id
+
+
+# =============================================================================
+# As a library
+# =============================================================================
+
+
+class LibraryTest(CliTest):
+    """wl_infer imported, as a library user would: every name in __all__,
+    with no command line, no argparse Namespace and no installed signals."""
+
+    def context(self):
+        settings = wl_infer.default_settings(wl=self.board.exe, ollama_urls=[self.ollama.address], quiet=True)
+        self.assertIsInstance(settings, wl_infer.Settings)
+        return wl_infer.Context(settings)
+
+    def test_every_public_name_is_used_by_these_tests(self):
+        import inspect
+        source = inspect.getsource(LibraryTest)
+        unused = [name for name in wl_infer.__all__ if "wl_infer." + name not in source]
+        self.assertEqual(unused, [])
+
+    def test_the_codec_and_a_batch_line(self):
+        job = wl_infer.make_job("say hi", "llama3.2:1b", 7, 16)
+        self.assertIsInstance(job, wl_infer.Job)
+        self.assertEqual(wl_infer.decode_job(wl_infer.encode_job(job)), job)
+        evidence = wl_infer.make_evidence(job, "hi")
+        self.assertEqual(evidence["output_hash"], wl_infer.output_hash("hi"))
+        self.assertEqual(wl_infer.decode_evidence(wl_infer.encode_evidence(evidence))["output"], "hi")
+        fitted, encoded = wl_infer.fit_evidence(evidence)
+        self.assertEqual(wl_infer.decode_evidence(encoded)["output"], fitted["output"])
+        with self.assertRaises(wl_infer.JobError) as caught:
+            wl_infer.decode_job("{")
+        self.assertIsInstance(caught.exception, wl_infer.UserError)
+        self.assertTrue(caught.exception.reason)
+        defaults = wl_infer.JobDefaults("llama3.2:1b", 42, 32)
+        request = wl_infer.parse_batch_line('{"prompt": "p", "custom_id": "a"}', 1, defaults)
+        self.assertIsInstance(request, wl_infer.BatchRequest)
+        self.assertEqual((request.custom_id, request.job.prompt, request.job.max_tokens), ("a", "p", 32))
+
+    def test_ollama_generates_and_compares(self):
+        ollama = wl_infer.Ollama(self.ollama.address)
+        job = wl_infer.make_job("what is 1+1", "llama3.2:1b", max_tokens=0)
+        gen = ollama.generate(job)
+        self.assertIsInstance(gen, wl_infer.Generation)
+        self.assertEqual(gen.text, default_output("llama3.2:1b", "what is 1+1"))
+        other = ollama.compare(wl_infer.generate_request(job), "Réponse X")
+        self.assertEqual(other.diverged_at, len("Réponse "))
+        with self.assertRaises(wl_infer.OllamaError):
+            wl_infer.Ollama("127.0.0.1:1", timeout=5).models()
+
+    def test_a_job_is_run_submitted_and_verified_from_python(self):
+        ctx = self.context()
+        wl = ctx.wl
+        self.assertIsInstance(wl, wl_infer.Wl)
+        job = wl_infer.make_job("what is 1+1", "llama3.2:1b", max_tokens=64)
+        item_id = wl.post(wl_infer.post_title(job.prompt), wl_infer.encode_job(job))
+        item = wl.status(item_id)
+        self.assertIsInstance(item, wl_infer.BoardItem)
+        run = wl_infer.JobRun(ctx, item)
+        run.check(ctx.ollama.models(), ctx.ollama.url)
+        run.attempt(run.claim)
+        run.attempt(run.infer, ctx.ollama, "")
+        run.attempt(run.submit)
+        item = wl.status(item_id)
+        self.assertIsInstance(item.completion, wl_infer.Completion)
+        verification = wl_infer.verify_item(item, ctx.ollama)
+        self.assertIsInstance(verification, wl_infer.Verification)
+        self.assertEqual((verification.verdict, verification.refuted), ("VERIFIED", False))
+        self.assertIsInstance(verification.outcome, wl_infer.Outcome)
+        doc = wl_infer.verification_document(verification)
+        self.assertEqual((doc["id"], doc["verdict"], doc["exact"]), (item_id, "VERIFIED", True))
+        submission = wl_infer.Submission.of(item)
+        policy = wl_infer.Policy(sample=wl_infer.Sample(4, 8, 1))
+        sampled = wl_infer.verify_submission(submission, ctx.ollama, policy)
+        self.assertEqual(sampled.verdict, "VERIFIED")  # short: re-run whole, and a check says so
+        self.assertIn("not sampled", " ".join(c.message for c in sampled.checks))
+
+    def test_a_forgery_is_refuted_and_wl_errors_carry_their_data(self):
+        ctx = self.context()
+        item_id = self.completed(output="a forged answer")
+        verification = wl_infer.verify_item(ctx.wl.status(item_id), ctx.ollama, wl_infer.Policy(tolerance=0.5))
+        self.assertEqual((verification.verdict, verification.refuted, verification.cause.kind),
+                         ("MISMATCH", True, "different-output"))
+        with self.assertRaises(wl_infer.WlError) as caught:
+            ctx.wl.claim("w-0000000000")
+        error = caught.exception
+        self.assertEqual((error.command, error.item_id, error.refusal, error.conflict),
+                         ("claim", "w-0000000000", "no-such-item", True))
+        self.assertIn(error.reason, str(error))
+
+    def test_signals_are_passed_in_and_main_runs_in_process(self):
+        import contextlib
+        import io
+        before = signal.getsignal(signal.SIGTERM)
+        signals = wl_infer.Signals()
+        ctx = wl_infer.Context(wl_infer.default_settings(wl=self.board.exe), signals)
+        self.assertIs(ctx.wl.signals, signals)
+        self.assertFalse(signals.aborting())
+        self.assertEqual(signal.getsignal(signal.SIGTERM), before)  # nothing installed behind the user's back
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
+            wl_infer.main(["--version"])
+        self.assertEqual((caught.exception.code, out.getvalue()), (0, "wl_infer %s\n" % wl_infer.__version__))
 
 
 # =============================================================================
@@ -3303,7 +3416,8 @@ class TolerantVerificationTest(CliTest):
         claim = evidence["output"]
         self.assertNotEqual(claim, self.TEXT)  # the flips led elsewhere
         exact = self.verify(item_id)
-        self.assertEqual((exact["verdict"], exact["exact"], exact["cause"]["kind"], exact["diverged_at"]["token_index"]),
+        where = exact["diverged_at"]["token_index"]
+        self.assertEqual((exact["verdict"], exact["exact"], exact["cause"]["kind"], where),
                          ("MISMATCH", None, "near-tie", 5))
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--tolerance", "0.5", code=0)
@@ -3349,7 +3463,8 @@ class TolerantVerificationTest(CliTest):
             with self.subTest(forged=forged):
                 output = "".join(main[:7]) + forged + "".join(main[8:])
                 doc = self.verify(self.completed(self.PROMPT, output=output), "--tolerance", "0.5")
-                self.assertEqual((doc["verdict"], doc["cause"]["kind"], doc["cause"]["token_index"], doc["cause"]["gap"]),
+                cause = doc["cause"]
+                self.assertEqual((doc["verdict"], cause["kind"], cause["token_index"], cause["gap"]),
                                  ("MISMATCH", "different-output", 7, None))
                 self.assertIn("none of the model's top 5 candidates", doc["cause"]["message"])
                 self.assertEqual(doc["forced"], [])
@@ -3381,7 +3496,8 @@ class TolerantVerificationTest(CliTest):
         item_id, _ = self.claim(ties, set(ties))
         doc = self.verify(item_id, "--tolerance", "0.5")  # --max-forced defaults to 8
         self.assertEqual((doc["cause"]["kind"], doc["cause"]["near_ties"], doc["cause"]["token_index"],
-                          doc["diverged_at"]["token_index"], len(doc["forced"])), ("too-many-divergences", 9, 18, 18, 8))
+                          doc["diverged_at"]["token_index"], len(doc["forced"])),
+                         ("too-many-divergences", 9, 18, 18, 8))
         self.assertIn("at token 18 the submitted output takes a near-tie (0.10 nats) for the 9th time, "
                       "more than --max-forced 8 allows", doc["cause"]["message"])
         doc = self.verify(item_id, "--tolerance", "0.5", "--max-forced", "9", code=0)
@@ -3520,7 +3636,8 @@ class TolerantVerificationTest(CliTest):
         self.assertEqual((forced.token_index, forced.submitted_token_text, forced.rerun_token_text, forced.gap),
                          (1, "Hello", "Help", 0.25))
         # the worker's tokens: "Hi", "Hell", "o"
-        self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [2, 4, 1], 0.5).forced.submitted_token_text, "Hell")
+        step = wl_infer.near_tie_step(gen, "HiHello world", [2, 4, 1], 0.5)
+        self.assertEqual(step.forced.submitted_token_text, "Hell")
         # boundaries that do not agree are ignored
         self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [3, 4], 0.5).forced.submitted_token_text, "Hello")
         self.assertEqual(wl_infer.near_tie_step(gen, "HiHello world", [], 0.2).cause.details["gap"], 0.25)
@@ -3741,7 +3858,8 @@ class SampledVerificationTest(CliTest):
         item_id, evidence = self.honest()
         windows = self.verify(item_id, "--sample", "3", "--window", "8", "--sample-seed", "3")["windows"]
         inside = windows[1]["start_token_index"] + 4
-        gap = next(t for t in range(8, 200) if all(not w["start_token_index"] <= t < w["start_token_index"] + 8 for w in windows))
+        starts = [w["start_token_index"] for w in windows]
+        gap = next(t for t in range(8, 200) if all(not start <= t < start + 8 for start in starts))
         for token, verdict in ((inside, "MISMATCH"), (gap, "VERIFIED")):
             with self.subTest(token=token):
                 edited = self.WORDS[:5 * token] + " x999" + self.WORDS[5 * token + 5:]
@@ -3766,7 +3884,8 @@ class SampledVerificationTest(CliTest):
         before = len(self.ollama.generate_requests())
         doc = self.verify(item_id, "--sample", "4", "--window", "8", "--sample-seed", "5")
         last = [r for r in self.ollama.generate_requests()[before:] if not r.get("_debug_render_only")][-1]
-        self.assertEqual(last["options"]["num_predict"], 200 - doc["windows"][-1]["start_token_index"])  # the budget left
+        budget_left = 200 - doc["windows"][-1]["start_token_index"]
+        self.assertEqual(last["options"]["num_predict"], budget_left)
         cut = self.forged(self.WORDS[:600], evidence["token_lengths"][:120], max_tokens=200)  # 60%, consistent
         doc = self.verify(cut, "--sample", "4", "--window", "8", code=1)
         self.assertEqual((doc["diverged_at"]["char"], doc["refuted"]), (600, True))  # the model goes on
@@ -5059,7 +5178,6 @@ class SandboxTest(unittest.TestCase):
         self.assertTrue(os.access(os.path.join(home, "bin", "wl_infer.py"), os.X_OK))
 
     def empty_folder(self):
-        import shutil
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
@@ -5798,7 +5916,6 @@ def sandbox():
     another shell, then runs until Ctrl-C (or SIGTERM) and deletes the board.
     The board starts with work from other rigs: an open job, an honest
     completion, one from other hardware (a near-tie) and a forged one."""
-    import shutil
 
     ollama = FakeOllama()
     ollama.piece_delay = 0.02  # slow enough to watch the progress line

@@ -17,12 +17,15 @@ The flow:
           out after the claim either submits or releases it.
   work    the same JobRun steps for every eligible job, polling `wl browse`;
           claiming and submitting overlap generation.
-  verify  decode the evidence, run the checks that need no model, then
-          re-run the job, comparing as it streams and stopping at the first
-          character that differs (with --tolerance, forcing near-ties; with
-          --sample, only windows of it, each a raw request from the output
-          before it). A Verification holds what was found; `audit` verifies
-          every item in review the same way.
+  verify  read the completion as a Submission (the evidence decoded, the
+          checks that need no model), plan the re-run (a Plan: the whole
+          output, or with --sample windows of it, each a raw request from
+          the output before it), then a Rerun streams it, comparing as it
+          goes and stopping at the first character that differs (with
+          --tolerance, a Step at each divergence forces a near-tie), and
+          returns one Outcome. A Verification is the Submission and its
+          Outcome; the rendering section turns it into the report and the
+          --json document. `audit` and `results` verify the same way.
   post --batch  check every line of a file of jobs (ours or OpenAI's batch
           requests), then post each line once: a Ledger on disk records it
           before and after its `wl post`, so running it again resumes.
@@ -37,22 +40,38 @@ terminal one status line saying what the command waits for).
 Sections, in reading order: errors, exit codes and signals; text safety;
 job/evidence codec; batch files; Ollama client; wl driver; state on disk
 (the result spool, the batch ledgers); what every command works with;
-running a job; verification; the worker; batches (posting, collecting
-results); commands; command line.
+running a job; verification; rendering a verification; the worker;
+batches (posting, collecting results); commands; command line.
 
 As a library (names in __all__): decode_job/encode_job and
 decode_evidence/encode_evidence, make_job and make_evidence, output_hash,
 parse_batch_line (a line of a batch file as a BatchRequest);
 Ollama (models, generate, compare) and Wl (status, browse, claim, done,
-...); verify_item, which returns a Verification. Errors are UserError and
-its subclasses; only main() writes to stdout.
+...); Context(default_settings(...)) with the Signals you pass (none are
+installed but by main()), and JobRun (check, claim, infer, submit);
+verify_item(item, ollama) or verify_submission(Submission.of(item), ollama,
+policy), which return a Verification, and verification_document. Errors
+are UserError and its subclasses, their data in fields (WlError: command,
+item_id, reason, refusal, conflict, item_status); only main() writes to
+stdout. Decisions with several outcomes are one value with a `kind`: a
+tolerant re-run's Step at a divergence, the worker's Eligibility of a job.
 """
 
 __all__ = [
+    # the codec: jobs and evidence as the Go `wl infer` reads and writes them
     "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence", "encode_evidence",
-    "fit_evidence", "output_hash", "BoardItem", "Completion", "Ollama", "Generation", "Wl", "Verification",
-    "Policy", "Sample", "verify_item", "parse_batch_line", "BatchRequest", "JobDefaults", "UserError", "JobError",
-    "WlError", "OllamaError", "main",
+    "fit_evidence", "output_hash", "generate_request", "post_title",
+    # batch files
+    "parse_batch_line", "BatchRequest", "JobDefaults",
+    # Ollama and wl
+    "Ollama", "Generation", "Wl", "BoardItem", "Completion",
+    # what a command works with, and running a job
+    "Settings", "default_settings", "Context", "Signals", "JobRun",
+    # verification
+    "Policy", "Sample", "Submission", "Outcome", "Verification", "verify_item", "verify_submission",
+    "verification_document",
+    # errors, and the command line
+    "UserError", "JobError", "WlError", "OllamaError", "main",
 ]
 
 import argparse
@@ -5368,7 +5387,7 @@ def audit_report(rows, policy):
 
 
 def cmd_work(ctx, args):
-    ctx.wl  # made before the threads start: a missing wl is an error now
+    _ = ctx.wl  # made before the threads start: a missing wl is an error now
     return Worker(ctx, args).run()
 
 
