@@ -4327,7 +4327,13 @@ class FleetTest(WorkTest):
         self.assertNotIn("unclaim", [c["argv"][0] for c in calls])  # no claim left to release
         claims = [c for c in calls if c["argv"][0] == "claim"]
         self.assertLessEqual(len(claims), 2 * len(ids), "claim attempts")
-        self.assertLessEqual(len(calls), 4 * len(ids), "wl calls in all")
+        # the calls in all, by their causes (how many races are lost depends on the machine's load): a done
+        # per job, a claim per job and per race lost, and a browse per worker and per race lost (a fresh look)
+        by_command = collections.Counter(c["argv"][0] for c in calls)
+        lost = len([c for c in claims if c["exit"] != 0])
+        self.assertEqual(set(by_command), {"browse", "claim", "done"})
+        self.assertEqual((by_command["done"], by_command["claim"]), (len(ids), len(ids) + lost))
+        self.assertLessEqual(by_command["browse"], len(rigs) + lost, by_command)
         shares = dict((rig, docs[rig]["done"]) for rig in rigs)
         self.assertEqual(sum(shares.values()), len(ids))
         self.assertTrue(all(n >= 1 for n in shares.values()) and max(shares.values()) <= 2 * len(ids) // len(rigs),

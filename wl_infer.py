@@ -428,6 +428,15 @@ def _nesting(text):
     return deepest
 
 
+def _option_scalar(value, what):
+    """A number, string or boolean of an evidence's options, as Go reads it."""
+    if isinstance(value, _JsonNumber):
+        return _finite(value, what)
+    if isinstance(value, str):
+        return _go_string(value)
+    return value
+
+
 def _decode_value(value, kind, what):
     if kind is str:
         if not isinstance(value, str) or isinstance(value, _JsonFloat):
@@ -454,8 +463,7 @@ def _decode_value(value, kind, what):
             if any(isinstance(x, list) for x in items):
                 raise JobError("%s key %s must be a number, string, boolean or array of those"
                                % (what, preview(_dumps(key), 40)))
-            scalars = [_finite(x, what) if isinstance(x, _JsonNumber) else _go_string(x) if isinstance(x, str)
-                       else x for x in items]
+            scalars = [_option_scalar(x, what) for x in items]
             options[_go_string(key)] = scalars if items is item else scalars[0]
         return options
     # list: of numbers (logprobs); "lengths": of non-negative integers (token_lengths)
@@ -2920,8 +2928,12 @@ def local_model_check(job, evidence, digest):
     if not recorded and not pin:
         return Check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
                      % short_digest(digest))
-    whose = ("the pinned one and the worker's" if pin and recorded else "the worker's" if recorded
-             else "the pinned one (the evidence records no digest)")
+    if pin and recorded:
+        whose = "the pinned one and the worker's"
+    elif recorded:
+        whose = "the worker's"
+    else:
+        whose = "the pinned one (the evidence records no digest)"
     return Check("local-model", True, "local model %s is %s" % (short_digest(digest), whose))
 
 
@@ -5022,7 +5034,12 @@ def cmd_output(ctx, args):
         outputs.append(evidence["output"])
         docs.append({"id": item.id, "completed_by": completion.completed_by, "output": evidence["output"],
                      "output_hash": evidence["output_hash"], "refuted": cause is not None})
-    end = "\0" if args.null else "\n" if len(outputs) > 1 else ""
+    if args.null:
+        end = "\0"
+    elif len(outputs) > 1:
+        end = "\n"
+    else:
+        end = ""
     return Report(EXIT_OK, docs[0], [], raw="".join(output + end for output in outputs),
                   docs=docs if len(docs) > 1 else None)
 
@@ -5370,7 +5387,12 @@ def audit_report(rows, policy):
         if row.error:
             notes.append("%s: error: %s" % (item_id, printable(row.error)))
         docs.append(doc)
-    code = EXIT_ERROR if counts["ERROR"] else EXIT_MISMATCH if counts[MISMATCH] else EXIT_OK
+    if counts["ERROR"]:
+        code = EXIT_ERROR
+    elif counts[MISMATCH]:
+        code = EXIT_MISMATCH
+    else:
+        code = EXIT_OK
     if not rows:
         return Report(code, docs, [], ["No inference completions in review."])
     summary = "Audited %d completion%s in review: %d verified, %d mismatched, %d error%s" % (
