@@ -647,7 +647,8 @@ class _OllamaHandlerMixin(object):
                 record["gate"].wait(60)
             record["final"] = time.time()  # the generation is over: the client may start another
             # the slot holds it before the client hears the end (a real server's next request waits for the slot)
-            self.fake.remember(self.evaluation[0], "".join(record["text"]), True)
+            if "text" in record:  # a real stream (a burst is rendered once, ahead, and remembers nothing)
+                self.fake.remember(self.evaluation[0], "".join(record["text"]), True)
             send(json.dumps(self._final(name, "", reason, count)).encode() + b"\n", final=True)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
