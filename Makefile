@@ -3,6 +3,8 @@ PYTHON ?= python3
 
 .PHONY: test faults demo sandbox bench realmodel compat lint
 
+RUFF = ruff check --isolated --select E,F,W,B --ignore B904,B905
+
 # The whole suite, against the built-in fake Ollama and fake wl.
 test:
 	$(PYTHON) test_wl_infer.py
@@ -41,4 +43,5 @@ compat:
 
 # Optional, development only: needs ruff (pip install ruff).
 lint:
-	ruff check --isolated --line-length 120 --select E,F,W,B --ignore B904,B905 wl_infer.py test_wl_infer.py bench_wl_infer.py
+	$(RUFF) --line-length 99 wl_infer.py
+	$(RUFF) --line-length 120 test_wl_infer.py bench_wl_infer.py

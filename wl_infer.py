@@ -59,7 +59,8 @@ tolerant re-run's Step at a divergence, the worker's Eligibility of a job.
 
 __all__ = [
     # the codec: jobs and evidence as the Go `wl infer` reads and writes them
-    "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence", "encode_evidence",
+    "Job", "make_job", "decode_job", "encode_job", "make_evidence", "decode_evidence",
+    "encode_evidence",
     "fit_evidence", "output_hash", "generate_request", "post_title",
     # batch files
     "parse_batch_line", "BatchRequest", "JobDefaults",
@@ -68,7 +69,8 @@ __all__ = [
     # what a command works with, and running a job
     "Settings", "default_settings", "Context", "Signals", "JobRun",
     # verification
-    "Policy", "Sample", "Submission", "Outcome", "Verification", "verify_item", "verify_submission",
+    "Policy", "Sample", "Submission", "Outcome", "Verification", "verify_item",
+    "verify_submission",
     "verification_document",
     # errors, and the command line
     "UserError", "JobError", "WlError", "OllamaError", "main",
@@ -135,7 +137,8 @@ class WlError(UserError):
 
     def __init__(self, message, command=None, item_id=None, reason=None, refusal=None):
         UserError.__init__(self, message)
-        self.command, self.item_id, self.reason, self.refusal = command, item_id, reason or message, refusal
+        self.command, self.item_id, self.refusal = command, item_id, refusal
+        self.reason = reason or message
         self.conflict = refusal is not None
         self.item_status = None
 
@@ -174,7 +177,8 @@ class Signals(object):
             number = getattr(signal, name, None)
             if number is None:
                 continue
-            if signal.getsignal(number) is signal.SIG_IGN:  # it stays ignored (nohup, `cmd &` in a script)
+            # it stays ignored (nohup, `cmd &` in a script)
+            if signal.getsignal(number) is signal.SIG_IGN:
                 self.ignored.append(name)
             else:
                 signal.signal(number, self._handle)
@@ -186,8 +190,9 @@ class Signals(object):
         if not (self.holding and self.received == 1):
             raise KeyboardInterrupt
         # said at once, and with os.write: the handler may have interrupted a write to sys.stderr
-        _say_now("interrupted: letting %s finish first, so that what it did is known; press Ctrl-C again to "
-                 "stop it now (it may or may not have happened)" % self.holding[-1])
+        _say_now("interrupted: letting %s finish first, so that what it did is known; press "
+                 "Ctrl-C again to stop it now (it may or may not have happened)"
+                 % self.holding[-1])
 
     def protected(self, what):
         """Hold a first signal while `what` runs (a wl call that changes
@@ -220,7 +225,8 @@ def _say_now(message):
     """A line on stderr for a person who has just pressed Ctrl-C (on a
     terminal, over the status line or the ^C it echoed)."""
     try:
-        os.write(2, ("%swl_infer: %s\n" % ("\r\x1b[K" if os.isatty(2) else "", message)).encode("utf-8", "replace"))
+        os.write(2, ("%swl_infer: %s\n" % ("\r\x1b[K" if os.isatty(2) else "",
+                                           message)).encode("utf-8", "replace"))
     except OSError:
         pass
 
@@ -286,11 +292,14 @@ TOLERANT_TOP_LOGPROBS = 5  # asked by tolerant verification: where to look for t
 MAX_TOP_LOGPROBS = 20  # Ollama's own limit: candidates beyond it are a server's garbage
 
 # model_digest, batch and custom_id are ours (a pin; where a batch file put the job)
-JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("model_digest", str),
+JOB_FIELDS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int),
+              ("model_digest", str),
               ("batch", str), ("custom_id", str))
 GO_EVIDENCE_FIELDS = (("output", str), ("output_hash", str), ("model", str), ("seed", int))
-PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict), ("done_reason", str),
-                     ("eval_count", int), ("prompt_eval_count", int), ("eval_ms", int), ("tokens_per_s", float),
+PROVENANCE_FIELDS = (("model_digest", str), ("ollama_version", str), ("options", dict),
+                     ("done_reason", str),
+                     ("eval_count", int), ("prompt_eval_count", int), ("eval_ms", int),
+                     ("tokens_per_s", float),
                      ("logprobs", list), ("token_lengths", "lengths"), ("thinking_hash", str))
 EVIDENCE_FIELDS = GO_EVIDENCE_FIELDS + PROVENANCE_FIELDS
 _ZERO = {str: "", int: 0, float: None, dict: None, list: None, "lengths": None}  # absent / null
@@ -324,7 +333,8 @@ def _json_int(digits):
 
 
 def _loads(text):
-    return json.loads(text, object_pairs_hook=_JsonObject, parse_float=_JsonFloat, parse_int=_json_int,
+    return json.loads(text, object_pairs_hook=_JsonObject, parse_float=_JsonFloat,
+                      parse_int=_json_int,
                       parse_constant=_reject_constant)
 
 
@@ -380,7 +390,8 @@ def decode_struct(text, fields, what, null_allowed=True, limit=FIELD_LIMIT):
     null_allowed False, null is an error.
     Returns (the fields, the set of names the document gives)."""
     if limit is not None and _size(text) > limit:
-        raise JobError("%s is %d bytes, over wl's %d-byte field limit" % (what, _size(text), limit))
+        raise JobError("%s is %d bytes, over wl's %d-byte field limit"
+                       % (what, _size(text), limit))
     if _nesting(text) > MAX_NESTING:
         raise JobError("%s nests arrays or objects more than %d deep" % (what, MAX_NESTING))
     try:
@@ -444,7 +455,8 @@ def _decode_value(value, kind, what):
         return _go_string(value)
     if kind is int:
         if isinstance(value, _JsonBigInt):
-            raise JobError("%s is out of the 64-bit integer range: %s" % (what, preview(value, 40)))
+            raise JobError("%s is out of the 64-bit integer range: %s"
+                           % (what, preview(value, 40)))
         if type(value) is not int:
             raise JobError("%s must be an integer, got %s" % (what, _describe_json(value)))
         if not INT64_MIN <= value <= INT64_MAX:
@@ -459,7 +471,8 @@ def _decode_value(value, kind, what):
             raise JobError("%s must be an object, got %s" % (what, _describe_json(value)))
         options = {}
         for key, item in value:
-            items = item if isinstance(item, list) and not isinstance(item, _JsonObject) else [item]
+            is_array = isinstance(item, list) and not isinstance(item, _JsonObject)
+            items = item if is_array else [item]
             if any(isinstance(x, list) for x in items):
                 raise JobError("%s key %s must be a number, string, boolean or array of those"
                                % (what, preview(_dumps(key), 40)))
@@ -501,13 +514,15 @@ def decode_job(text):
         if "\0" in fields[name]:
             raise JobError('job field "%s" contains a NUL character' % name)
     if "seed" not in given:
-        raise JobError('job field "seed" is missing; a job must fix its seed (Go\'s wl infer always writes one)')
+        raise JobError('job field "seed" is missing; a job must fix its seed (Go\'s wl infer '
+                       'always writes one)')
     if job.max_tokens < 0:
         raise JobError('job field "max_tokens" must not be negative, got %d' % job.max_tokens)
     check_model_name(job.model, 'job field "model"')
     pin = job.model_digest
     if pin and not _is_digest(pin):
-        raise JobError('job field "model_digest" must be 64 hex digits (optionally after "sha256:"), got %s'
+        raise JobError('job field "model_digest" must be 64 hex digits (optionally after '
+                       '"sha256:"), got %s'
                        % preview(_dumps(pin), 40))
     return job
 
@@ -564,7 +579,8 @@ class Job(collections.namedtuple("Job", [name for name, _ in JOB_FIELDS])):
     __slots__ = ()
 
     def document(self):
-        """For --json: every field, but batch and custom_id only when set (as in the description)."""
+        """For --json: every field, but batch and custom_id only when set
+        (as in the description)."""
         doc = self._asdict()
         for name in ("batch", "custom_id"):
             if not doc[name]:
@@ -572,7 +588,8 @@ class Job(collections.namedtuple("Job", [name for name, _ in JOB_FIELDS])):
         return dict(doc)
 
 
-def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest="", batch="", custom_id=""):
+def make_job(prompt, model, seed=DEFAULT_SEED, max_tokens=0, model_digest="", batch="",
+             custom_id=""):
     return Job(prompt, model, seed, max_tokens, model_digest, batch, custom_id)
 
 
@@ -592,18 +609,22 @@ def output_hash(output):
 
 
 def make_evidence(job, output, provenance=None):
-    evidence = {"output": output, "output_hash": output_hash(output), "model": job.model, "seed": job.seed}
+    evidence = {"output": output, "output_hash": output_hash(output), "model": job.model,
+                "seed": job.seed}
     evidence.update(provenance or {})
     return evidence
 
 
 def provenance(gen, model_digest, ollama_version, options):
     """The evidence keys we add after Go's: where and how the output was made."""
-    found = {"model_digest": model_digest or "", "ollama_version": ollama_version or "", "options": options,
-             "done_reason": gen.final.get("done_reason") if isinstance(gen.final.get("done_reason"), str) else "",
+    found = {"model_digest": model_digest or "", "ollama_version": ollama_version or "",
+             "options": options,
+             "done_reason": gen.final.get("done_reason")
+             if isinstance(gen.final.get("done_reason"), str) else "",
              "eval_count": gen.eval_count}
     prompt_tokens = gen.final.get("prompt_eval_count")
-    if type(prompt_tokens) is int and prompt_tokens >= 0:  # evaluated, not served from the prompt cache
+    # evaluated, not served from the prompt cache
+    if type(prompt_tokens) is int and prompt_tokens >= 0:
         found["prompt_eval_count"] = prompt_tokens
     ns = gen.final.get("eval_duration")
     if type(ns) is int and ns > 0:
@@ -613,7 +634,8 @@ def provenance(gen, model_digest, ollama_version, options):
     if chosen is not None:
         found["logprobs"] = [round(lp, 4) + 0.0 for lp in chosen]  # + 0.0: no "-0.0"
     ends = gen.token_ends
-    if ends and len(ends) == gen.eval_count:  # one end per token the server counted: the boundaries are exact
+    # one end per token the server counted: the boundaries are exact
+    if ends and len(ends) == gen.eval_count:
         # where each token ends: verifiers cut windows and count tokens with them
         found["token_lengths"] = [end - start for start, end in zip([0] + ends, ends)]
     if gen.thinking:
@@ -677,7 +699,8 @@ def generate_request(job, top=TOP_LOGPROBS, budget=None):
     `top` candidates (which do not change the text, but cost time: servers
     that do not know the fields ignore them). `budget`: tokens at most, in
     place of the job's max_tokens."""
-    request = {"model": job.model, "prompt": job.prompt, "stream": True, "options": ollama_options(job)}
+    request = {"model": job.model, "prompt": job.prompt, "stream": True,
+               "options": ollama_options(job)}
     if budget is not None:
         request["options"] = dict(request["options"], num_predict=budget)
     if top:
@@ -730,11 +753,14 @@ def post_title(prompt, limit=60):
 # and a typo must not pass as Go's case folding would let it.
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-BATCH_LINE_MAX = 1 << 20  # bytes; a job is at most 65,535, even with every character escaped it fits
+# bytes; a job is at most 65,535, even with every character escaped it fits
+BATCH_LINE_MAX = 1 << 20
 CUSTOM_ID_MAX = 256  # characters
-OUR_LINE_KEYS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int), ("custom_id", str),
+OUR_LINE_KEYS = (("prompt", str), ("model", str), ("seed", int), ("max_tokens", int),
+                 ("custom_id", str),
                  ("model_digest", str))
-# OpenAI body keys a job takes as they are: labels, or no effect on greedy decoding (top_p keeps the best token)
+# OpenAI body keys a job takes as they are: labels, or no effect on greedy decoding (top_p keeps
+# the best token)
 _INERT_BODY_KEYS = ("user", "metadata", "store", "service_tier", "top_p")
 # and those it takes at their neutral values only, with what a job always does instead
 _NEUTRAL_BODY_VALUES = {
@@ -790,7 +816,8 @@ def parse_batch_line(text, number, defaults):
 
 
 def _batch_object(value, what):
-    """A JSON object of a batch line as a dict; a key given twice is refused (which one counts?)."""
+    """A JSON object of a batch line as a dict; a key given twice is
+    refused (which one counts?)."""
     if not isinstance(value, _JsonObject):
         raise JobError("%s must be a JSON object, got %s" % (what, _describe_json(value)))
     found = {}
@@ -813,19 +840,22 @@ def _our_request(fields, number, defaults):
     known = [name for name, _ in OUR_LINE_KEYS]
     unknown = [key for key in fields if key not in known]
     if unknown:
-        raise JobError('key %s is not one of a job line\'s (%s), and the line is not an OpenAI batch request '
-                       '(method, url, body)' % (preview(_dumps(unknown[0]), 40), ", ".join(known)))
+        raise JobError('key %s is not one of a job line\'s (%s), and the line is not an OpenAI '
+                       'batch request (method, url, body)'
+                       % (preview(_dumps(unknown[0]), 40), ", ".join(known)))
     values = dict((name, _batch_value(fields, name, kind, "key")) for name, kind in OUR_LINE_KEYS)
     if not values["prompt"]:
         raise JobError('key "prompt" is missing or empty')
-    return _batch_request(number, values["custom_id"], "", values["prompt"], values["model"], values["seed"],
+    return _batch_request(number, values["custom_id"], "", values["prompt"], values["model"],
+                          values["seed"],
                           values["max_tokens"], values["model_digest"], defaults)
 
 
 def _openai_request(fields, number, defaults):
     unknown = [key for key in fields if key not in ("custom_id", "method", "url", "body")]
     if unknown:
-        raise JobError("key %s is not one of an OpenAI batch request's (custom_id, method, url, body)"
+        raise JobError("key %s is not one of an OpenAI batch request's (custom_id, method, url, "
+                       "body)"
                        % preview(_dumps(unknown[0]), 40))
     custom_id = _batch_value(fields, "custom_id", str, "key")
     if custom_id is None:
@@ -839,34 +869,38 @@ def _openai_request(fields, number, defaults):
                        % (COMPLETIONS, CHAT, _describe_json(url)))
     body = _batch_object(fields.get("body"), '"body"')
     text_key = "prompt" if url == COMPLETIONS else "messages"
-    known = ("model", "seed", "max_tokens", text_key) + (("max_completion_tokens",) if url == CHAT else ())
+    known = ("model", "seed", "max_tokens", text_key) + (("max_completion_tokens",) if url == CHAT
+                                                         else ())
     for key, value in body.items():
         if key in known or key in _INERT_BODY_KEYS:
             continue
         if key not in _NEUTRAL_BODY_VALUES:
-            raise JobError('body key %s cannot be expressed as a job (a job is a prompt, a model, a seed and '
-                           'max_tokens, run greedily)' % preview(_dumps(key), 40))
+            raise JobError('body key %s cannot be expressed as a job (a job is a prompt, a model, '
+                           'a seed and max_tokens, run greedily)' % preview(_dumps(key), 40))
         allowed, why = _NEUTRAL_BODY_VALUES[key]
         if not any(_same_json(value, a) for a in allowed):
             raise JobError('body "%s" is %s: %s' % (key, _describe_json(value), why))
     if url == COMPLETIONS:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or isinstance(prompt, _JsonNumber):
-            raise JobError('body "prompt" must be one string, got %s (a list of prompts or of token IDs is '
-                           'not one job)' % _describe_json(prompt))
+            raise JobError('body "prompt" must be one string, got %s (a list of prompts or of '
+                           'token IDs is not one job)' % _describe_json(prompt))
         prompt = _go_string(prompt)
     else:
         prompt = _one_user_message(body.get("messages"))
-    limits = [v for v in (_batch_value(body, k, int, "body") for k in ("max_tokens", "max_completion_tokens"))
+    limits = [v for v in (_batch_value(body, k, int, "body") for k
+                          in ("max_tokens", "max_completion_tokens"))
               if v is not None]
     if len(set(limits)) > 1:
-        raise JobError('body "max_tokens" and "max_completion_tokens" differ (%d and %d)' % tuple(limits))
+        raise JobError('body "max_tokens" and "max_completion_tokens" differ (%d and %d)'
+                       % tuple(limits))
     if limits and limits[0] < 1:
         raise JobError('body "max_tokens" must be at least 1, got %d' % limits[0])
     if not prompt:
         raise JobError("the prompt is empty")
     return _batch_request(number, custom_id, url, prompt, _batch_value(body, "model", str, "body"),
-                          _batch_value(body, "seed", int, "body"), limits[0] if limits else None, None, defaults)
+                          _batch_value(body, "seed", int, "body"), limits[0] if limits else None,
+                          None, defaults)
 
 
 def _one_user_message(messages):
@@ -875,16 +909,20 @@ def _one_user_message(messages):
         raise JobError('body "messages" must be an array, got %s' % _describe_json(messages))
     roles = [dict(m).get("role") if isinstance(m, _JsonObject) else None for m in messages]
     if "system" in roles or "developer" in roles:
-        raise JobError("a %s message cannot be expressed: a job is one user message, rendered by the model's "
+        raise JobError("a %s message cannot be expressed: a job is one user message, rendered by "
+                       "the model's "
                        "own template" % ("system" if "system" in roles else "developer"))
     if len(messages) != 1:
-        raise JobError("%d messages cannot be expressed: a job is one user message (one turn)" % len(messages))
+        raise JobError("%d messages cannot be expressed: a job is one user message (one turn)"
+                       % len(messages))
     message = _batch_object(messages[0], "the message")
     if message.get("role") != "user":
-        raise JobError('the message\'s "role" must be "user", got %s' % _describe_json(message.get("role")))
+        raise JobError('the message\'s "role" must be "user", got %s'
+                       % _describe_json(message.get("role")))
     extra = [key for key in message if key not in ("role", "content", "name")]
     if extra:
-        raise JobError("the message's key %s cannot be expressed as a job" % preview(_dumps(extra[0]), 40))
+        raise JobError("the message's key %s cannot be expressed as a job"
+                       % preview(_dumps(extra[0]), 40))
     content = message.get("content")
     if isinstance(content, list) and not isinstance(content, _JsonObject) and len(content) == 1:
         part = _batch_object(content[0], "the content part")
@@ -919,7 +957,8 @@ def _number(value):
         return None
 
 
-def _batch_request(number, custom_id, url, prompt, model, seed, max_tokens, model_digest, defaults):
+def _batch_request(number, custom_id, url, prompt, model, seed, max_tokens, model_digest,
+                   defaults):
     if custom_id is None:
         custom_id = str(number)
     if not custom_id or len(custom_id) > CUSTOM_ID_MAX or any(_is_control(c) for c in custom_id):
@@ -967,10 +1006,12 @@ def parse_ollama_host(value):
         if hostport:
             host = hostport.strip("[]")
     if not (port.isdigit() and 0 < int(port) <= 65535):
-        # Ollama warns and uses its default port; a client that did would talk to another server than meant
+        # Ollama warns and uses its default port; a client that did would talk to another server
+        # than meant
         raise UserError("Ollama address %s: port %s is not a number from 1 to 65535"
                         % (preview(value or "", 80), preview(_dumps(port), 20)))
-    return scheme, host or "127.0.0.1", int(port), ("/" + path.strip("/")) if path.strip("/") else ""
+    base = ("/" + path.strip("/")) if path.strip("/") else ""
+    return scheme, host or "127.0.0.1", int(port), base
 
 
 def ollama_url(value):
@@ -1003,9 +1044,12 @@ class Generation(object):
         self.chunks = 0  # stream objects received before the final one (of the latest request)
         self.earlier = 0  # tokens generated by earlier requests of this generation
         self.token_ends = []  # character offset after each answer token
-        self.chosen = []  # the chosen token's logprob (None: not sent), first LOGPROB_TOKENS tokens
-        self.latest = (0, [])  # the latest piece: the index of its first token, its raw logprob entries
-        self.probed = None  # (token index, entry): candidates learned by another request (Ollama.candidates)
+        # the chosen token's logprob (None: not sent), first LOGPROB_TOKENS tokens
+        self.chosen = []
+        # the latest piece: the index of its first token, its raw logprob entries
+        self.latest = (0, [])
+        # (token index, entry): candidates learned by another request (Ollama.candidates)
+        self.probed = None
         self.thinking_pieces = []
         self.thinking = ""
         self.final = None
@@ -1092,7 +1136,8 @@ def _logprob_entry(entry):
         return None
     tops = entry.get("top_logprobs")
     top = [(t["token"], float(t["logprob"])) for t in (tops if isinstance(tops, list) else [])
-           if isinstance(t, dict) and isinstance(t.get("token"), str) and _is_number(t.get("logprob"))]
+           if isinstance(t, dict) and isinstance(t.get("token"), str)
+           and _is_number(t.get("logprob"))]
     token = entry.get("token")
     return float(entry["logprob"]), top[:MAX_TOP_LOGPROBS], token if isinstance(token, str) else ""
 
@@ -1112,13 +1157,16 @@ class Ollama(object):
         self.timeout = timeout
         self.active = None  # the socket of the generation in flight, for cancel()
         if self.scheme not in ("http", "https"):
-            raise UserError("Ollama address %s: scheme %r is not http or https" % (self.url, self.scheme))
+            raise UserError("Ollama address %s: scheme %r is not http or https"
+                            % (self.url, self.scheme))
         if any(c <= " " or c == "\x7f" for c in self.host + self.path):
-            raise UserError("Ollama address %s contains a space or a control character" % printable(self.url))
+            raise UserError("Ollama address %s contains a space or a control character"
+                            % printable(self.url))
         try:
             self.host.encode("idna")
         except UnicodeError:
-            raise UserError("Ollama address %s: %s is not a valid host name" % (self.url, self.host))
+            raise UserError("Ollama address %s: %s is not a valid host name"
+                            % (self.url, self.host))
         if not self.path.isascii():
             self.path = urllib.parse.quote(self.path, safe="/%")
 
@@ -1129,24 +1177,30 @@ class Ollama(object):
         # here, not at the top: it takes ~20 ms, and status, list and spool never talk to Ollama
         import http.client
 
-        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        if self.scheme == "https":
+            kind = http.client.HTTPSConnection
+        else:
+            kind = http.client.HTTPConnection
         conn = kind(self.host, self.port, timeout=self.timeout)
         headers = {"User-Agent": "wl_infer/" + __version__, "Connection": "close"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            conn.request(method, self.path + path, None if body is None else _dumps(body).encode("utf-8"), headers)
+            conn.request(method, self.path + path, None if body is None
+                         else _dumps(body).encode("utf-8"), headers)
             if track:
                 self.active = conn.sock
             resp = conn.getresponse()  # with Connection: close the response owns the socket
         except socket.timeout:
             conn.close()
-            raise OllamaError("Ollama at %s did not answer within %g s (--timeout); is it overloaded?"
+            raise OllamaError("Ollama at %s did not answer within %g s (--timeout); is it "
+                              "overloaded?"
                               % (self.url, self.timeout))
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise OllamaError("cannot reach Ollama at %s (%s); start it with `ollama serve` "
-                              "or point --ollama / OLLAMA_HOST at it" % (self.url, _http_reason(exc)))
+                              "or point --ollama / OLLAMA_HOST at it"
+                              % (self.url, _http_reason(exc)))
         if not 200 <= resp.status < 300:
             try:
                 raw = _read_body(resp, 65536)
@@ -1173,12 +1227,14 @@ class Ollama(object):
         try:
             raw = _read_body(resp, 16 << 20)
         except (OSError, http.client.HTTPException) as exc:
-            raise OllamaError("reading %s from Ollama at %s failed: %s" % (path, self.url, _http_reason(exc)))
+            raise OllamaError("reading %s from Ollama at %s failed: %s"
+                              % (path, self.url, _http_reason(exc)))
         finally:
             resp.close()
         doc = _json_object(raw.decode("utf-8", "replace"))
         if doc is None:
-            raise OllamaError("Ollama at %s sent a response to %s that is not a JSON object" % (self.url, path))
+            raise OllamaError("Ollama at %s sent a response to %s that is not a JSON object"
+                              % (self.url, path))
         return doc
 
     def version(self):
@@ -1204,7 +1260,8 @@ class Ollama(object):
         passes `max_bytes` (gen.too_long): a server that never stops costs
         at most that much. `top`: candidates asked per token (None: no
         logprobs at all)."""
-        return self._stream(generate_request(job, top), Generation(), on_token, max_bytes=max_bytes)
+        return self._stream(generate_request(job, top), Generation(), on_token,
+                            max_bytes=max_bytes)
 
     def candidates(self, request, token_index):
         """Stream `request` to token `token_index` (its budget must end
@@ -1228,7 +1285,8 @@ class Ollama(object):
         import http.client  # for its exception types; loaded once (see _open)
 
         resp = self._open("POST", "/api/generate", request, track=True)
-        matched = gen.token_ends[-1] if gen.token_ends else 0  # characters of `expected` confirmed so far
+        # characters of `expected` confirmed so far
+        matched = gen.token_ends[-1] if gen.token_ends else 0
         size = 0  # bytes of output so far
         try:
             for line in self._lines(resp):
@@ -1238,7 +1296,8 @@ class Ollama(object):
                 piece = obj.get("response", "")
                 thinking = obj.get("thinking", "")
                 if not isinstance(piece, str) or not isinstance(thinking, str):
-                    raise OllamaError("Ollama at %s sent a `response` or `thinking` that is not a string" % self.url)
+                    raise OllamaError("Ollama at %s sent a `response` or `thinking` that is not a "
+                                      "string" % self.url)
                 if thinking:
                     gen.thinking_pieces.append(thinking)
                 if piece:
@@ -1249,7 +1308,8 @@ class Ollama(object):
                 gen.chunks += 1
                 if on_token:
                     on_token(gen.earlier + gen.chunks)
-                if max_bytes is not None and piece:  # counted only when there is a limit (run, not verify)
+                # counted only when there is a limit (run, not verify)
+                if max_bytes is not None and piece:
                     size += len(piece.encode("utf-8", "surrogatepass"))
                     if size > max_bytes:
                         gen.too_long = True
@@ -1258,7 +1318,8 @@ class Ollama(object):
                     if not expected.startswith(piece, matched):
                         piece = _go_string(piece)  # a lone surrogate may still match
                     if not expected.startswith(piece, matched):
-                        gen.diverged_at = matched + _common_prefix(piece, expected[matched:matched + len(piece)])
+                        gen.diverged_at = matched + _common_prefix(piece, expected[matched:matched
+                                                                                   + len(piece)])
                         break
                     matched += len(piece)
         except socket.timeout:
@@ -1273,7 +1334,8 @@ class Ollama(object):
             self.active = None
         if gen.final is None and gen.diverged_at is None and not gen.too_long:
             raise OllamaError("Ollama at %s ended the stream after %s without its final "
-                              "`done` message; the generation did not finish" % (self.url, _tokens(gen.chunks)))
+                              "`done` message; the generation did not finish"
+                              % (self.url, _tokens(gen.chunks)))
         # once over the whole text, not per token: a lone surrogate escape
         # becomes U+FFFD as Go decodes it (Python never merges adjacent ones)
         gen.text = _go_string("".join(gen.pieces))
@@ -1335,10 +1397,12 @@ class Ollama(object):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            raise OllamaError("Ollama at %s sent invalid UTF-8 after %s" % (self.url, _tokens(tokens)))
+            raise OllamaError("Ollama at %s sent invalid UTF-8 after %s"
+                              % (self.url, _tokens(tokens)))
         obj = _json_object(text)
         if obj is None:
-            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object after %s: %s"
+            raise OllamaError("Ollama at %s sent a stream line that is not a JSON object after "
+                              "%s: %s"
                               % (self.url, _tokens(tokens), preview(text, 60)))
         if "error" in obj:
             raise OllamaError("Ollama at %s failed after %s: %s"
@@ -1395,7 +1459,8 @@ def _http_reason(exc):
     if name in ("BadStatusLine", "RemoteDisconnected"):
         return "the server closed the connection without answering"
     if name == "IncompleteRead":
-        return ("the connection closed %d bytes before the end of the body" % exc.expected if exc.expected
+        return ("the connection closed %d bytes before the end of the body" % exc.expected
+                if exc.expected
                 else "the chunked body is broken or cut short")
     return _reason(exc)  # LineTooLong and the rest say it well: "got more than 100 headers"
 
@@ -1427,7 +1492,8 @@ def find_executable(name):
         path = os.path.join(folder or ".", name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
-    raise UserError("wl executable %r not found on PATH; install wl or set --wl PATH or WL_BIN" % name)
+    raise UserError("wl executable %r not found on PATH; install wl or set --wl PATH or WL_BIN"
+                    % name)
 
 
 def wl_error_text(stderr, stdout=""):
@@ -1437,7 +1503,8 @@ def wl_error_text(stderr, stdout=""):
     message = next((ln[3:].strip() for ln in lines if ln.startswith("wl:")), None)
     if message is None:
         others = lines or [ln.strip() for ln in strip_ansi(stdout).splitlines() if ln.strip()]
-        message = next((ln for ln in others if ln.startswith(("panic:", "fatal error:", "Error:"))),
+        message = next((ln for ln in others if ln.startswith(("panic:", "fatal error:",
+                                                              "Error:"))),
                        others[-1] if others else None)
     hint = next((ln[5:].strip() for ln in lines if ln.startswith("Hint:")), None)
     if message and hint:
@@ -1478,7 +1545,8 @@ class Completion(collections.namedtuple("Completion", "id completed_by evidence"
     __slots__ = ()
 
 
-class BoardItem(collections.namedtuple("BoardItem", "id title status type posted_by claimed_by description "
+class BoardItem(collections.namedtuple("BoardItem",
+                                       "id title status type posted_by claimed_by description "
                                                     "priority completion")):
     """A wanted item as wl shows it (`wl status` or `wl browse`); absent
     fields are None. The description and the evidence are kept as wl gave
@@ -1487,11 +1555,13 @@ class BoardItem(collections.namedtuple("BoardItem", "id title status type posted
 
     __slots__ = ()
 
-    def __new__(cls, id, title="", status=None, type=None, posted_by=None, claimed_by=None, description=None,
+    def __new__(cls, id, title="", status=None, type=None, posted_by=None, claimed_by=None,
+                description=None,
                 priority=None, completion=None):
         def text(value):
             return _go_string(value) if value else value
-        return super(BoardItem, cls).__new__(cls, id, text(title), status, type, text(posted_by), text(claimed_by),
+        return super(BoardItem, cls).__new__(cls, id, text(title), status, type, text(posted_by),
+                                             text(claimed_by),
                                               description, priority, completion)
 
 
@@ -1533,8 +1603,8 @@ def parse_status(text):
             found["claimed_by"] = value
         elif line.startswith("  Completion:"):
             if completion is not None:
-                raise WlError("wl status output for %s has two Completion sections; the description "
-                              "imitates wl's own output, refusing to guess" % item_id)
+                raise WlError("wl status output for %s has two Completion sections; the "
+                              "description imitates wl's own output, refusing to guess" % item_id)
             completion = [value, None, None]
         elif line.startswith("    Evidence:") and completion is not None:
             exact = raw[i] if raw[i].startswith("    Evidence:") else line
@@ -1543,7 +1613,8 @@ def parse_status(text):
             completion[1] = _go_string(value)
         i += 1
     if not found.get("status"):
-        raise WlError("wl status output for %s has no Status line; is this wl version supported?" % item_id)
+        raise WlError("wl status output for %s has no Status line; is this wl version supported?"
+                      % item_id)
     return BoardItem(item_id, title, completion=completion and Completion(*completion), **found)
 
 
@@ -1575,7 +1646,8 @@ def parse_posted_id(text):
     raise WlError("wl post succeeded but printed no item ID; got %s" % preview(text, 80))
 
 
-BROWSE_LIMIT = 1000  # items asked of wl browse when we filter or order them ourselves (wl's default is 50)
+# items asked of wl browse when we filter or order them ourselves (wl's default is 50)
+BROWSE_LIMIT = 1000
 
 
 def parse_browse(text):
@@ -1585,20 +1657,25 @@ def parse_browse(text):
     try:
         doc = json.loads(text, parse_int=_json_int)
     except (ValueError, RecursionError):
-        raise WlError("wl browse --json printed something that is not JSON: %s" % preview(text, 60))
+        raise WlError("wl browse --json printed something that is not JSON: %s"
+                      % preview(text, 60))
     if doc is None:  # wl prints null for an empty board
         return []
     if not isinstance(doc, list):
-        raise WlError("wl browse --json printed a JSON %s, not a list of items" % type(doc).__name__)
+        raise WlError("wl browse --json printed a JSON %s, not a list of items"
+                      % type(doc).__name__)
     items = []
     for entry in doc:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not is_item_id(entry["id"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"),
+                                                         str) or not is_item_id(entry["id"]):
             continue
         # empty fields are omitted by wl; anything but a string is not wl's
         field = dict((k, v if isinstance(v, str) and v else None) for k, v in entry.items())
         priority = entry.get("priority")
-        items.append(BoardItem(entry["id"], field.get("title") or "", field.get("status"), field.get("type"),
-                               field.get("posted_by"), field.get("claimed_by"), field.get("description"),
+        items.append(BoardItem(entry["id"], field.get("title") or "", field.get("status"),
+                               field.get("type"),
+                               field.get("posted_by"), field.get("claimed_by"),
+                               field.get("description"),
                                priority if type(priority) is int else None))
     return items
 
@@ -1639,15 +1716,20 @@ class Wl(object):
     """Runs wl as a child process: argument lists only, values as --opt=value,
     NO_COLOR set, ANSI stripped, every failure carrying wl's own message."""
 
-    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT, no_push=False,
+    def __init__(self, exe, wasteland=None, local_db=False, timeout=DEFAULT_WL_TIMEOUT,
+                 no_push=False,
                  status_line=None, turn=None, signals=None):
         self.exe = exe
-        self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"] if local_db else [])
+        self.global_args = (["--wasteland=" + wasteland] if wasteland else []) + (["--local-db"]
+                                                                                  if local_db
+                                                                                  else [])
         self.timeout = timeout
         self.no_push = no_push
-        self.turn = turn or _NoLock()  # a lock when calls must not overlap (--local-db, on several threads)
+        # a lock when calls must not overlap (--local-db, on several threads)
+        self.turn = turn or _NoLock()
         self.signals = signals or Signals()  # main()'s, installed; a library user's own, or inert
-        self.status_line = status_line  # shows a slow call; None: calls are not shown (work's threads)
+        # shows a slow call; None: calls are not shown (work's threads)
+        self.status_line = status_line
         self.calls = 0  # wl processes started (the worker reports them per job)
         self.counting = threading.Lock()
 
@@ -1660,17 +1742,21 @@ class Wl(object):
         what = "`wl %s`" % " ".join([command] + ([item_id] if item_id else []))
         with self.counting:
             self.calls += 1
-        with self.turn, self.signals.protected(what if mutating else None):  # from before wl starts until it has ended
+        with self.turn, self.signals.protected(what if mutating
+                                               # from before wl starts until it has ended
+                                               else None):
             try:
                 # Its own session: a Ctrl-C at the terminal reaches us, not wl,
                 # so a claim or a submission is never cut half-way by the terminal.
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=env, start_new_session=True)
             except OSError as exc:
-                raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)), command, item_id, _reason(exc))
+                raise WlError("cannot run wl (%s): %s" % (self.exe, _reason(exc)), command,
+                              item_id, _reason(exc))
             try:
                 stdout, stderr = self._wait(proc, command, item_id, what)
-            except BaseException:  # a signal that is not held, or the time limit: stop wl and what it started
+            # a signal that is not held, or the time limit: stop wl and what it started
+            except BaseException:
                 _stop_group(proc)
                 raise
         # bytes that are not UTF-8 are kept (surrogateescape): a field's size
@@ -1679,7 +1765,8 @@ class Wl(object):
         if proc.returncode != 0:
             err = wl_error_text(stderr.decode("utf-8", "replace"), _go_string(out))
             reason = err or "exit status %d and no message" % proc.returncode
-            raise WlError("wl %s failed: %s" % (command, reason), command, item_id, reason, wl_refusal(err or ""))
+            raise WlError("wl %s failed: %s" % (command, reason), command, item_id, reason,
+                          wl_refusal(err or ""))
         return out
 
     def _wait(self, proc, command, item_id, what):
@@ -1692,14 +1779,17 @@ class Wl(object):
         try:
             while True:
                 try:
-                    return proc.communicate(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                    return proc.communicate(timeout=max(0.0, min(0.5, deadline
+                                                                 - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     if time.monotonic() >= deadline:
                         reason = "did not finish within %g s and was stopped" % self.timeout
-                        raise WlError("wl %s %s; the board may be unreachable (raise the limit with "
-                                      "--wl-timeout)" % (command, reason), command, item_id, reason)
+                        raise WlError("wl %s %s; the board may be unreachable (raise the limit "
+                                      "with --wl-timeout)" % (command, reason), command, item_id,
+                                      reason)
                     if self.status_line:
-                        self.status_line.show("waiting for %s (%.0f s)" % (what, time.monotonic() - start))
+                        self.status_line.show("waiting for %s (%.0f s)"
+                                              % (what, time.monotonic() - start))
         finally:
             if self.status_line and time.monotonic() - start >= 0.5:
                 self.status_line.clear()
@@ -1778,7 +1868,8 @@ def spool_write(item, model_digest, evidence):
     """Keep a finished result; returns its path."""
     folder = private_dir(spool_dir())
     doc = {"version": SPOOL_VERSION, "id": item.id, "description": item.description,
-           "model_digest": model_digest, "spooled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "model_digest": model_digest, "spooled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                     time.gmtime()),
            "evidence": encode_evidence(evidence)}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
     try:
@@ -1820,7 +1911,8 @@ def spool_list():
     """(path, document or the UserError) of every kept result, oldest first."""
     folder = spool_dir()
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith("."))
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json")
+                       and not n.startswith("."))
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -1853,20 +1945,21 @@ def batch_name(source, name=None):
     run again finds the same ledger."""
     if name is None:
         if source == "-":
-            raise UserError("a batch on standard input needs --name NAME, so that running the command again "
-                            "resumes it instead of posting it again")
+            raise UserError("a batch on standard input needs --name NAME, so that running the "
+                            "command again resumes it instead of posting it again")
         name = os.path.basename(source).split(".")[0]
         name = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")[:100] or "batch"
     if not _BATCH_NAME.match(name):
-        raise UserError("--name %s is not a batch name: 1 to 100 letters, digits and . _ -, starting with a letter "
-                        "or digit" % preview(_dumps(name), 60))
+        raise UserError("--name %s is not a batch name: 1 to 100 letters, digits and . _ -, "
+                        "starting with a letter or digit" % preview(_dumps(name), 60))
     return name
 
 
 def job_key(job):
     """What identifies a batch line's job across runs: its prompt, model,
     seed and max_tokens (a pin may change when the local model does)."""
-    return hashlib.sha256(encode_job(make_job(job.prompt, job.model, job.seed, job.max_tokens)).encode(
+    return hashlib.sha256(encode_job(make_job(job.prompt, job.model, job.seed,
+                                              job.max_tokens)).encode(
         "utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -1919,11 +2012,14 @@ class Ledger(object):
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
             except ValueError as exc:
-                raise UserError("the ledger %s is damaged at line %d (%s); move it away to start the batch again"
+                raise UserError("the ledger %s is damaged at line %d (%s); move it away to start "
+                                "the batch again"
                                 % (path, number, exc))
             records.append(record)
-        if not records or records[0].get("ledger") != LEDGER_VERSION or not isinstance(records[0].get("batch"), str):
-            raise UserError("%s is not a wl_infer batch ledger (version %d)" % (path, LEDGER_VERSION))
+        header = records[0] if records else {}
+        if header.get("ledger") != LEDGER_VERSION or not isinstance(header.get("batch"), str):
+            raise UserError("%s is not a wl_infer batch ledger (version %d)"
+                            % (path, LEDGER_VERSION))
         entries, complete = collections.OrderedDict(), None
         for record in records[1:]:
             custom_id = record.get("custom_id")
@@ -1932,7 +2028,8 @@ class Ledger(object):
             elif "id" in record and custom_id in entries:
                 entries[custom_id] = entries[custom_id]._replace(item_id=record["id"])
             elif "job" in record:
-                entries[custom_id] = LedgerEntry(record.get("line"), custom_id, record.get("url") or "",
+                entries[custom_id] = LedgerEntry(record.get("line"), custom_id, record.get("url")
+                                                 or "",
                                                  record["job"], None)
         return cls(path, records[0], entries, complete)
 
@@ -1943,11 +2040,13 @@ class Ledger(object):
         the lock is held: what another one posted before counts)."""
         path = cls.path_of(name)
         if not os.path.exists(path):
-            header = {"ledger": LEDGER_VERSION, "name": name, "batch": "%s.%s" % (name, os.urandom(4).hex()),
+            header = {"ledger": LEDGER_VERSION, "name": name, "batch": "%s.%s"
+                      % (name, os.urandom(4).hex()),
                       "source": source if source == "-" else os.path.abspath(source),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             try:
-                fd, tmp = tempfile.mkstemp(dir=private_dir(os.path.dirname(path)), prefix=".", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=private_dir(os.path.dirname(path)), prefix=".",
+                                           suffix=".tmp")
             except OSError as exc:
                 raise UserError("cannot write the ledger %s: %s" % (path, _reason(exc)))
             try:
@@ -1972,7 +2071,8 @@ class Ledger(object):
             ledger = cls.load(name)
         except BlockingIOError:
             file.close()
-            raise UserError("batch %s is being posted by another wl_infer.py right now (its ledger %s is locked)"
+            raise UserError("batch %s is being posted by another wl_infer.py right now (its "
+                            "ledger %s is locked)"
                             % (name, path))
         except BaseException:
             file.close()
@@ -1987,8 +2087,10 @@ class Ledger(object):
 
     def intend(self, request, key):
         """Record that line `request` is about to be posted."""
-        self._append({"line": request.line, "custom_id": request.custom_id, "url": request.url, "job": key})
-        self.entries[request.custom_id] = LedgerEntry(request.line, request.custom_id, request.url, key, None)
+        self._append({"line": request.line, "custom_id": request.custom_id, "url": request.url,
+                      "job": key})
+        self.entries[request.custom_id] = LedgerEntry(request.line, request.custom_id, request.url,
+                                                      key, None)
 
     def posted(self, custom_id, item_id):
         self._append({"custom_id": custom_id, "id": item_id})
@@ -2028,7 +2130,8 @@ class WorkerMemory(object):
             with open(self.path, encoding="utf-8") as f:
                 doc = json.load(f)
             failures, skips = doc.get("failures"), doc.get("skips")
-            if doc.get("version") == self.VERSION and isinstance(failures, dict) and isinstance(skips, dict):
+            shaped = isinstance(failures, dict) and isinstance(skips, dict)
+            if doc.get("version") == self.VERSION and shaped:
                 self.failures, self.skips = failures, skips
         except (OSError, ValueError, AttributeError):
             pass
@@ -2050,7 +2153,8 @@ class WorkerMemory(object):
                 try:
                     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
                     with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump({"version": self.VERSION, "failures": self.failures, "skips": self.skips}, f)
+                        json.dump({"version": self.VERSION, "failures": self.failures,
+                                   "skips": self.skips}, f)
                     os.replace(tmp, self.path)
                 except OSError:
                     _remove(tmp)
@@ -2089,7 +2193,8 @@ class WorkerMemory(object):
                 self.skips.update(new)
             for item_id in [i for i in self.skips if open_ids is not None and i not in open_ids]:
                 del self.skips[item_id]
-            for item_id in [i for i, (_, not_before) in self.failures.items() if not_before < week_ago]:
+            for item_id in [i for i, (_, not_before) in self.failures.items()
+                            if not_before < week_ago]:
                 del self.failures[item_id]
             return new
         with self.lock:
@@ -2118,7 +2223,8 @@ def _sync_dir(folder):
 # =============================================================================
 
 
-class Settings(collections.namedtuple("Settings", "wl wasteland local_db no_push wl_timeout ollama_urls "
+class Settings(collections.namedtuple("Settings",
+                                      "wl wasteland local_db no_push wl_timeout ollama_urls "
                                                   "timeout quiet json no_logprobs")):
     """What every command is set up with: the wl executable and its
     options (wasteland, local_db, no_push, wl_timeout in seconds), the
@@ -2137,8 +2243,10 @@ def default_settings(**given):
     """Settings as the command line's defaults make them ($WL_BIN,
     $OLLAMA_HOST), with `given` in their place: for library use."""
     urls = [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",") if u.strip()]
-    defaults = dict(wl=os.environ.get("WL_BIN") or "wl", wasteland=None, local_db=False, no_push=False,
-                    wl_timeout=DEFAULT_WL_TIMEOUT, ollama_urls=urls or [DEFAULT_OLLAMA], timeout=300.0,
+    defaults = dict(wl=os.environ.get("WL_BIN") or "wl", wasteland=None, local_db=False,
+                    no_push=False,
+                    wl_timeout=DEFAULT_WL_TIMEOUT, ollama_urls=urls or [DEFAULT_OLLAMA],
+                    timeout=300.0,
                     quiet=False, json=False, no_logprobs=False)
     defaults.update(given)
     return Settings(**defaults)
@@ -2174,7 +2282,8 @@ class Context(object):
     def new_wl(self, status_line):
         """A wl driver of its own (for calls on other threads: `status_line` None)."""
         c = self.settings
-        return Wl(find_executable(c.wl), c.wasteland, c.local_db, c.wl_timeout, c.no_push, status_line,
+        return Wl(find_executable(c.wl), c.wasteland, c.local_db, c.wl_timeout, c.no_push,
+                  status_line,
                   self.wl_turn, self.signals)
 
     @property
@@ -2212,7 +2321,8 @@ class StatusLine(object):
         if self.enabled:
             with self.lock:
                 try:  # one row, or the next \r could not take it back
-                    width = os.get_terminal_size(sys.stderr.fileno()).columns or 80  # 0: the size is unknown
+                    # 0: the size is unknown
+                    width = os.get_terminal_size(sys.stderr.fileno()).columns or 80
                 except (OSError, ValueError):
                     width = 80
                 self.text = printable(text)[:max(width - 1, 10)]
@@ -2225,7 +2335,8 @@ class StatusLine(object):
                 _emit(sys.stderr, "\r\x1b[K")
 
     def above(self, line, stream=None):
-        """A permanent line (on stderr, or on `stream`), with the status line drawn again below it."""
+        """A permanent line (on stderr, or on `stream`), with the status
+        line drawn again below it."""
         with self.lock:
             if self.text:
                 _emit(sys.stderr, "\r\x1b[K")
@@ -2251,7 +2362,8 @@ class Progress(object):
         self.shown = now
         elapsed = now - self.start
         self.status.show("%s: %d%s tokens, %s, %.1fs" % (
-            self.label, tokens, " of %d" % self.total if self.total else "", received_rate(tokens, elapsed),
+            self.label, tokens, " of %d" % self.total if self.total else "",
+            received_rate(tokens, elapsed),
             elapsed))
 
 
@@ -2292,7 +2404,8 @@ class Report(object):
     of a command that goes on with the rest, printed as errors always."""
 
     def __init__(self, code, doc, text, notes=(), quiet=(), raw=None, errors=(), docs=None):
-        self.code, self.doc, self.text, self.notes, self.quiet = code, doc, text, list(notes), list(quiet)
+        self.code, self.doc, self.text = code, doc, text
+        self.notes, self.quiet = list(notes), list(quiet)
         self.raw, self.errors, self.docs = raw, list(errors), docs
 
 
@@ -2366,8 +2479,9 @@ def release_claim(ctx, item_id):
             return "no claim of ours is held on %s (%s)" % (item_id, exc)
         return "releasing the claim also failed (%s); run `wl unclaim %s`" % (exc, item_id)
     except KeyboardInterrupt:  # a second signal: wl was stopped mid-call
-        return ("releasing the claim was interrupted, so %s may still be claimed by you: check with "
-                "`wl status %s` and release it with `wl unclaim %s`" % (item_id, item_id, item_id))
+        return ("releasing the claim was interrupted, so %s may still be claimed by you: check "
+                "with `wl status %s` and release it with `wl unclaim %s`"
+                % (item_id, item_id, item_id))
 
 
 DONE_TRIES = 3  # `wl done` attempts before the result is left in the spool
@@ -2388,7 +2502,8 @@ def submit_evidence(ctx, item_id, encoded):
                 failure = exc
                 break
             delay = DONE_BACKOFF * 2 ** (attempt - 1)
-            ctx.warn("%s; trying again in %g s (attempt %d of %d)" % (exc, delay, attempt + 1, DONE_TRIES))
+            ctx.warn("%s; trying again in %g s (attempt %d of %d)"
+                     % (exc, delay, attempt + 1, DONE_TRIES))
             try:
                 time.sleep(delay)
             except KeyboardInterrupt:  # stop trying; the claim is released as after any failure
@@ -2418,12 +2533,14 @@ def kept_result(ctx, item, digest):
     if doc["description"] != item.description or not same_digest(doc["model_digest"], digest):
         ctx.warn("the result kept in %s was made for %s; generating again (it will be replaced)"
                  % (path, "another job description" if doc["description"] != item.description
-                    else "model %s, this one is %s" % (short_digest(doc["model_digest"]), short_digest(digest))))
+                    else "model %s, this one is %s"
+                    % (short_digest(doc["model_digest"]), short_digest(digest))))
         return None
     try:
         fit_evidence(doc["evidence"])
     except UserError as exc:  # the same job would make the same output: refuse before claiming
-        raise UserError("%s already ran this job: %s (kept in %s; `wl_infer.py spool --drop %s` removes it)"
+        raise UserError("%s already ran this job: %s (kept in %s; `wl_infer.py spool --drop %s` "
+                        "removes it)"
                         % (item.id, exc, path, item.id))
     doc["path"] = path
     return doc
@@ -2471,13 +2588,15 @@ class JobRun(object):
             raise UserError("%s is %s, not %s; %s" % (
                 self.id, item.status, " or ".join(allowed),
                 "with --skip-claim the item must already be claimed" if self.skip_claim
-                else "only open jobs can be claimed (use --skip-claim if you claimed it yourself)"))
+                else "only open jobs can be claimed (use --skip-claim if you claimed it "
+                "yourself)"))
         job = self.job = job_of(item)
         digest = self.digest = require_local_model(models, job.model, url)
         if job.model_digest and not same_digest(job.model_digest, digest):
-            raise UserError("model %s here is %s, the job pins %s; pull the pinned version or leave the job "
-                            "to another worker (a result from other weights could not be verified against the "
-                            "pin)" % (job.model, short_digest(digest), short_digest(job.model_digest)))
+            raise UserError("model %s here is %s, the job pins %s; pull the pinned version or "
+                            "leave the job to another worker (a result from other weights could "
+                            "not be verified against the pin)" % (job.model, short_digest(digest),
+                                      short_digest(job.model_digest)))
         self.kept = kept_result(self.ctx, item, digest)
         if self.kept:
             self.full, self.spooled = self.kept["evidence"], self.kept["path"]
@@ -2510,11 +2629,14 @@ class JobRun(object):
             gen = self.gen = ollama.generate(job, on_token, max_bytes=FIELD_LIMIT, top=top)
             self.generating_s = time.monotonic() - started
             if gen.too_long:
-                raise JobError("the output passed %d bytes after %s, so its evidence could never fit wl's "
-                               "%d-byte field; generation stopped; the job needs a smaller max_tokens"
+                raise JobError("the output passed %d bytes after %s, so its evidence could never "
+                               "fit wl's "
+                               "%d-byte field; generation stopped; the job needs a smaller "
+                               "max_tokens"
                                % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
             digest = digest or self.digest
-            self.full = make_evidence(job, gen.text, provenance(gen, digest, version, ollama_options(job)))
+            self.full = make_evidence(job, gen.text,
+                                      provenance(gen, digest, version, ollama_options(job)))
             self.spooled = self._keep(digest)
         self.ctx.signals.check()
 
@@ -2525,7 +2647,8 @@ class JobRun(object):
             with self.ctx.signals.protected("the write of the result to disk"):
                 return spool_write(self.item, digest, self.full)
         except OSError as exc:
-            self.ctx.warn("could not keep the result in %s (%s); submitting it anyway" % (spool_dir(), _reason(exc)))
+            self.ctx.warn("could not keep the result in %s (%s); submitting it anyway"
+                          % (spool_dir(), _reason(exc)))
             return None
 
     def submit(self):
@@ -2537,24 +2660,30 @@ class JobRun(object):
         if self.spooled:
             _remove(self.spooled)
         self.ctx.signals.check()
-        dropped = [name for name, _ in PROVENANCE_FIELDS if self.full.get(name) and name not in self.evidence]
+        dropped = [name for name, _ in PROVENANCE_FIELDS if self.full.get(name) and name
+                   not in self.evidence]
         if dropped:
-            self.ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field with %s (verifiers "
-                          "will see them as not available)" % (", ".join(dropped), FIELD_LIMIT,
-                                                               "it" if len(dropped) == 1 else "them"))
+            self.ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field "
+                          "with %s (verifiers will see them as not available)"
+                          % (", ".join(dropped), FIELD_LIMIT,
+                                                               "it" if len(dropped) == 1
+                                                               else "them"))
 
     def failure(self, exc):
         """The error to raise for `exc`, once what is ours is released."""
         self.cause = exc
         # between keeping the result and submitting it, only its size can fail
         message = "%s; %s%s" % (exc, self._after_failure(exc),
-                                self._kept_note(self.skip_claim, submittable=self.phase != HOLDING))
+                                self._kept_note(self.skip_claim, submittable=self.phase
+                                                != HOLDING))
         return (Interrupted if self.ctx.signals.aborting() else UserError)(message)
 
     def interruption(self):
         """The Interrupted to raise for a signal, once what is ours is released."""
-        still_claimed = self.skip_claim or self.phase == SUBMITTING  # wl done was stopped: likely still ours
-        return Interrupted(self._after_interrupt() + (self._kept_note(still_claimed) if self.phase != SUBMITTED
+        # wl done was stopped: likely still ours
+        still_claimed = self.skip_claim or self.phase == SUBMITTING
+        return Interrupted(self._after_interrupt()
+                           + (self._kept_note(still_claimed) if self.phase != SUBMITTED
                                                       else ""))
 
     def _after_failure(self, exc):
@@ -2574,16 +2703,16 @@ class JobRun(object):
         if self.phase == SUBMITTED:
             return "the result was submitted before stopping: %s is in review" % item_id
         if self.phase == CLAIMING:
-            return ("stopped during `wl claim`, so %s may be claimed by you: check with `wl status %s` and release "
-                    "it with `wl unclaim %s`" % (item_id, item_id, item_id))
+            return ("stopped during `wl claim`, so %s may be claimed by you: check with `wl "
+                    "status %s` and release it with `wl unclaim %s`" % (item_id, item_id, item_id))
         if self.phase == SUBMITTING:
-            return ("stopped during `wl done`, so the result may or may not be on the board: check with "
-                    "`wl status %s`" % item_id)
+            return ("stopped during `wl done`, so the result may or may not be on the board: "
+                    "check with `wl status %s`" % item_id)
         if self.skip_claim:
             return "the claim on %s was left to its owner (--skip-claim)" % item_id
         self.ctx.status.clear()
-        _say_now("interrupted: releasing the claim on %s; press Ctrl-C again to stop waiting, and the claim may "
-                 "stay held" % item_id)
+        _say_now("interrupted: releasing the claim on %s; press Ctrl-C again to stop waiting, and "
+                 "the claim may stay held" % item_id)
         return release_claim(self.ctx, item_id)
 
     def _kept_note(self, still_claimed, submittable=True):
@@ -2592,8 +2721,8 @@ class JobRun(object):
         if not self.spooled or not os.path.exists(self.spooled):
             return ""
         if not submittable:
-            return "; the result is kept in %s for the record (`wl_infer.py spool --drop %s` removes it)" % (
-                self.spooled, self.id)
+            return ("; the result is kept in %s for the record (`wl_infer.py spool --drop %s` "
+                    "removes it)" % (self.spooled, self.id))
         return "; the result is kept in %s: submit it with `%s`" % (
             self.spooled, resubmit_command(self.ctx, self.id, still_claimed))
 
@@ -2606,7 +2735,8 @@ def run_job(ctx, item_id, skip_claim=False):
     run.check(ctx.ollama.models(), ctx.ollama.url)
     version = local_version(ctx.ollama) if run.kept is None else ""
     run.attempt(run.claim)
-    progress = ctx.progress("running %s with %s" % (run.id, printable(run.job.model)), run.job.max_tokens or None)
+    progress = ctx.progress("running %s with %s" % (run.id, printable(run.job.model)),
+                            run.job.max_tokens or None)
     try:
         run.attempt(run.infer, ctx.ollama, version, progress)
     finally:
@@ -2633,8 +2763,10 @@ LOGPROB_TOLERANCE = 0.1  # nats: more, on identical text, is different numerics
 NEAR_TIE = 0.5  # nats between the top two candidates: a benign flip is plausible
 EXCERPT = 24  # characters shown on each side of a divergence
 DEFAULT_MAX_FORCED = 8  # near-tie steps a tolerant verification forces at most
-# tokens after a forced one where a continuation's raw prompt may still be split into other tokens than
-# the worker's model made (" anaknya" generated as one token, read back as two): no refutation there
+# tokens after a forced one where a continuation's raw prompt may still be split into other tokens
+# than
+# the worker's model made (" anaknya" generated as one token, read back as two): no refutation
+# there
 RETOKENIZED_REACH = 4
 VERIFIED, MISMATCH = "VERIFIED", "MISMATCH"
 # Causes that refute the submitted output whatever the hardware: it does not
@@ -2652,7 +2784,8 @@ class Policy(object):
     for every token's logprobs). sample: a Sample, or None to re-run it all."""
 
     def __init__(self, strict=False, tolerance=0.0, max_forced=DEFAULT_MAX_FORCED, sample=None):
-        self.strict, self.tolerance, self.max_forced, self.sample = strict, tolerance, max_forced, sample
+        self.strict, self.tolerance = strict, tolerance
+        self.max_forced, self.sample = max_forced, sample
 
 
 EXACT = Policy()
@@ -2706,7 +2839,8 @@ def window_spans(job, evidence, sample, rng):
     lengths = exact_token_lengths(evidence)
     budget = job.max_tokens or None
     if lengths is None and budget:
-        return None, ("the output may end at max_tokens, and the evidence gives no token count (Go's evidence "
+        return None, ("the output may end at max_tokens, and the evidence gives no token count "
+                      "(Go's evidence "
                       "records none), so where it ends cannot be sampled")
     if lengths is not None:
         count, cuts, at = len(lengths), [], 0
@@ -2758,7 +2892,8 @@ class Cause(object):
         return dict(self.details, kind=self.kind, message=self.message)
 
 
-class Submission(collections.namedtuple("Submission", "item_id job evidence completed_by checks cause")):
+class Submission(collections.namedtuple("Submission",
+                                        "item_id job evidence completed_by checks cause")):
     """A completion to verify, as read from the board: the job, the
     submitted evidence (decoded), who completed it, and the checks that
     need no model. `cause`: a Cause when those checks refute it (no re-run
@@ -2771,7 +2906,8 @@ class Submission(collections.namedtuple("Submission", "item_id job evidence comp
         job = job_of(item)
         completion = item.completion
         if completion is None or not completion.evidence:
-            raise UserError("%s has no completion evidence to verify (status %s)" % (item.id, item.status))
+            raise UserError("%s has no completion evidence to verify (status %s)"
+                            % (item.id, item.status))
         evidence, checks, cause = evidence_checks(job, completion.evidence)
         if evidence is None:
             raise JobError(checks[0].message, item.id)
@@ -2787,7 +2923,8 @@ class Submission(collections.namedtuple("Submission", "item_id job evidence comp
         return self.evidence["output_hash"]
 
 
-class Forced(collections.namedtuple("Forced", "token_index char submitted_token_text rerun_token_text gap "
+class Forced(collections.namedtuple("Forced", "token_index char submitted_token_text "
+                                    "rerun_token_text gap "
                                               "logprob")):
     """A near-tie a tolerant verification accepted: at token `token_index`
     (character `char`) the submitted text has `submitted_token_text` where
@@ -2796,7 +2933,8 @@ class Forced(collections.namedtuple("Forced", "token_index char submitted_token_
     __slots__ = ()
 
 
-class Divergence(collections.namedtuple("Divergence", "char token_index excerpt_start submitted rerun")):
+class Divergence(collections.namedtuple("Divergence",
+                                        "char token_index excerpt_start submitted rerun")):
     """Where a re-run left the submitted output: character `char` and token
     `token_index` (None when not known) of it, and both texts from
     `excerpt_start` to a little past it."""
@@ -2812,7 +2950,8 @@ class Window(collections.namedtuple("Window", "start_token_index start_char toke
     __slots__ = ()
 
 
-class Sampling(collections.namedtuple("Sampling", "windows sample_seed window_tokens submitted_tokens "
+class Sampling(collections.namedtuple("Sampling",
+                                      "windows sample_seed window_tokens submitted_tokens "
                                                   "tokens_checked coverage")):
     """What a sampled verification re-generated: its Windows, the seed that
     placed them, their size, the submitted output's tokens (estimated when
@@ -2821,7 +2960,8 @@ class Sampling(collections.namedtuple("Sampling", "windows sample_seed window_to
     __slots__ = ()
 
 
-class LocalServer(collections.namedtuple("LocalServer", "model_digest ollama_version prompt_eval_count")):
+class LocalServer(collections.namedtuple("LocalServer",
+                                         "model_digest ollama_version prompt_eval_count")):
     """The verifying server: its model's digest, its Ollama version (asked
     only when the evidence has one to compare) and its prompt_eval_count for
     the job's own request (when it ran to its end)."""
@@ -2832,8 +2972,10 @@ class LocalServer(collections.namedtuple("LocalServer", "model_digest ollama_ver
 NO_SERVER = LocalServer(None, None, None)
 
 
-class Outcome(collections.namedtuple("Outcome", "verdict exact tolerance forced checks cause diverged_at "
-                                                "tokens_generated probe_tokens logprob_max_diff actual_hash "
+class Outcome(collections.namedtuple("Outcome", "verdict exact tolerance forced checks cause "
+                                     "diverged_at "
+                                                "tokens_generated probe_tokens logprob_max_diff "
+                                     "actual_hash "
                                                 "output local sampling")):
     """What verifying a Submission found: `verdict` VERIFIED or MISMATCH,
     `exact` (VERIFIED without forced steps or sampling), the Forced steps,
@@ -2868,7 +3010,8 @@ class Verification(collections.namedtuple("Verification", "submission outcome"))
         """A MISMATCH that proves the submitted output is not this job's
         (what `audit --reject` rejects); a near-tie or an unknown cause could
         be an honest worker on other hardware."""
-        return self.verdict == MISMATCH and self.cause is not None and self.cause.kind in REFUTATIONS
+        cause = self.cause
+        return self.verdict == MISMATCH and cause is not None and cause.kind in REFUTATIONS
 
 
 def evidence_checks(job, raw):
@@ -2881,25 +3024,31 @@ def evidence_checks(job, raw):
         return None, [Check("decodes", False, "evidence does not decode: %s" % exc)], None
     checks = [Check("decodes", True, "evidence decodes")]
     if output_hash(evidence["output"]) != evidence["output_hash"]:
-        return evidence, checks + [Check("self-consistent", False, "evidence is inconsistent: output does not "
+        return evidence, checks + [Check("self-consistent", False,
+                                         "evidence is inconsistent: output does not "
                                          "hash to output_hash")], Cause(
-            "inconsistent-evidence", "the output does not hash to output_hash; no honest run writes that, "
-            "so the submitted output is refuted without a re-run")
+            "inconsistent-evidence", "the output does not hash to output_hash; no honest run "
+            "writes that, so the submitted output is refuted without a re-run")
     lengths = evidence["token_lengths"]
     if lengths and sum(lengths) > len(evidence["output"]):
-        return evidence, checks + [Check("self-consistent", False, "evidence is inconsistent: its token_lengths "
+        return evidence, checks + [Check("self-consistent", False,
+                                         "evidence is inconsistent: its token_lengths "
                                          "add up to more than the output")], Cause(
-            "inconsistent-evidence", "the token_lengths add up to %d characters and the output has %d; no honest "
-            "run writes that (an output cut short?), so it is refuted without a re-run"
+            "inconsistent-evidence", "the token_lengths add up to %d characters and the output "
+            "has %d; no honest run writes that (an output cut short?), so it is refuted without a "
+            "re-run"
             % (sum(lengths), len(evidence["output"])))
     checks.append(Check("self-consistent", True, "output hashes to output_hash"))
     if job is None:
-        return evidence, checks + [Check("binding", None, "binding: not checked, the job does not decode")], None
+        return evidence, checks + [Check("binding", None,
+                                         "binding: not checked, the job does not decode")], None
     differences = []
     if full_model_name(evidence["model"]).lower() != full_model_name(job.model).lower():
-        differences.append(("model", "evidence model %s, job model %s" % (evidence["model"], job.model)))
+        differences.append(("model", "evidence model %s, job model %s"
+                            % (evidence["model"], job.model)))
     if evidence["seed"] != job.seed:
-        differences.append(("seed", "evidence seed %d, job seed %d" % (evidence["seed"], job.seed)))
+        differences.append(("seed", "evidence seed %d, job seed %d"
+                            % (evidence["seed"], job.seed)))
     pin, recorded = job.model_digest, evidence["model_digest"]
     if pin and recorded and not same_digest(pin, recorded):
         differences.append(("model_digest", "evidence model_digest %s, job pins %s"
@@ -2926,7 +3075,8 @@ def local_model_check(job, evidence, digest):
         return Check("local-model", False, "local model %s is %s, the worker's was %s"
                      % (job.model, short_digest(digest), short_digest(recorded)))
     if not recorded and not pin:
-        return Check("local-model", None, "local model %s: not comparable, the evidence records no model digest"
+        return Check("local-model", None, "local model %s: not comparable, the evidence records "
+                     "no model digest"
                      % short_digest(digest))
     if pin and recorded:
         whose = "the pinned one and the worker's"
@@ -2961,13 +3111,14 @@ def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
     recorded_version = evidence["ollama_version"]
     if recorded_digest and digest and not same_digest(recorded_digest, digest):
         whose = "the worker's model" if evidence["model_digest"] else "the job's pinned model"
-        return Cause("model-digest", "%s is %s and this one is %s: different weights give different text; "
-                     "re-check with that version of the model"
+        return Cause("model-digest", "%s is %s and this one is %s: different weights give "
+                     "different text; re-check with that version of the model"
                      % (whose, short_digest(recorded_digest), short_digest(digest)),
                      recorded=recorded_digest, local=digest)
     if recorded_version and version and recorded_version != version:
-        return Cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes can differ in "
-                     "numerics; re-check with the worker's version" % (preview(recorded_version, 20), version),
+        return Cause("ollama-version", "the worker ran Ollama %s and this is Ollama %s: runtimes "
+                     "can differ in numerics; re-check with the worker's version"
+                     % (preview(recorded_version, 20), version),
                      recorded=recorded_version, local=version)
     index = gen.token_at(gen.diverged_at)
     entry = gen.entry_at(index)
@@ -2976,16 +3127,17 @@ def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
     else:
         start = gen.token_start(index)
         chosen = gen.text[start:gen.token_ends[index]]
-    runner_up = next(((text, lp) for text, lp in (entry[1] if entry else []) if text != chosen), None)
+    runner_up = next(((text, lp) for text, lp in (entry[1] if entry else []) if text != chosen),
+                     None)
     if index is None:
-        return Cause("unknown", "the re-run ended where the submitted output goes on, so a near-tie cannot be "
-                     "told from a different output")
+        return Cause("unknown", "the re-run ended where the submitted output goes on, so a "
+                     "near-tie cannot be told from a different output")
     if entry is None:
-        return Cause("unknown", "this Ollama returned no candidates (logprobs) at the divergence, so a near-tie "
-                     "cannot be told from a different output")
+        return Cause("unknown", "this Ollama returned no candidates (logprobs) at the divergence, "
+                     "so a near-tie cannot be told from a different output")
     if runner_up is None:
-        return Cause("unknown", "the re-run's logprobs at the divergence list no runner-up, so a near-tie "
-                     "cannot be told from a different output")
+        return Cause("unknown", "the re-run's logprobs at the divergence list no runner-up, so a "
+                     "near-tie cannot be told from a different output")
     runner_up_text, runner_up_logprob = runner_up
     margin = entry[0] - runner_up_logprob
     took_runner_up = bool(runner_up_text) and submitted.startswith(runner_up_text, start)
@@ -2994,7 +3146,8 @@ def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
         has = preview(_dumps(theirs), 20)
     else:
         has = "nothing more"
-    where = "at token %d the re-run chose %s over %s by %.2f nats where the submitted output has %s" % (
+    where = ("at token %d the re-run chose %s over %s by %.2f nats where the submitted output "
+             "has %s") % (
         index, preview(_dumps(chosen), 20), preview(_dumps(runner_up_text), 20), margin, has)
     details = dict(token_index=index, rerun_token_text=chosen, runner_up_text=runner_up_text,
                    margin=round(margin, 4))
@@ -3005,13 +3158,15 @@ def diagnose(gen, job, evidence, digest, version, submitted, rendered=None):
             cache_words = cached[0]
             details.update(cached[1])
         call = "the runner-up," if took_runner_up else "a close call,"
-        return Cause("near-tie", where + ": %s consistent with benign floating-point differences across "
-                     "hardware or batching%s; verify --tolerance %g checks whether the rest of the output follows"
+        return Cause("near-tie", where + ": %s consistent with benign floating-point differences "
+                     "across hardware or batching%s; verify --tolerance %g checks whether the "
+                     "rest of the output follows"
                      % (call, cache_words, NEAR_TIE), **details)
     caveat = ""
     if not recorded_digest:
         caveat = " (the evidence records no model digest, so other weights are not ruled out)"
-    return Cause("different-output", where + ": the output was not produced by this model and seed" + caveat,
+    return Cause("different-output", where + ": the output was not produced by this model and "
+                 "seed" + caveat,
                  **details)
 
 
@@ -3030,10 +3185,12 @@ def prompt_cache_note(evidence, rendered):
     estimate = int(len(rendered) / CHARS_PER_TOKEN) if rendered else None
     details = {"worker_prompt_eval_count": count, "prompt_tokens_estimated": estimate}
     if estimate is not None and count * 2 < estimate:
-        return ("; the worker's server evaluated %s of the prompt's about %d (the rest came from its prompt "
-                "cache, evaluated in other batches than a fresh server's)" % (_tokens(count), estimate), details)
-    return ("; the worker's server evaluated %s of the prompt, as a fresh one does: if this server has run or "
-            "checked this job before, the prompt came from its cache, evaluated in other batches"
+        return ("; the worker's server evaluated %s of the prompt's about %d (the rest came from "
+                "its prompt cache, evaluated in other batches than a fresh server's)"
+                % (_tokens(count), estimate), details)
+    return ("; the worker's server evaluated %s of the prompt, as a fresh one does: if this "
+            "server has run or checked this job before, the prompt came from its cache, evaluated "
+            "in other batches"
             % _tokens(count), details)
 
 
@@ -3046,8 +3203,8 @@ def logprob_check(gen, evidence, limit=LOGPROB_TOLERANCE):
     pairs = list(zip(ours, theirs))
     diff = round(max([abs(round(a, 4) - b) for a, b in pairs] or [0.0]), 4)
     if diff > limit:
-        return Check("logprobs", False, "same text, different numerics: logprobs differ by up to %.4f nats "
-                     "(different weights, quantisation or runtime)" % diff), diff
+        return Check("logprobs", False, "same text, different numerics: logprobs differ by up to "
+                     "%.4f nats (different weights, quantisation or runtime)" % diff), diff
     return Check("logprobs", True, "logprobs agree: largest difference %.4f nats over %d tokens"
                  % (diff, len(pairs))), diff
 
@@ -3097,7 +3254,8 @@ def near_tie_step(gen, submitted, lengths, tolerance):
     if start >= len(submitted):
         return NO_STEP
     if gen.thinking:
-        return _not_applied("the model thinks before it answers, and a continuation cannot include its thinking")
+        return _not_applied("the model thinks before it answers, and a continuation cannot "
+                            "include its thinking")
     entry = gen.entry_at(index)
     if entry is None or not entry[1]:
         return _not_applied("this Ollama returned no candidates (top_logprobs) at the divergence")
@@ -3106,8 +3264,9 @@ def near_tie_step(gen, submitted, lengths, tolerance):
     fits = [(text, lp) for text, lp in entry[1] if text and submitted.startswith(text, start)]
     if not fits:
         return _decided(Cause(
-            "different-output", "at token %d the submitted output goes on with %s, which is none of the "
-            "model's top %d candidates there: the output was not produced by this model and seed"
+            "different-output", "at token %d the submitted output goes on with %s, which is none "
+            "of the model's top %d candidates there: the output was not produced by this model "
+            "and seed"
             % (index, preview(_dumps(submitted[start:start + 12]), 24), len(entry[1])), gap=None,
             token_index=index, rerun_token_text=chosen))
     length = None
@@ -3118,15 +3277,17 @@ def near_tie_step(gen, submitted, lengths, tolerance):
     gap = round(best - logprob, 4) + 0.0
     if gap > tolerance:
         return _decided(Cause(
-            "different-output", "at token %d the submitted output has %s, %.2f nats below the model's "
-            "choice %s: beyond the tolerance of %g nats, so not a near-tie this model could have flipped"
+            "different-output", "at token %d the submitted output has %s, %.2f nats below the "
+            "model's "
+            "choice %s: beyond the tolerance of %g nats, so not a near-tie this model could have "
+            "flipped"
             % (index, preview(_dumps(text), 20), gap, preview(_dumps(chosen), 20), tolerance),
             gap=gap, submitted_token_text=text, token_index=index, rerun_token_text=chosen))
     return _force(Forced(index, start, text, chosen, gap, round(logprob, 4) + 0.0))
 
 
-NO_RENDERING = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 and later), so it "
-                "cannot %s")
+NO_RENDERING = ("this Ollama does not render prompts (`_debug_render_only`, Ollama 0.11.5 and "
+                "later), so it cannot %s")
 
 
 class Plan(collections.namedtuple("Plan", "policy spans sample_seed note")):
@@ -3152,7 +3313,8 @@ def plan_verification(job, evidence, policy, renders):
     seed = policy.sample.seed
     if seed is None:
         seed = random.SystemRandom().getrandbits(63)
-    # the positions are a function of the seed and the output's token boundaries: anyone can re-check them
+    # the positions are a function of the seed and the output's token boundaries: anyone can
+    # re-check them
     spans, why_not = window_spans(job, evidence, policy.sample, random.Random(seed))
     if spans is not None and not renders():
         spans, why_not = None, NO_RENDERING % "start a window inside the output"
@@ -3181,19 +3343,25 @@ class Rerun(object):
         self.forced = []  # Forced steps, over every span
         self.windows = []  # Windows re-generated (sampled)
         self.tokens_generated = 0
-        self.probe_tokens = 0  # of those, generated to learn the model's candidates at a divergence
-        self.rendered, self.render_asked = None, False  # the server's rendering of the prompt, asked once
+        # of those, generated to learn the model's candidates at a divergence
+        self.probe_tokens = 0
+        # the server's rendering of the prompt, asked once
+        self.rendered, self.render_asked = None, False
 
     def rendered_prompt(self):
         """The prompt as the server renders it, asked once (None: it cannot say)."""
         if not self.render_asked:
-            self.rendered, self.render_asked = self.ollama.rendered_prompt(self.submission.job), True
+            self.rendered = self.ollama.rendered_prompt(self.submission.job)
+            self.render_asked = True
         return self.rendered
 
-    def outcome(self, verdict, exact=None, cause=None, diverged_at=None, logprob_max_diff=None, actual_hash=None,
+    def outcome(self, verdict, exact=None, cause=None, diverged_at=None, logprob_max_diff=None,
+                actual_hash=None,
                 output=None, local=NO_SERVER, sampling=None):
-        return Outcome(verdict, exact, self.policy.tolerance, self.forced, self.checks, cause, diverged_at,
-                       self.tokens_generated, self.probe_tokens, logprob_max_diff, actual_hash, output, local,
+        return Outcome(verdict, exact, self.policy.tolerance, self.forced, self.checks, cause,
+                       diverged_at,
+                       self.tokens_generated, self.probe_tokens, logprob_max_diff, actual_hash,
+                       output, local,
                        sampling)
 
     def run(self):
@@ -3201,7 +3369,8 @@ class Rerun(object):
         job, evidence = submission.job, submission.evidence
         digest = require_local_model(ollama.models(), job.model, ollama.url)
         self.checks.append(local_model_check(job, evidence, digest))
-        plan = self.plan = plan_verification(job, evidence, policy, lambda: self.rendered_prompt() is not None)
+        plan = self.plan = plan_verification(job, evidence, policy,
+                                             lambda: self.rendered_prompt() is not None)
         if plan.note:
             self.checks.append(plan.note)
         spans, sampled = plan.spans, plan.sampled
@@ -3224,38 +3393,47 @@ class Rerun(object):
             if gen.diverged_at is not None:
                 return self._diverged(gen, span, cause, local, output, actual_hash)
             if cause is not None:  # the tolerance decided
-                return self.outcome(MISMATCH, cause=cause, actual_hash=actual_hash, output=output, local=local)
+                return self.outcome(MISMATCH, cause=cause, actual_hash=actual_hash, output=output,
+                                    local=local)
         local = LocalServer(digest, None, prompt_eval_count)
         recorded_ending, ending = evidence["done_reason"], gen.final.get("done_reason")
         if self.forced and recorded_ending and ending != recorded_ending:
-            # one request makes the ending the same as the submitted one's; forced steps split it over several
-            message = ("the re-run ends where the submitted output does, but for another reason (%s, the evidence "
-                       "says %s)" % (preview(_dumps(ending), 20), preview(_dumps(recorded_ending), 20)))
+            # one request makes the ending the same as the submitted one's; forced steps split it
+            # over several
+            message = ("the re-run ends where the submitted output does, but for another reason "
+                       "(%s, the evidence says %s)" % (preview(_dumps(ending), 20),
+                                     preview(_dumps(recorded_ending), 20)))
             self.checks.append(Check("rerun", False, message))
-            return self.outcome(MISMATCH, cause=Cause("different-ending", message), actual_hash=actual_hash,
+            return self.outcome(MISMATCH, cause=Cause("different-ending", message),
+                                actual_hash=actual_hash,
                                 output=output, local=local)
         forcing = ", forcing %s" % _steps(len(self.forced)) if self.forced else ""
         if sampled:
             sampling = self._sampling()
-            self.checks.append(Check("rerun", True, "%d windows re-generated the submitted text (%d of %s%s, "
+            self.checks.append(Check("rerun", True,
+                                     "%d windows re-generated the submitted text (%d of %s%s, "
                                      "coverage %.1f%%, sample seed %d)" % (
-                                         len(spans), sampling.tokens_checked, _tokens(sampling.submitted_tokens),
+                                         len(spans), sampling.tokens_checked,
+                                         _tokens(sampling.submitted_tokens),
                                          forcing, 100 * sampling.coverage, sampling.sample_seed)))
             self.checks.append(Check("logprobs", None, "logprobs: not compared (sampled)"))
             return self.outcome(VERIFIED, exact=False, local=local, sampling=sampling)
         self.checks.append(Check("rerun", True, "re-run produced the submitted output (%s%s)" % (
             _tokens(gen.eval_count), forcing)))
-        verified = self.outcome(VERIFIED, exact=not self.forced, actual_hash=actual_hash, output=output,
+        verified = self.outcome(VERIFIED, exact=not self.forced, actual_hash=actual_hash,
+                                output=output,
                                 local=local)
         if not policy.strict:
-            self.checks.append(Check("logprobs", None, "logprobs: not compared (--strict compares them, at the cost "
+            self.checks.append(Check("logprobs", None,
+                                     "logprobs: not compared (--strict compares them, at the cost "
                                                        "of asking for them on every token)"))
             return verified
         check, diff = logprob_check(gen, evidence, max(LOGPROB_TOLERANCE, policy.tolerance))
         self.checks.append(check)
         if check.ok is False:
             return verified._replace(verdict=MISMATCH, exact=None, logprob_max_diff=diff,
-                                     cause=Cause("different-numerics", check.message + " (--strict)"))
+                                     cause=Cause("different-numerics", check.message
+                                                 + " (--strict)"))
         return verified._replace(logprob_max_diff=diff)
 
     def _sampling(self):
@@ -3273,7 +3451,8 @@ class Rerun(object):
             last_chars = max(len(submitted) - last.start_char, 1)
             total = max(checked, int(round(len(submitted) * last.tokens / last_chars)))
         coverage = round(min(1.0, checked / total), 4)
-        return Sampling(windows, self.plan.sample_seed, self.policy.sample.tokens, total, checked, coverage)
+        return Sampling(windows, self.plan.sample_seed, self.policy.sample.tokens, total, checked,
+                        coverage)
 
     def _diverged(self, gen, span, cause, local, output, actual_hash):
         """A span's re-run left the submitted output: where, and the likely
@@ -3290,9 +3469,11 @@ class Rerun(object):
         if cause is None:
             version = local_version(self.ollama) if evidence["ollama_version"] else None
             local = local._replace(ollama_version=version)
-            cause = diagnose(gen, submission.job, evidence, local.model_digest, version, submitted[span.char:],
+            cause = diagnose(gen, submission.job, evidence, local.model_digest, version,
+                             submitted[span.char:],
                              self.rendered)
-        return self.outcome(MISMATCH, cause=cause, diverged_at=where, actual_hash=actual_hash, output=output,
+        return self.outcome(MISMATCH, cause=cause, diverged_at=where, actual_hash=actual_hash,
+                            output=output,
                             local=local)
 
     def _follow(self, span, progress):
@@ -3316,7 +3497,8 @@ class Rerun(object):
             total = evidence["eval_count"]
         progress.total = total if total and total > 0 else None
         if span.char:
-            request = continuation_request(job, self.rendered_prompt(), whole[:span.char], span.budget, top)
+            request = continuation_request(job, self.rendered_prompt(), whole[:span.char],
+                                           span.budget, top)
         else:
             request = generate_request(job, top, span.budget)
         gen = None
@@ -3334,13 +3516,15 @@ class Rerun(object):
                     return Followed(gen, None)
                 step = self._step(gen, submitted, lengths, span)
                 if step.kind == NOT_APPLIED:
-                    self.checks.append(Check("tolerance", None, "tolerance not applied: %s; the verdict is the "
+                    self.checks.append(Check("tolerance", None,
+                                             "tolerance not applied: %s; the verdict is the "
                                                                 "exact one" % step.why))
                     return Followed(gen, None)
                 if step.kind != FORCE:
                     return Followed(gen, step.cause)
                 forced = step.forced
-                self.forced.append(forced._replace(token_index=forced.token_index + (span.token_index or 0),
+                self.forced.append(forced._replace(token_index=forced.token_index
+                                                   + (span.token_index or 0),
                                                    char=forced.char + span.char))
                 gen.force(forced.token_index, forced.submitted_token_text, forced.logprob)
                 budget = span.budget - len(gen.token_ends) if span.budget else None
@@ -3349,7 +3533,8 @@ class Rerun(object):
                     if span.last:
                         gen.compare_end(submitted)
                     return Followed(gen, None)
-                request = continuation_request(job, self.rendered_prompt(), whole[:span.char] + gen.text, budget,
+                request = continuation_request(job, self.rendered_prompt(), whole[:span.char]
+                                               + gen.text, budget,
                                                top)
         finally:
             progress.clear()
@@ -3371,8 +3556,8 @@ class Rerun(object):
         if step.kind == FORCE and len(forced) >= policy.max_forced:
             index, gap = step.forced.token_index, step.forced.gap
             return _decided(Cause(
-                "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f nats) for "
-                "the %s time, more than --max-forced %d allows: more than near-tie noise"
+                "too-many-divergences", "at token %d the submitted output takes a near-tie (%.2f "
+                "nats) for the %s time, more than --max-forced %d allows: more than near-tie noise"
                 % (index, gap, _ordinal(len(forced) + 1), policy.max_forced),
                 token_index=index, gap=gap, near_ties=len(forced) + 1))
         if step.kind == FORCE and self.rendered_prompt() is None:
@@ -3383,9 +3568,10 @@ class Rerun(object):
             if index is not None and index - last_forced <= RETOKENIZED_REACH:
                 cause = step.cause
                 return _decided(Cause(
-                    "unknown", "%s; but this is right after a forced token, where the continuation's prompt may "
-                    "not split into tokens as the worker's model made them, so a forgery cannot be told from "
-                    "an honest output here" % cause.message, **cause.details))
+                    "unknown", "%s; but this is right after a forced token, where the "
+                    "continuation's prompt may "
+                    "not split into tokens as the worker's model made them, so a forgery cannot "
+                    "be told from an honest output here" % cause.message, **cause.details))
         return step
 
     def _probe(self, span, gen, index):
@@ -3413,7 +3599,8 @@ class Rerun(object):
 
 def refuted_outcome(submission):
     """The Outcome of a Submission its own checks refute: no re-run."""
-    return Outcome(MISMATCH, None, 0.0, [], [], submission.cause, None, 0, 0, None, None, None, NO_SERVER, None)
+    return Outcome(MISMATCH, None, 0.0, [], [], submission.cause, None, 0, 0, None, None, None,
+                   NO_SERVER, None)
 
 
 def verify_submission(submission, ollama, policy=EXACT, progress=None):
@@ -3433,7 +3620,8 @@ def verify_item(item, ollama, policy=EXACT, progress=None):
 
 
 def _ordinal(n):
-    return "%d%s" % (n, "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
+    return "%d%s" % (n, "th" if 10 <= n % 100 <= 20
+                     else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
 
 
 def _steps(n):
@@ -3455,13 +3643,18 @@ def verification_document(verification):
     return {"id": v.item_id, "verdict": v.verdict, "refuted": v.refuted, "exact": outcome.exact,
             "tolerance": outcome.tolerance, "sampled": bool(sampling),
             "windows": windows, "tokens_checked": sampling and sampling.tokens_checked,
-            "submitted_tokens": sampling and sampling.submitted_tokens, "coverage": sampling and sampling.coverage,
+            "submitted_tokens": sampling and sampling.submitted_tokens, "coverage": sampling
+            and sampling.coverage,
             "sample_seed": sampling and sampling.sample_seed,
-            "forced": [step._asdict() for step in outcome.forced], "checks": [c._asdict() for c in v.checks],
+            "forced": [step._asdict() for step in outcome.forced],
+            "checks": [c._asdict() for c in v.checks],
             "cause": v.cause and v.cause.document(), "diverged_at": where and where._asdict(),
-            "tokens_generated": outcome.tokens_generated, "logprob_max_diff": outcome.logprob_max_diff,
-            "expected_hash": v.expected_hash, "actual_hash": outcome.actual_hash, "job": v.job.document(),
-            "output": outcome.output, "local": local._asdict(), "evidence": evidence_document(v.evidence)}
+            "tokens_generated": outcome.tokens_generated,
+            "logprob_max_diff": outcome.logprob_max_diff,
+            "expected_hash": v.expected_hash, "actual_hash": outcome.actual_hash,
+            "job": v.job.document(),
+            "output": outcome.output, "local": local._asdict(),
+            "evidence": evidence_document(v.evidence)}
 
 
 def verification_lines(verification):
@@ -3470,21 +3663,23 @@ def verification_lines(verification):
     ok = v.verdict == VERIFIED
     cause, where, sampling, forced = v.cause, outcome.diverged_at, outcome.sampling, outcome.forced
     text = [_headline(outcome),
-            "  Item:      %s (completed by %s)" % (v.item_id, printable(v.submission.completed_by or "unknown")),
+            "  Item:      %s (completed by %s)"
+            % (v.item_id, printable(v.submission.completed_by or "unknown")),
             "  Checks:"] + _check_lines(v.checks, "    ")
     if sampling:
         text.append("  Windows:   " + ", ".join(_window_words(w) for w in sampling.windows))
         if ok:
-            text.append("  Sampled:   not an exact verification: an edit outside the windows is not proven "
-                        "absent (re-check: --sample %d --window %d --sample-seed %d)" % (
+            text.append("  Sampled:   not an exact verification: an edit outside the windows is "
+                        "not proven absent (re-check: --sample %d --window %d --sample-seed %d)"
+                        % (
                             len(sampling.windows), sampling.window_tokens, sampling.sample_seed))
     if cause:
         text.append("  Cause:     %s: %s" % (cause.kind, printable(cause.message)))
         if v.refuted:
             text.append("  Refuted:   yes: the submitted output is not this job's")
         else:
-            text.append("  Refuted:   no: this can be an honest worker's output (audit --reject keeps it in "
-                        "review)")
+            text.append("  Refuted:   no: this can be an honest worker's output (audit --reject "
+                        "keeps it in review)")
     for n, step in enumerate(forced):
         label = "  Forced:   " if n == 0 else "            "
         text.append("%s token %d: the submitted %s, where the re-run chose %s (%.2f nats)" % (
@@ -3507,7 +3702,8 @@ def verification_lines(verification):
         actual = "none (no re-run)"
     probes = ""
     if outcome.probe_tokens:
-        probes = " (%d of them to ask the model's candidates at the divergence)" % outcome.probe_tokens
+        probes = (" (%d of them to ask the model's candidates at the divergence)"
+                  % outcome.probe_tokens)
     text += ["  Expected:  " + printable(v.expected_hash),
              "  Actual:    " + actual,
              "  Cost:      %s generated%s" % (_tokens(outcome.tokens_generated), probes)]
@@ -3530,7 +3726,8 @@ def _headline(outcome):
     if ok:
         return "✓ VERIFIED — the re-run produced the submitted output, hashes match"
     if outcome.diverged_at is not None:
-        return "✗ MISMATCH — the re-run diverges at character %d (%s)" % (outcome.diverged_at.char, cause.kind)
+        where = outcome.diverged_at.char
+        return "✗ MISMATCH — the re-run diverges at character %d (%s)" % (where, cause.kind)
     if outcome.tokens_generated and cause.kind == "different-numerics":
         return "✗ MISMATCH — same text, different numerics (--strict)"
     if outcome.tokens_generated:
@@ -3646,30 +3843,39 @@ class Worker(object):
         self.ctx, self.args, self.clock = ctx, args, time.monotonic
         self.servers = [Server(url, args.timeout) for url in args.ollama_urls]
         self.wanted = set(full_model_name(m).lower() for m in args.models) if args.models else None
-        self.rng = random.Random()  # seeded from the system: workers on one board draw different orders
+        # seeded from the system: workers on one board draw different orders
+        self.rng = random.Random()
         self.memory = WorkerMemory()  # failures and skips, across runs; its own locks
         self.start = self.clock()
         self.cond = threading.Condition()
-        # claimer and server threads, under cond: an Eligibility (TAKE) claimed, not yet generating (at most one)
+        # claimer and server threads, under cond: an Eligibility (TAKE) claimed, not yet generating
+        # (at most one)
         self.ready = None
-        self.finished = collections.deque()  # server threads append, the submitter pops; under cond
+        # server threads append, the submitter pops; under cond
+        self.finished = collections.deque()
         self.claiming = True  # claimer, under cond: False once it takes no more jobs
         self.serving = len(self.servers)  # server threads, under cond: those still running
         self.stopping = False  # any thread, under cond (stop())
         self.fatal = None  # claimer or guarded(), under cond: an error that ends the worker
-        # claimer only (no lock): the jobs of the last poll still to take, the polls, whether the last
+        # claimer only (no lock): the jobs of the last poll still to take, the polls, whether the
+        # last
         # found any, the failing polls in a row, and a lost claim (look at the board again first)
         self.candidates, self.polls, self.found, self.failing = [], 0, False, 0
         self.lost_race = False
-        # claimer only: jobs lost to other workers since the last regular poll (a board that still lists
-        # one as open, a lagging clone, must not make the fresh looks after a loss go round for ever)
+        # claimer only: jobs lost to other workers since the last regular poll (a board that still
+        # lists
+        # one as open, a lagging clone, must not make the fresh looks after a loss go round for
+        # ever)
         self.lost_ids = set()
         self.skipped = set()  # claimer only: jobs skipped by this run, for the summary
         self.taken = 0  # claimer, under cond: jobs claimed
-        self.held = set()  # claimer adds, whoever finishes removes, under cond: IDs from claim to outcome
-        self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0, "tokens": 0}  # any thread, count()
+        # claimer adds, whoever finishes removes, under cond: IDs from claim to outcome
+        self.held = set()
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "lost": 0,
+                       "tokens": 0}  # any thread, count()
         self.jobs = []  # claimer appends, under cond: {"id", "result", "error"} per job taken
-        self.records = {}  # under cond: JobRun in hand -> its record (a finished one, with its output, let go)
+        # under cond: JobRun in hand -> its record (a finished one, with its output, let go)
+        self.records = {}
 
     def log(self, message):
         """A line of the log on stderr: failures and what a signal does (-q keeps these)."""
@@ -3684,7 +3890,8 @@ class Worker(object):
         """Start the threads and wait for them, acting on signals: the first
         stops taking jobs, the second aborts the jobs in flight."""
         self.starting()
-        targets = [(self.claim_loop, ())] + [(self.serve, (s,)) for s in self.servers] + [(self.submit_loop, ())]
+        targets = [(self.claim_loop, ())] + [(self.serve, (s,)) for s
+                                             in self.servers] + [(self.submit_loop, ())]
         threads = [threading.Thread(target=self.guarded, args=t, daemon=True) for t in targets]
         for thread in threads:
             thread.start()
@@ -3702,9 +3909,12 @@ class Worker(object):
                     self.log("aborting: stopping the generation in flight and releasing its claim")
                 else:  # a third: out now
                     held = ", ".join(self.jobs_in_flight()) or "none"
-                    raise Interrupted("stopped at once: jobs that may still be claimed by you: %s; check them "
-                                      "with `wl status ID` and release them with `wl unclaim ID`" % held)
-            if self.ctx.signals.aborting():  # at every wake-up: a generation may still have been connecting
+                    raise Interrupted("stopped at once: jobs that may still be claimed by you: "
+                                      "%s; check them with `wl status ID` and release them with "
+                                      "`wl unclaim ID`"
+                                      % held)
+            # at every wake-up: a generation may still have been connecting
+            if self.ctx.signals.aborting():
                 self.stop()  # first, so that no server starts another job
                 for server in self.servers:
                     server.ollama.cancel()
@@ -3717,8 +3927,9 @@ class Worker(object):
         ignored, and --models that no server here has (none of them: the
         worker would idle for ever, so it does not start)."""
         if "SIGINT" in self.ctx.signals.ignored:
-            self.log("SIGINT is ignored (a shell does that to `work &` in a script), so Ctrl-C and kill -INT do "
-                     "nothing: stop this worker with SIGTERM (kill %d)" % os.getpid())
+            self.log("SIGINT is ignored (a shell does that to `work &` in a script), so Ctrl-C "
+                     "and kill -INT do nothing: stop this worker with SIGTERM (kill %d)"
+                     % os.getpid())
         if self.wanted is None:
             return
         for server in self.servers:
@@ -3726,23 +3937,29 @@ class Worker(object):
         usable = [s for s in self.servers if not s.error]
         if not usable:  # nothing to tell yet: the polls say what fails
             return
-        missing = sorted(m for m in self.wanted if not any(find_model(s.models, m) for s in usable))
+        missing = sorted(m for m in self.wanted
+                         if not any(find_model(s.models, m) for s in usable))
         where = ", ".join(s.url for s in usable)
         if len(missing) == len(self.wanted):
             local = sorted(set(m for s in usable for m in s.models)) or ["no model"]
-            raise UserError("none of --models is in an Ollama here: %s; %s %s %s (pull one with `ollama pull %s`)"
-                            % (", ".join(missing), where, "has" if len(usable) == 1 else "have", ", ".join(local),
+            raise UserError("none of --models is in an Ollama here: %s; %s %s %s (pull one with "
+                            "`ollama pull %s`)"
+                            % (", ".join(missing), where, "has" if len(usable) == 1 else "have",
+                               ", ".join(local),
                                missing[0]))
         if missing:
-            self.log("--models: no Ollama here (%s) has %s; its jobs are skipped" % (where, ", ".join(missing)))
+            self.log("--models: no Ollama here (%s) has %s; its jobs are skipped"
+                     % (where, ", ".join(missing)))
 
     def in_flight(self):
         """The status line: each server's job, its tokens and their rate."""
         now = self.clock()
-        running = ["%s %s, %s%s" % (s.running, _tokens(s.tokens), received_rate(s.tokens, now - s.started),
+        running = ["%s %s, %s%s" % (s.running, _tokens(s.tokens),
+                                    received_rate(s.tokens, now - s.started),
                                     " on " + s.url if len(self.servers) > 1 else "")
                    for s in self.servers if s.running]
-        return "work: %s; %d done" % (", ".join(running) or "no job in flight", self.counts["done"])
+        return "work: %s; %d done" % (", ".join(running) or "no job in flight",
+                                      self.counts["done"])
 
     def guarded(self, loop, args):
         """A thread's loop; a bug ends the worker with one line, not a traceback."""
@@ -3790,7 +4007,8 @@ class Worker(object):
                 abandoned, self.ready = (self.ready, None) if self.stopping else (None, self.ready)
                 self.cond.notify_all()
             if abandoned:  # claimed ahead, never started: give it back
-                self.info("released %s: %s" % (abandoned.run.id, release_claim(self.ctx, abandoned.run.id)))
+                self.info("released %s: %s" % (abandoned.run.id,
+                                               release_claim(self.ctx, abandoned.run.id)))
                 self.finish(abandoned.run, "released")
 
     def next_job(self):
@@ -3799,10 +4017,12 @@ class Worker(object):
         while not self.stopping:
             if self.candidates:
                 return self.candidates.pop(0)
-            again, self.lost_race = self.lost_race, False  # a lost race looks again at once, --once too
+            # a lost race looks again at once, --once too
+            again, self.lost_race = self.lost_race, False
             if self.polls and self.args.once and not again:
                 return None
-            if self.polls and not self.found and not self.failing and not again:  # nothing to do: idle
+            # nothing to do: idle
+            if self.polls and not self.found and not self.failing and not again:
                 self.pause(self.args.interval * random.uniform(0.8, 1.2))  # with jitter
                 if self.stopping:
                     return None
@@ -3826,7 +4046,8 @@ class Worker(object):
         for server in self.servers:
             server.refresh()
         if all(s.error for s in self.servers):
-            return self.failed_poll("no Ollama server is usable", OllamaError(self.servers[0].error))
+            return self.failed_poll("no Ollama server is usable",
+                                    OllamaError(self.servers[0].error))
         for server, error in zip(self.servers, was):
             if server.error and server.error != error:
                 self.log("Ollama at %s is not usable: %s" % (server.url, server.error))
@@ -3836,7 +4057,8 @@ class Worker(object):
             self.info("wl works again")
             self.failing = 0
         self.rng.shuffle(items)
-        items.sort(key=lambda i: 99 if i.priority is None else i.priority)  # stable: still shuffled within one
+        items.sort(key=lambda i: 99 if i.priority is None
+                   else i.priority)  # stable: still shuffled within one
         skips = collections.OrderedDict()
         for item in items:
             found = self.eligible(item)
@@ -3846,7 +4068,8 @@ class Worker(object):
                 skips[item.id] = found.reason
         open_ids = None if len(items) >= BROWSE_LIMIT else set(i.id for i in items)
         for item_id, reason in self.memory.poll(open_ids, skips, told=not self.args.quiet).items():
-            self.info("skipped %s (%s)" % (item_id, reason))  # once per job and reason, across runs
+            # once per job and reason, across runs
+            self.info("skipped %s (%s)" % (item_id, reason))
         new = set(skips) - self.skipped
         self.skipped |= new
         self.count("skipped", len(new))
@@ -3890,13 +4113,17 @@ class Worker(object):
         if not servers:
             return _skip("model %s not available" % model)
         if job.model_digest:
-            servers = [s for s in servers if same_digest(find_model(s.models, model), job.model_digest)]
+            servers = [s for s in servers if same_digest(find_model(s.models, model),
+                                                         job.model_digest)]
             if not servers:
-                return _skip("model %s here is not the pinned %s" % (model, short_digest(job.model_digest)))
+                return _skip("model %s here is not the pinned %s"
+                             % (model, short_digest(job.model_digest)))
         if job.max_tokens == 0 and not args.allow_uncapped:
-            return _skip("max_tokens 0 (the model's default) could run for hours; --allow-uncapped takes it")
+            return _skip("max_tokens 0 (the model's default) could run for hours; "
+                         "--allow-uncapped takes it")
         if job.max_tokens > args.max_tokens_cap:
-            return _skip("max_tokens %d is over --max-tokens-cap %d" % (job.max_tokens, args.max_tokens_cap))
+            return _skip("max_tokens %d is over --max-tokens-cap %d"
+                         % (job.max_tokens, args.max_tokens_cap))
         if _size(job.prompt) > args.max_prompt_bytes:
             return _skip("prompt of %d bytes is over --max-prompt-bytes %d" % (
                 _size(job.prompt), args.max_prompt_bytes))
@@ -3916,11 +4143,13 @@ class Worker(object):
         except (UserError, Interrupted) as exc:
             if run.phase == CLAIMING and refused(run.cause):
                 self.count("lost")
-                # the rest of this poll's jobs are as stale as this one: one browse costs less than the
+                # the rest of this poll's jobs are as stale as this one: one browse costs less than
+                # the
                 # claims that would fail
                 self.candidates, self.lost_race = [], True
                 self.lost_ids.add(run.id)
-                self.info("lost %s to another worker (%s); looking at the board again" % (run.id, run.cause))
+                self.info("lost %s to another worker (%s); looking at the board again"
+                          % (run.id, run.cause))
             else:
                 self.log("claim of %s failed: %s; %s" % (run.id, exc, self.remember_failure(run)))
             with self.cond:
@@ -3940,7 +4169,8 @@ class Worker(object):
         try:
             while True:
                 with self.cond:
-                    self.cond.wait_for(lambda: self.stopping or mine() or (not self.claiming and not self.ready))
+                    self.cond.wait_for(lambda: self.stopping or mine()
+                                       or (not self.claiming and not self.ready))
                     if self.stopping or not mine():
                         return
                     run, self.ready = self.ready.run, None
@@ -3963,7 +4193,8 @@ class Worker(object):
 
         server.running, server.tokens, server.started = run.id, 0, self.clock()
         try:
-            run.attempt(run.infer, server.ollama, server.version, on_token, find_model(server.models, run.job.model))
+            run.attempt(run.infer, server.ollama, server.version, on_token,
+                        find_model(server.models, run.job.model))
         except (UserError, Interrupted) as exc:
             return self.job_failed(run, exc)
         finally:
@@ -4011,10 +4242,12 @@ class Worker(object):
         """A job that fails is tried again later, at most JOB_TRIES times in
         all (by the workers on this box, across runs), so a poison job
         cannot keep a worker spinning, under cron either."""
-        count, delay = self.memory.failure(run.id, lambda earlier: self.args.interval * 2 ** (earlier + 1))
+        count, delay = self.memory.failure(run.id, lambda earlier: self.args.interval
+                                           * 2 ** (earlier + 1))
         if count >= JOB_TRIES:
             return "failure %d of %d: not tried again by workers on this box" % (count, JOB_TRIES)
-        return "failure %d of %d: tried again in %s at the earliest" % (count, JOB_TRIES, _seconds(delay))
+        return "failure %d of %d: tried again in %s at the earliest" % (count, JOB_TRIES,
+                                                                        _seconds(delay))
 
     def finish(self, run, result, error=None):
         with self.cond:
@@ -4032,21 +4265,26 @@ class Worker(object):
         c = self.counts
         calls = self.ctx.wl.calls
         per_job = round(calls / c["done"], 2) if c["done"] else None
-        text = ["work: %d done, %d failed, %d skipped, %d lost to other workers; %s in %s; %d wl calls%s" % (
-            c["done"], c["failed"], c["skipped"], c["lost"], _tokens(c["tokens"]), _seconds(wall), calls,
+        text = ["work: %d done, %d failed, %d skipped, %d lost to other workers; %s in %s; %d wl "
+                "calls%s" % (
+            c["done"], c["failed"], c["skipped"], c["lost"], _tokens(c["tokens"]), _seconds(wall),
+            calls,
             " (%.1f per job done)" % per_job if per_job is not None else "")]
         servers = []
         for s in self.servers:
             busy = s.busy / wall if wall > 0 else 0.0
-            servers.append({"url": s.url, "jobs": s.jobs, "busy_s": round(s.busy, 3), "busy_fraction": round(busy, 3)})
+            servers.append({"url": s.url, "jobs": s.jobs, "busy_s": round(s.busy, 3),
+                            "busy_fraction": round(busy, 3)})
             text.append("  Ollama at %s: %d job%s, busy %.0f%% (%s generating)" % (
                 s.url, s.jobs, "" if s.jobs == 1 else "s", 100 * busy, _seconds(s.busy)))
-        doc = dict(c, wall_s=round(wall, 3), wl_calls=calls, wl_calls_per_job=per_job, servers=servers,
+        doc = dict(c, wall_s=round(wall, 3), wl_calls=calls, wl_calls_per_job=per_job,
+                   servers=servers,
                    jobs=[dict(r) for r in self.jobs])
         code = EXIT_OK
         if self.ctx.signals.aborting():
             code = EXIT_INTERRUPTED
-        elif self.args.once and c["failed"] and not c["done"]:  # for cron: a run that only failed is an error
+        # for cron: a run that only failed is an error
+        elif self.args.once and c["failed"] and not c["done"]:
             code = EXIT_ERROR
             text.append("work --once: every job it took failed (exit %d)" % code)
         return Report(code, doc, [], text)
@@ -4071,7 +4309,8 @@ def _seconds(value):
 WORKER_PROMPT_BYTES = 32768  # the --max-prompt-bytes of `work` by default
 UNCAPPED = "workers running `work` skip such jobs unless they pass --allow-uncapped"
 BATCH_ERRORS_SHOWN = 20  # refused lines listed one by one; more are counted
-EXIT_UNFINISHED = 3  # results, post --wait: jobs not done by a worker when the command gave up waiting
+# results, post --wait: jobs not done by a worker when the command gave up waiting
+EXIT_UNFINISHED = 3
 READS_IN_FLIGHT = 4  # `wl status` calls of `results` at a time (reads are independent)
 FINISHED = ("in_review", "completed")  # a worker has submitted a result
 
@@ -4106,8 +4345,9 @@ class LocalModels(object):
             return job
         digest = find_model(self.models, job.model)
         if digest is None:
-            self._say("model %s is not in the local Ollama at %s; %s anyway, but you cannot verify results "
-                      "until you `ollama pull %s`" % (job.model, self.ctx.ollama.url, posted, job.model))
+            self._say("model %s is not in the local Ollama at %s; %s anyway, but you cannot "
+                      "verify results until you `ollama pull %s`"
+                      % (job.model, self.ctx.ollama.url, posted, job.model))
         elif self.no_pin:
             pass
         elif _is_digest(digest):
@@ -4134,7 +4374,8 @@ def prompt_warning(job):
 
 def _lines_said(numbers, limit=8):
     shown = ", ".join("%d" % n for n in numbers[:limit])
-    return ("line " if len(numbers) == 1 else "lines ") + shown + (", ..." if len(numbers) > limit else "")
+    return ("line " if len(numbers) == 1 else "lines ") + shown + (", ..." if len(numbers) > limit
+                                                                   else "")
 
 
 def batch_lines(stream):
@@ -4152,7 +4393,8 @@ def batch_lines(stream):
                 raw = stream.readline(BATCH_LINE_MAX)
             yield number, None, "it is over %d bytes" % BATCH_LINE_MAX
             continue
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte order mark, as some editors write
+        # a byte order mark, as some editors write
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         if not raw.strip():
             continue
@@ -4173,7 +4415,8 @@ class BatchPost(object):
         self.defaults = JobDefaults(args.model, args.seed, args.max_tokens)
         self.ledger = None
         self.jobs = 0  # lines that are jobs
-        self.posted = self.before = self.found = 0  # posted now, by an earlier run, found on the board
+        # posted now, by an earlier run, found on the board
+        self.posted = self.before = self.found = 0
         self.docs = []  # --json: one per job
 
     def run(self):
@@ -4181,7 +4424,8 @@ class BatchPost(object):
         source = self._open()
         self.ledger = Ledger.open(self.name, self.args.batch)
         try:
-            with tempfile.TemporaryFile("w+", encoding="utf-8", dir=os.path.dirname(self.ledger.path)) as work:
+            with tempfile.TemporaryFile("w+", encoding="utf-8",
+                                        dir=os.path.dirname(self.ledger.path)) as work:
                 try:
                     self.check(source, work)
                 finally:
@@ -4190,7 +4434,8 @@ class BatchPost(object):
                 work.seek(0)
                 self.post(wl, work)
         except UserError:
-            if not self.ledger.entries:  # refused before anything was posted: no ledger is left behind
+            # refused before anything was posted: no ledger is left behind
+            if not self.ledger.entries:
                 _remove(self.ledger.path)
             raise
         finally:
@@ -4221,14 +4466,15 @@ class BatchPost(object):
                         preview(_dumps(request.custom_id), 40), seen[request.custom_id]))
                 seen[request.custom_id] = number
                 job = request.job._replace(batch=self.ledger.batch, custom_id=request.custom_id)
-                postable(job)  # before the pin: a line that is refused says nothing about its model
+                # before the pin: a line that is refused says nothing about its model
+                postable(job)
                 job = models.pin(job, "its jobs are posted")
                 description = postable(job)
                 key = job_key(job)
                 entry = self.ledger.entries.get(request.custom_id)
                 if entry is not None and entry.job_key != key:
-                    raise JobError("custom_id %s was posted in batch %s%s with another job; give this batch "
-                                   "another --name (or the line another custom_id)" % (
+                    raise JobError("custom_id %s was posted in batch %s%s with another job; give "
+                                   "this batch another --name (or the line another custom_id)" % (
                                        preview(_dumps(request.custom_id), 40), self.name,
                                        " as " + entry.item_id if entry.item_id else ""))
             except UserError as exc:
@@ -4248,18 +4494,20 @@ class BatchPost(object):
                 more = len(refused) - BATCH_ERRORS_SHOWN
                 lines.append("... and %d more line%s refused (--json lists them all)"
                              % (more, "" if more == 1 else "s"))
-            raise UserError("%d of %d lines of %s are not jobs that can be posted; nothing was posted"
+            raise UserError("%d of %d lines of %s are not jobs that can be posted; nothing was "
+                            "posted"
                             % (len(refused), total, self._source()), lines,
                             lines_refused=[{"line": n, "error": e} for n, e in refused])
         if not self.jobs:
             raise UserError("%s has no jobs (no line that is not blank)" % self._source())
         if uncapped:
-            self.ctx.warn("%d job%s without max_tokens (%s) run to the model's own limit, and %s; give max_tokens "
-                          "on the lines, or --max-tokens N" % (len(uncapped), "" if len(uncapped) == 1 else "s",
+            self.ctx.warn("%d job%s without max_tokens (%s) run to the model's own limit, and %s; "
+                          "give max_tokens on the lines, or --max-tokens N"
+                          % (len(uncapped), "" if len(uncapped) == 1 else "s",
                                                                 _lines_said(uncapped), UNCAPPED))
         if large:
-            self.ctx.warn("%d prompt%s (%s) %s over the %d bytes that workers running `work` take by default "
-                          "(--max-prompt-bytes): most of them will skip %s" % (
+            self.ctx.warn("%d prompt%s (%s) %s over the %d bytes that workers running `work` take "
+                          "by default (--max-prompt-bytes): most of them will skip %s" % (
                               len(large), "" if len(large) == 1 else "s", _lines_said(large),
                               "is" if len(large) == 1 else "are", WORKER_PROMPT_BYTES,
                               "it" if len(large) == 1 else "them"))
@@ -4280,7 +4528,8 @@ class BatchPost(object):
                 item_id = entry.item_id if entry is not None else None
                 if item_id is not None:
                     self.before += 1
-                elif entry is not None:  # its post was cut off in an earlier run: it may have happened
+                # its post was cut off in an earlier run: it may have happened
+                elif entry is not None:
                     if on_board is None:
                         on_board = self.on_board(wl)
                     item_id = on_board.get(custom_id)
@@ -4299,8 +4548,10 @@ class BatchPost(object):
                                   "posted": entry is None or entry.item_id is None})
                 elapsed = time.monotonic() - start
                 rate = done / elapsed if elapsed > 0 else 0.0
-                self.ctx.status.show("posting batch %s: %d of %d%s" % (self.name, done, self.jobs, (
-                    ", %.1f jobs/s, %s left" % (rate, _seconds((self.jobs - done) / rate)) if rate else "")))
+                self.ctx.status.show("posting batch %s: %d of %d%s"
+                                     % (self.name, done, self.jobs, (
+                    ", %.1f jobs/s, %s left" % (rate, _seconds((self.jobs - done) / rate)) if rate
+                    else "")))
                 if self.ctx.signals.received:  # held while wl wrote the job
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -4313,8 +4564,9 @@ class BatchPost(object):
         try:
             return wl.post(title, description)
         except WlError as exc:
-            raise UserError("%s; %s; run the same command again to post the rest (line %d is looked up on the "
-                            "board first: its post may have happened)" % (exc, self._so_far(), number))
+            raise UserError("%s; %s; run the same command again to post the rest (line %d is "
+                            "looked up on the board first: its post may have happened)"
+                            % (exc, self._so_far(), number))
 
     def _so_far(self):
         return "%d of %d jobs of batch %s are posted (%d by this run)" % (
@@ -4338,7 +4590,8 @@ class BatchPost(object):
             self.name, self.jobs, "" if self.jobs == 1 else "s", self.posted,
             ", %d found on the board" % self.found if self.found else "",
             ", %d posted before" % self.before if self.before else "", ledger.path),
-            "Next: wl_infer.py results %s --wait" % shlex.quote(self.args.batch if self.args.batch != "-"
+            "Next: wl_infer.py results %s --wait"
+                 % shlex.quote(self.args.batch if self.args.batch != "-"
                                                                  else self.name)]
         doc = {"batch": self.name, "ledger": ledger.path, "jobs": self.docs, "posted": self.posted,
                "found": self.found, "posted_before": self.before}
@@ -4355,7 +4608,8 @@ class BatchJob(collections.namedtuple("BatchJob", "line custom_id url item_id"))
     __slots__ = ()
 
 
-class Collection(collections.namedtuple("Collection", "wait deadline interval verify spot_check accept reject "
+class Collection(collections.namedtuple("Collection",
+                                        "wait deadline interval verify spot_check accept reject "
                                                       "as_completed")):
     """How results are collected: wait for workers (until `deadline`
     seconds, None: no limit), polling every `interval` seconds; check them
@@ -4412,9 +4666,12 @@ class Result(object):
             exact, sampled, refuted = v.outcome.exact, bool(v.sampling), self.refuted
             coverage = v.sampling and v.sampling.coverage
             cause = v.cause and v.cause.document()
-        return {"custom_id": self.custom_id, "line": self.job.line, "id": self.item_id, "status": self.status,
-                "worker": self.worker, "output": s and s.submitted, "output_hash": s and s.expected_hash,
-                "checked": self.checked, "verdict": self.verdict, "exact": exact, "sampled": sampled,
+        return {"custom_id": self.custom_id, "line": self.job.line, "id": self.item_id,
+                "status": self.status,
+                "worker": self.worker, "output": s and s.submitted, "output_hash": s
+                and s.expected_hash,
+                "checked": self.checked, "verdict": self.verdict, "exact": exact,
+                "sampled": sampled,
                 "coverage": coverage, "refuted": refuted, "cause": cause, "action": self.action,
                 "error": self.error}
 
@@ -4425,12 +4682,15 @@ class Result(object):
         ours = self.document()
         custom_id = ours.pop("custom_id") or self.item_id
         output = ours.pop("output")
-        line = {"id": self.item_id, "custom_id": custom_id, "response": None, "error": None, "wl_infer": ours}
+        line = {"id": self.item_id, "custom_id": custom_id, "response": None, "error": None,
+                "wl_infer": ours}
         if self.error is not None:
             line["error"] = {"code": "error", "message": self.error}
         elif self.unfinished:
-            line["error"] = {"code": "unfinished", "message": "%s is %s%s: no answer is in review" % (
-                self.item_id, self.status or "not on the board", " by " + self.worker if self.worker else "")}
+            line["error"] = {"code": "unfinished", "message": "%s is %s%s: no answer is in review"
+                             % (
+                self.item_id, self.status or "not on the board", " by " + self.worker
+                if self.worker else "")}
         elif self.refuted:
             line["error"] = {"code": "refuted", "message": "%s: %s" % (
                 self.verification.cause.kind, self.verification.cause.message)}
@@ -4447,11 +4707,14 @@ class Result(object):
         usage = {"prompt_tokens": None, "completion_tokens": tokens, "total_tokens": None}
         suffix = (self.completion_id or self.item_id).split("-", 1)[-1]
         if self.job.url == CHAT:
-            return {"id": "chatcmpl-" + suffix, "object": "chat.completion", "created": created, "model": job.model,
+            return {"id": "chatcmpl-" + suffix, "object": "chat.completion", "created": created,
+                    "model": job.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": output},
                                  "logprobs": None, "finish_reason": finish}], "usage": usage}
-        return {"id": "cmpl-" + suffix, "object": "text_completion", "created": created, "model": job.model,
-                "choices": [{"text": output, "index": 0, "logprobs": None, "finish_reason": finish}],
+        return {"id": "cmpl-" + suffix, "object": "text_completion", "created": created,
+                "model": job.model,
+                "choices": [{"text": output, "index": 0, "logprobs": None,
+                             "finish_reason": finish}],
                 "usage": usage}
 
 
@@ -4475,27 +4738,35 @@ class Collector(object):
         self.ctx, self.policy, self.options, self.on_final = ctx, policy, options, on_final
         self.results = [Result(i, job) for i, job in enumerate(jobs)]
         self.cond = threading.Condition()
-        self.unread, self.unchecked, self.final = collections.deque(), collections.deque(), collections.deque()
+        self.unread = collections.deque()
+        self.unchecked = collections.deque()
+        self.final = collections.deque()
         self.in_flight = 0  # reads and checks
         self.stopping = False
         self.fatal = None  # a thread's internal error, which ends the collection
         self.polls = 0
-        self.limit = max(BROWSE_LIMIT, 2 * len(jobs))  # items asked of wl browse, raised when it is cut short
+        # items asked of wl browse, raised when it is cut short
+        self.limit = max(BROWSE_LIMIT, 2 * len(jobs))
         self.flagged = set()  # workers with a refuted result
-        self.rng = random.SystemRandom()  # which results a spot check takes: a worker must not know
+        # which results a spot check takes: a worker must not know
+        self.rng = random.SystemRandom()
         self.next_out = 0  # input order: the next result to hand on
-        self.reads_wl = ctx.new_wl(None)  # calls overlap on threads: the status line says how far we are
+        # calls overlap on threads: the status line says how far we are
+        self.reads_wl = ctx.new_wl(None)
         urls = ctx.settings.ollama_urls
-        self.servers = [Server(url, ctx.settings.timeout) for url in urls] if options.verify else []
+        self.servers = [Server(url, ctx.settings.timeout) for url
+                        in urls] if options.verify else []
 
     def run(self):
         """Collect; returns the Results, in input order."""
         for server in self.servers:
             server.refresh()
         if self.servers and all(s.error for s in self.servers):
-            raise OllamaError(self.servers[0].error + " (results are checked on it; --no-verify collects "
+            raise OllamaError(self.servers[0].error
+                              + " (results are checked on it; --no-verify collects "
                                                       "them unchecked)")
-        readers = 1 if self.ctx.settings.local_db else READS_IN_FLIGHT  # a local Dolt clone: one at a time
+        # a local Dolt clone: one at a time
+        readers = 1 if self.ctx.settings.local_db else READS_IN_FLIGHT
         threads = [threading.Thread(target=self._guarded, args=(self.read_loop,), daemon=True)
                    for _ in range(readers)]
         threads += [threading.Thread(target=self._guarded, args=(self.check_loop, s), daemon=True)
@@ -4527,7 +4798,8 @@ class Collector(object):
             for server in self.servers:
                 server.ollama.cancel()
             written = sum(1 for r in self.results if r.state == WRITTEN)
-            raise Interrupted("%d of %d results were handed on; the same command collects them again"
+            raise Interrupted("%d of %d results were handed on; the same command collects them "
+                              "again"
                               % (written, len(self.results)))
         finally:
             with self.cond:
@@ -4542,14 +4814,16 @@ class Collector(object):
             loop(*args)
         except Exception as exc:
             with self.cond:
-                self.fatal = UserError("results stopped on an internal error: %s: %s" % (type(exc).__name__, exc))
+                self.fatal = UserError("results stopped on an internal error: %s: %s"
+                                       % (type(exc).__name__, exc))
                 self.cond.notify_all()
 
     def _polling(self, now, deadline):
         """Whether the board is to be polled again; when not, the jobs no
         worker has done are final, unfinished."""
         waiting = [r for r in self.results if r.state == WAITING]
-        if waiting and (not self.polls or (self.options.wait and (deadline is None or now < deadline))):
+        if waiting and (not self.polls or (self.options.wait
+                                           and (deadline is None or now < deadline))):
             return True
         for r in waiting:
             self._finalize(r)
@@ -4598,11 +4872,13 @@ class Collector(object):
 
     def _by_prefix(self, r, items):
         """The item an ID prefix given on the command line names, as wl resolves it."""
-        if len(r.item_id) >= len("w-") + 10:  # a whole ID (wl's are 10 hex digits): nothing to resolve
+        # a whole ID (wl's are 10 hex digits): nothing to resolve
+        if len(r.item_id) >= len("w-") + 10:
             return None
         found = [item for item in items if item.id.startswith(r.item_id)]
         if len(found) > 1:
-            r.error = 'ambiguous prefix "%s" matches: %s' % (r.item_id, ", ".join(i.id for i in found[:5]))
+            r.error = 'ambiguous prefix "%s" matches: %s' % (r.item_id, ", "
+                                                             "".join(i.id for i in found[:5]))
             self._finalize(r)
             return None
         return found[0] if found else None
@@ -4627,12 +4903,14 @@ class Collector(object):
                 if item is not None:
                     r.status = item.status
                     completion = item.completion
-                    r.worker = (completion and completion.completed_by) or item.claimed_by or r.worker
+                    completed_by = completion and completion.completed_by
+                    r.worker = completed_by or item.claimed_by or r.worker
                     r.completion_id = completion and completion.id
                 if error is not None:
                     r.error = error
                     self._finalize(r)
-                elif item.status not in FINISHED:  # sent back meanwhile (rejected): the next poll sees it again
+                # sent back meanwhile (rejected): the next poll sees it again
+                elif item.status not in FINISHED:
                     r.state = WAITING
                 else:
                     r.submission = submission
@@ -4656,7 +4934,8 @@ class Collector(object):
 
     def _check(self, r):
         model = r.submission.job.model
-        r.servers = [s for s in self.servers if find_model(s.models, model) is not None] or self.servers[:1]
+        having = [s for s in self.servers if find_model(s.models, model) is not None]
+        r.servers = having or self.servers[:1]
         r.state = CHECKING
         self.unchecked.append(r)
 
@@ -4722,7 +5001,9 @@ class Collector(object):
                 if self.options.as_completed:
                     r = self.final.popleft() if self.final else None
                 else:
-                    nxt = self.results[self.next_out] if self.next_out < len(self.results) else None
+                    nxt = None
+                    if self.next_out < len(self.results):
+                        nxt = self.results[self.next_out]
                     r = nxt if nxt is not None and nxt.state == FINAL else None
                     self.next_out += r is not None
                 if r is None:
@@ -4734,7 +5015,8 @@ class Collector(object):
     def act(self, r):
         """--accept and --reject, as audit's, on this result's item."""
         options = self.options
-        if not (options.accept or options.reject) or r.error is not None or r.status != "in_review":
+        acting = options.accept or options.reject
+        if not acting or r.error is not None or r.status != "in_review":
             return
         if not r.checked:
             r.action = "kept in review (not checked)" if options.accept else None
@@ -4775,34 +5057,42 @@ def unchecked_chance(results, checked, forged):
 def _job_lines(job, indent="  "):
     return [
         indent + "Model:       " + printable(job.model),
-        indent + "Pinned:      " + (short_digest(job.model_digest) if job.model_digest else "no digest"),
+        indent + "Pinned:      " + (short_digest(job.model_digest) if job.model_digest
+                                    else "no digest"),
         indent + "Seed:        %d" % job.seed,
-        indent + "Max tokens:  " + ("%d" % job.max_tokens if job.max_tokens > 0 else "model default"),
+        indent + "Max tokens:  " + ("%d" % job.max_tokens if job.max_tokens > 0
+                                    else "model default"),
         indent + "Prompt:      " + preview(job.prompt),
     ]
 
 
 def _provenance_lines(evidence, indent):
     """Our keys of an evidence, decoded or as submitted (absent keys allowed)."""
-    digest, version, count = (evidence.get(k) for k in ("model_digest", "ollama_version", "eval_count"))
+    digest, version, count = (evidence.get(k) for k
+                              in ("model_digest", "ollama_version", "eval_count"))
     if not digest and not version and not count:
         return [indent + "Provenance:  none recorded (evidence in the Go wl infer format)"]
-    rate = " at %.2f tokens/s" % evidence["tokens_per_s"] if evidence.get("tokens_per_s") is not None else ""
+    rate = ""
+    if evidence.get("tokens_per_s") is not None:
+        rate = " at %.2f tokens/s" % evidence["tokens_per_s"]
     logprobs = evidence.get("logprobs")
     return [indent + "Model digest: " + (short_digest(digest) if digest else "not recorded"),
-            indent + "Ollama:       " + (preview(version, 30) if version else "version not recorded"),
+            indent + "Ollama:       " + (preview(version, 30) if version
+                                         else "version not recorded"),
             indent + "Tokens:       " + ("%d%s, done: %s" % (count, rate, preview(
                 evidence.get("done_reason") or "not recorded", 20)) if count else "not recorded"),
-            indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None else "not recorded")]
+            indent + "Logprobs:     " + ("%d tokens" % len(logprobs) if logprobs is not None
+                                         else "not recorded")]
 
 
 def cmd_post(ctx, args):
     if args.batch is not None:
         if args.prompt is not None or args.prompt_file is not None:
-            raise UserError("--batch and --prompt/--prompt-file do not go together: each line of the batch file "
-                            "has its prompt")
+            raise UserError("--batch and --prompt/--prompt-file do not go together: each line of "
+                            "the batch file has its prompt")
         if args.wait:
-            raise UserError("post --batch does not wait: collect its answers with `wl_infer.py results %s --wait`"
+            raise UserError("post --batch does not wait: collect its answers with `wl_infer.py "
+                            "results %s --wait`"
                             % shlex.quote(args.batch))
         if args.model is not None:
             check_model_name(args.model, "--model")
@@ -4810,7 +5100,8 @@ def cmd_post(ctx, args):
     if args.name is not None:
         raise UserError("--name names a batch: it needs --batch FILE")
     if args.model is None:
-        raise UserError("post needs --model TAG (or --batch FILE, whose lines may name their models)")
+        raise UserError("post needs --model TAG (or --batch FILE, whose lines may name their "
+                        "models)")
     check_model_name(args.model, "--model")
     policy, options = wait_settings(args)
     wl = ctx.wl  # a missing wl is an error now, before any warning about the job
@@ -4823,8 +5114,8 @@ def cmd_post(ctx, args):
     except JobError as exc:
         raise UserError("not posted: %s" % exc)
     if not job.max_tokens:
-        ctx.warn("no --max-tokens: the job runs to the model's own limit, and %s; post with --max-tokens N to have "
-                 "it taken" % UNCAPPED)
+        ctx.warn("no --max-tokens: the job runs to the model's own limit, and %s; post with "
+                 "--max-tokens N to have it taken" % UNCAPPED)
     if prompt_warning(job):
         ctx.warn(prompt_warning(job))
     title = post_title(prompt)
@@ -4846,7 +5137,8 @@ def wait_for_answer(ctx, doc, policy, options):
     if not ctx.settings.quiet:
         ctx.status.above("posted %s; waiting for a worker to do it" % item_id)
     try:
-        [result] = Collector(ctx, [BatchJob(None, None, "", item_id)], policy, options, lambda r: None).run()
+        [result] = Collector(ctx, [BatchJob(None, None, "", item_id)], policy, options,
+                             lambda r: None).run()
     except Interrupted:
         raise Interrupted("the job is posted as %s; collect its answer with %s" % (item_id, later))
     doc["result"] = result.document()
@@ -4858,17 +5150,20 @@ def wait_for_answer(ctx, doc, policy, options):
         return Report(EXIT_UNFINISHED, doc, [])
     if result.verdict == MISMATCH:
         cause = result.verification.cause
-        ctx.warn("the answer to %s is a MISMATCH (%s%s), so it is not printed; `wl_infer.py verify %s` says why"
+        ctx.warn("the answer to %s is a MISMATCH (%s%s), so it is not printed; `wl_infer.py "
+                 "verify %s` says why"
                  % (item_id, cause.kind, ", refuted" if result.refuted else "", item_id))
         return Report(EXIT_MISMATCH, doc, [])
-    note = ("✓ VERIFIED answer to %s (completed by %s)" % (item_id, printable(result.worker or "unknown"))
+    note = ("✓ VERIFIED answer to %s (completed by %s)"
+            % (item_id, printable(result.worker or "unknown"))
             if result.checked else "the answer to %s, not checked (--no-verify)" % item_id)
     return Report(EXIT_OK, doc, [], [note], raw=result.submission.submitted)
 
 
 def wait_settings(args):
     """post --wait's Policy (None: --no-verify) and Collection, or (None, None) without --wait."""
-    given = [name for name in ("wait_timeout", "interval", "tolerance", "max_forced", "sample", "window",
+    given = [name for name in ("wait_timeout", "interval", "tolerance", "max_forced", "sample",
+                               "window",
                                "sample_seed") if getattr(args, name) not in (None, 0.0)]
     if args.strict or args.no_verify:
         given.append("strict" if args.strict else "no_verify")
@@ -4876,20 +5171,24 @@ def wait_settings(args):
         if given:
             raise UserError("--%s is for waiting: it needs --wait" % given[0].replace("_", "-"))
         return None, None
-    return collection_settings(args, spot_check=None, accept=False, reject=False, as_completed=False)
+    return collection_settings(args, spot_check=None, accept=False, reject=False,
+                               as_completed=False)
 
 
 def collection_settings(args, spot_check, accept, reject, as_completed):
     """The Policy (None: --no-verify) and the Collection of `results` and `post --wait`."""
-    if args.no_verify and (args.strict or args.tolerance or args.sample or args.max_forced is not None):
-        raise UserError("--no-verify checks nothing, so it takes no --strict, --tolerance, --max-forced or --sample")
+    if args.no_verify and (args.strict or args.tolerance or args.sample
+                           or args.max_forced is not None):
+        raise UserError("--no-verify checks nothing, so it takes no --strict, --tolerance, "
+                        "--max-forced or --sample")
     if args.wait_timeout is not None and not args.wait:
         raise UserError("--wait-timeout needs --wait")
     if args.interval is not None and not args.wait:
         raise UserError("--interval needs --wait: without it the board is looked at once")
     policy = None if args.no_verify else verify_policy(args)
     interval = DEFAULT_RESULTS_INTERVAL if args.interval is None else args.interval
-    return policy, Collection(args.wait, args.wait_timeout, interval, not args.no_verify, spot_check, accept, reject,
+    return policy, Collection(args.wait, args.wait_timeout, interval, not args.no_verify,
+                              spot_check, accept, reject,
                               as_completed)
 
 
@@ -4899,7 +5198,8 @@ DEFAULT_RESULTS_INTERVAL = 10.0  # seconds between looks at the board while wait
 def read_prompt(args):
     given = [x for x in (args.prompt, args.prompt_file) if x is not None]
     if len(given) != 1:
-        raise UserError("post needs exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+        raise UserError("post needs exactly one of --prompt TEXT, --prompt - (stdin) or "
+                        "--prompt-file PATH")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
@@ -4925,12 +5225,14 @@ def cmd_run(ctx, args):
     done = run_job(ctx, args.id, args.skip_claim)
     item_id, evidence, kept = done.id, done.evidence, done.kept
     text = (["✓ Inference completed for " + item_id] + _job_lines(done.job) + [
-        "  Evidence:" + (" the result kept on %s, submitted without generating again" % kept["spooled_at"]
+        "  Evidence:" + (" the result kept on %s, submitted without generating again"
+                         % kept["spooled_at"]
                          if kept else ""),
         "    Output hash: " + evidence["output_hash"],
         "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    "))
     return Report(EXIT_OK, {"id": item_id, "evidence": evidence_document(evidence),
-                            "resubmitted": kept is not None}, text, notes=["Next: wl_infer.py verify " + item_id])
+                            "resubmitted": kept is not None}, text,
+                  notes=["Next: wl_infer.py verify " + item_id])
 
 
 def cmd_verify(ctx, args):
@@ -5000,10 +5302,12 @@ def status_report(item):
                                               printable(completion.completed_by or "unknown"))]
         if evidence is not None:
             text += ["    Output hash: " + printable(evidence["output_hash"]),
-                     "    Output:      " + preview(evidence["output"])] + _provenance_lines(evidence, "    ")
+                     "    Output:      " + preview(evidence["output"])]
+            text += _provenance_lines(evidence, "    ")
         text += ["    Checks (without running the model):"] + _check_lines(checks, "      ")
     doc = {"id": item.id, "title": item.title, "status": item.status, "type": item.type,
-           "posted_by": item.posted_by, "claimed_by": item.claimed_by, "job": job and job.document(),
+           "posted_by": item.posted_by, "claimed_by": item.claimed_by, "job": job
+           and job.document(),
            "description": item.description and _go_string(item.description),
            "completion": None if completion is None else {
                "id": completion.id, "completed_by": completion.completed_by,
@@ -5021,7 +5325,8 @@ def cmd_output(ctx, args):
         item = ctx.wl.status(item_id)
         completion = item.completion
         if completion is None or not completion.evidence:
-            raise UserError("%s has no completion, so no output (status %s)" % (item.id, item.status))
+            raise UserError("%s has no completion, so no output (status %s)"
+                            % (item.id, item.status))
         try:
             job = job_of(item)
         except UserError:
@@ -5030,9 +5335,11 @@ def cmd_output(ctx, args):
         if evidence is None:
             raise JobError(checks[0].message, item.id)
         if cause is not None:  # free to see, and a reader must know before using the text
-            ctx.warn("%s: the output is refuted without a re-run (%s): %s" % (item.id, cause.kind, cause.message))
+            ctx.warn("%s: the output is refuted without a re-run (%s): %s"
+                     % (item.id, cause.kind, cause.message))
         outputs.append(evidence["output"])
-        docs.append({"id": item.id, "completed_by": completion.completed_by, "output": evidence["output"],
+        docs.append({"id": item.id, "completed_by": completion.completed_by,
+                     "output": evidence["output"],
                      "output_hash": evidence["output_hash"], "refuted": cause is not None})
     if args.null:
         end = "\0"
@@ -5057,19 +5364,25 @@ def results_source(args):
         raise UserError("results takes one batch (its file or its name), or item IDs; got %s"
                         % " ".join(shlex.quote(b) for b in args.batch))
     given = args.batch[0]
-    name = batch_name(given, args.name) if os.path.isfile(given) or given == "-" else batch_name(None, args.name
-                                                                                               or given)
+    if os.path.isfile(given) or given == "-":
+        name = batch_name(given, args.name)
+    else:
+        name = batch_name(None, args.name or given)
     ledger = Ledger.load(name)
     if ledger is None:
-        raise UserError("no batch %s here: there is no ledger %s (a batch is posted with `wl_infer.py post --batch "
-                        "FILE`, on this machine)" % (name, Ledger.path_of(name)))
+        raise UserError("no batch %s here: there is no ledger %s (a batch is posted with "
+                        "`wl_infer.py post --batch FILE`, on this machine)"
+                        % (name, Ledger.path_of(name)))
     entries = sorted(ledger.entries.values(), key=lambda e: e.line or 0)
-    jobs = [BatchJob(e.line, e.custom_id, e.url, e.item_id) for e in entries if e.item_id is not None]
+    jobs = [BatchJob(e.line, e.custom_id, e.url, e.item_id) for e in entries
+            if e.item_id is not None]
     notes = []
     missing = [e.line for e in entries if e.item_id is None]
     if missing or ledger.complete is None:
-        notes.append("batch %s was not posted whole%s: run the `wl_infer.py post --batch` that posted it again to "
-                     "post the rest" % (name, " (%s perhaps not posted)" % _lines_said(missing) if missing else ""))
+        notes.append("batch %s was not posted whole%s: run the `wl_infer.py post --batch` that "
+                     "posted it again to post the rest"
+                     % (name, " (%s perhaps not posted)" % _lines_said(missing)
+                                        if missing else ""))
     return name, jobs, notes
 
 
@@ -5090,7 +5403,8 @@ def read_ids(path):
         if not words:
             continue
         if not is_item_id(words[0]):
-            raise UserError("line %d of --ids %s: %s is not an item ID" % (number, path, preview(words[0], 40)))
+            raise UserError("line %d of --ids %s: %s is not an item ID"
+                            % (number, path, preview(words[0], 40)))
         ids.append(words[0])
     if not ids:
         raise UserError("--ids %s holds no item IDs" % path)
@@ -5102,7 +5416,8 @@ def cmd_results(ctx, args):
         raise UserError("--spot-check chooses which results to check; --no-verify checks none")
     if args.accept and args.no_verify:
         raise UserError("--accept accepts only verified results, and --no-verify checks none")
-    policy, options = collection_settings(args, args.spot_check, args.accept, args.reject, args.as_completed)
+    policy, options = collection_settings(args, args.spot_check, args.accept, args.reject,
+                                          args.as_completed)
     name, jobs, notes = results_source(args)
     if not jobs:
         raise UserError("batch %s has no posted jobs" % name)
@@ -5148,24 +5463,28 @@ def results_report(name, results, options, lines):
         code = EXIT_MISMATCH
     elif counts["unfinished"]:
         code = EXIT_UNFINISHED
-    summary = "%s: %d job%s: %d verified, %d MISMATCH (%d refuted), %d not checked, %d not done by a worker, " \
-              "%d error%s" % ("Results of batch " + name if name else "Results", len(results),
-                              "" if len(results) == 1 else "s", counts[VERIFIED], counts[MISMATCH],
-                              counts["refuted"], counts["unchecked"], counts["unfinished"], counts["error"],
-                              "" if counts["error"] == 1 else "s")
+    title = "Results of batch " + name if name else "Results"
+    summary = ("%s: %d job%s: %d verified, %d MISMATCH (%d refuted), %d not checked, %d not done "
+               "by a worker, %d error%s") % (
+        title, len(results), "" if len(results) == 1 else "s", counts[VERIFIED], counts[MISMATCH],
+        counts["refuted"], counts["unchecked"], counts["unfinished"], counts["error"],
+        "" if counts["error"] == 1 else "s")
     notes = [summary]
     actions = collections.Counter(r.action for r in results if r.action)
     if actions:
-        notes.append("On the board: " + ", ".join("%s %d" % (a, n) for a, n in sorted(actions.items())))
+        notes.append("On the board: " + ", ".join("%s %d" % (a, n) for a, n
+                                                  in sorted(actions.items())))
     workers = spot_check_figures(results) if options.spot_check is not None else []
     for w in workers:
         notes.append("  " + w["said"])
     if counts["unfinished"]:
-        notes.append("%d job%s not done by a worker yet: the same command with --wait collects %s" % (
+        notes.append("%d job%s not done by a worker yet: the same command with --wait collects %s"
+                     % (
             counts["unfinished"], "" if counts["unfinished"] == 1 else "s",
             "it" if counts["unfinished"] == 1 else "them"))
     errors = ["%s: %s" % (r.item_id, r.error) for r in results if r.error is not None]
-    doc = {"batch": name, "results": lines, "counts": dict((k.lower(), v) for k, v in counts.items()),
+    doc = {"batch": name, "results": lines, "counts": dict((k.lower(), v) for k, v
+                                                           in counts.items()),
            "workers": [dict((k, v) for k, v in w.items() if k != "said") for w in workers]}
     return Report(code, doc, [], notes, errors=errors)
 
@@ -5184,10 +5503,13 @@ def spot_check_figures(results):
         forged = sorted(set(f for f in (1, -(-n // 10), -(-n // 2)) if 1 <= f <= n))
         chances = dict((str(f), round(unchecked_chance(n, k, f), 4)) for f in forged)
         if refuted:
-            said = "%s: %d of %d results refuted, so every one was checked" % (printable(worker), refuted, n)
+            said = "%s: %d of %d results refuted, so every one was checked" % (printable(worker),
+                                                                               refuted, n)
         else:
-            said = "%s: %d of %d results checked, none refuted; had %s forged %s, the chance it went unchecked: %s" % (
-                printable(worker), k, n, printable(worker), " / ".join("%s of %d" % (f, n) for f in chances),
+            said = ("%s: %d of %d results checked, none refuted; had %s forged %s, the chance it "
+                    "went unchecked: %s") % (
+                printable(worker), k, n, printable(worker),
+                " / ".join("%s of %d" % (f, n) for f in chances),
                 " / ".join("%.0f%%" % (100 * p) for p in chances.values()))
         figures.append({"worker": worker, "results": n, "checked": k, "refuted": refuted,
                         "unchecked_chance": chances, "said": said})
@@ -5201,10 +5523,12 @@ def cmd_spool(ctx, args):
         try:
             os.unlink(path)
         except FileNotFoundError:
-            raise UserError("no kept result for %s in %s (IDs here are full IDs)" % (args.drop, folder))
+            raise UserError("no kept result for %s in %s (IDs here are full IDs)"
+                            % (args.drop, folder))
         except OSError as exc:
             raise UserError("cannot drop %s: %s" % (path, _reason(exc)))
-        return Report(EXIT_OK, {"dropped": args.drop, "path": path}, ["✓ Dropped the kept result for " + args.drop])
+        return Report(EXIT_OK, {"dropped": args.drop, "path": path},
+                      ["✓ Dropped the kept result for " + args.drop])
     docs, lines, notes = [], [], []
     for path, doc in spool_list():
         if isinstance(doc, UserError):
@@ -5213,17 +5537,21 @@ def cmd_spool(ctx, args):
             continue
         evidence = doc["evidence"]
         docs.append({"id": doc["id"], "spooled_at": doc["spooled_at"], "model": evidence["model"],
-                     "output_bytes": _size(evidence["output"]), "output_hash": evidence["output_hash"],
+                     "output_bytes": _size(evidence["output"]),
+                     "output_hash": evidence["output_hash"],
                      "path": path})
-        lines.append("%s  %s  %s  %d bytes  %s" % (doc["id"], printable(doc["spooled_at"]), printable(
+        lines.append("%s  %s  %s  %d bytes  %s"
+                     % (doc["id"], printable(doc["spooled_at"]), printable(
             evidence["model"]), _size(evidence["output"]), preview(evidence["output"], 40)))
     kept = len(docs) - len(notes)
     if kept:
         notes[:0] = ["%d kept result%s in %s (finished, not yet taken by wl)" % (
             kept, "" if kept == 1 else "s", printable(folder))]
-        notes.append("Submit one with `wl_infer.py run ID`, or drop it with `wl_infer.py spool --drop ID`.")
+        notes.append("Submit one with `wl_infer.py run ID`, or drop it with `wl_infer.py spool "
+                     "--drop ID`.")
     elif not notes:
-        notes = ["No kept results in %s: every finished result is on the board." % printable(folder)]
+        notes = ["No kept results in %s: every finished result is on the board."
+                 % printable(folder)]
     return Report(EXIT_OK, {"folder": folder, "results": docs}, lines, notes)
 
 
@@ -5244,7 +5572,8 @@ class Listing(collections.namedtuple("Listing", "items total more")):
         """The note that --limit cut the list, or None."""
         if self.total <= len(self.items):
             return None
-        return "showing %d of %s%d %s (--limit %d)" % (len(self.items), "at least " if self.more else "",
+        return "showing %d of %s%d %s (--limit %d)" % (len(self.items), "at least " if self.more
+                                                       else "",
                                                        self.total, what, limit)
 
 
@@ -5262,37 +5591,45 @@ def board_items(ctx, status, model, limit):
         except JobError as exc:
             listed.append(Listed(item, None, exc))
     if wanted:
-        listed = [entry for entry in listed if entry.job and full_model_name(entry.job.model).lower() == wanted]
+        listed = [entry for entry in listed if entry.job
+                  and full_model_name(entry.job.model).lower() == wanted]
     return Listing(listed[:limit], len(listed), len(items) >= asked)
 
 
 def _table(header, rows):
     """Left-aligned columns; the last one runs free."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header) - 1)]
-    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in [header] + rows]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r
+            in [header] + rows]
 
 
 def cmd_list(ctx, args):
     rows, docs = [], []
     listing = board_items(ctx, args.status, args.model, args.limit)
     for item, job, job_error in listing.items:
-        docs.append({"id": item.id, "status": item.status, "priority": item.priority, "job": job and job.document(),
-                     "job_error": job_error and str(job_error), "title": item.title, "posted_by": item.posted_by,
+        docs.append({"id": item.id, "status": item.status, "priority": item.priority, "job": job
+                     and job.document(),
+                     "job_error": job_error and str(job_error), "title": item.title,
+                     "posted_by": item.posted_by,
                      "claimed_by": item.claimed_by})
         if job is None:  # the whole reason: the last column runs free
             rows.append([item.id, printable(item.status or "?"), "-", "-", "-",
                          "(does not decode: %s)" % printable(job_error.reason)])
         else:
-            rows.append([item.id, printable(item.status or "?"), preview(job.model, 24), str(job.seed),
-                         str(job.max_tokens) if job.max_tokens else "default", preview(job.prompt, 50)])
+            rows.append([item.id, printable(item.status or "?"), preview(job.model, 24),
+                         str(job.seed),
+                         str(job.max_tokens) if job.max_tokens else "default",
+                         preview(job.prompt, 50)])
     which = "" if args.status == "all" else " " + args.status
     ids = [row[0] for row in rows]
     if not rows:
         return Report(EXIT_OK, docs, [], ["No%s inference jobs on the board%s." % (
             which, " for model " + printable(args.model) if args.model else "")])
-    counted = listing.cut("%s inference jobs" % which.strip() if which else "inference jobs", args.limit) or \
+    counted = listing.cut("%s inference jobs" % which.strip() if which else "inference jobs",
+                          args.limit) or \
         "%d%s inference job%s" % (len(rows), which, "" if len(rows) == 1 else "s")
-    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows), [counted], ids)
+    return Report(EXIT_OK, docs, _table(["ID", "STATUS", "MODEL", "SEED", "MAX", "PROMPT"], rows),
+                  [counted], ids)
 
 
 class AuditRow(object):
@@ -5325,7 +5662,8 @@ def cmd_audit(ctx, args):
     for n, row in enumerate(sorted(pending, key=lambda r: len(r.submission.submitted)), 1):
         try:
             row.verification = verify_submission(row.submission, ctx.ollama, policy,
-                                                 _positioned(ctx, "%d of %d: " % (n, len(pending))))
+                                                 _positioned(ctx, "%d of %d: "
+                                                             % (n, len(pending))))
         except UserError as exc:
             row.error = str(exc)
     for row in rows:
@@ -5366,7 +5704,8 @@ def audit_report(rows, policy):
         counts[verdict] += 1
         if verification is not None:
             doc = dict(verification_document(verification), action=row.action, error=row.error)
-            cause, sampling, forced = verification.cause, verification.sampling, verification.forced
+            cause, sampling = verification.cause, verification.sampling
+            forced = verification.forced
             if cause:
                 how = cause.kind
             elif sampling and verification.verdict == VERIFIED:
@@ -5376,7 +5715,8 @@ def audit_report(rows, policy):
             else:
                 how = "-"
             tokens = "%d" % verification.outcome.tokens_generated
-            table.append([item_id, preview(verification.job.model, 24), verdict, how, tokens, row.action or ""])
+            table.append([item_id, preview(verification.job.model, 24), verdict, how, tokens,
+                          row.action or ""])
             if cause:
                 notes.append("%s: %s: %s" % (item_id, cause.kind, printable(cause.message)))
             if verification.verdict == MISMATCH and not verification.refuted:
@@ -5396,15 +5736,21 @@ def audit_report(rows, policy):
     if not rows:
         return Report(code, docs, [], ["No inference completions in review."])
     summary = "Audited %d completion%s in review: %d verified, %d mismatched, %d error%s" % (
-        len(rows), "" if len(rows) == 1 else "s", counts[VERIFIED], counts[MISMATCH], counts["ERROR"],
+        len(rows), "" if len(rows) == 1 else "s", counts[VERIFIED], counts[MISMATCH],
+        counts["ERROR"],
         "" if counts["ERROR"] == 1 else "s")
-    if unrefuted:  # an honest worker on other hardware lands here: never rejected, and the next step is said
-        notes.append("%d MISMATCH%s not refuted outright (%s): %s kept in review, never rejected; %s" % (
+    # an honest worker on other hardware lands here: never rejected, and the next step is said
+    if unrefuted:
+        notes.append("%d MISMATCH%s not refuted outright (%s): %s kept in review, never rejected; "
+                     "%s" % (
             len(unrefuted), "" if len(unrefuted) == 1 else "es", " ".join(unrefuted),
             "it is" if len(unrefuted) == 1 else "they are",
-            "re-check with a larger --tolerance or --max-forced, or on the worker's model and Ollama version"
-            if policy.tolerance else "re-check with `wl_infer.py audit --tolerance %g`" % NEAR_TIE))
-    return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"], table),
+            "re-check with a larger --tolerance or --max-forced, or on the worker's model and "
+            "Ollama version"
+            if policy.tolerance else "re-check with `wl_infer.py audit --tolerance %g`"
+            % NEAR_TIE))
+    return Report(code, docs, _table(["ID", "MODEL", "VERDICT", "CAUSE", "TOKENS", "ACTION"],
+                                     table),
                   [summary] + notes)
 
 
@@ -5511,25 +5857,32 @@ ID_HELP = "the item's ID on the board, e.g. w-3f9a0c12be (any unique prefix will
 
 def _no_push(p):
     """The one option every command that writes to the board has."""
-    p.add_argument("--no-push", action="store_true", help="commit locally, do not push (wl --no-push)")
+    p.add_argument("--no-push", action="store_true",
+                   help="commit locally, do not push (wl --no-push)")
 
 
 def _post_arguments(p):
-    p.add_argument("--prompt", metavar="TEXT", help="the prompt; - reads it from stdin, less one trailing "
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="the prompt; - reads it from stdin, less one trailing "
                    "newline (write --prompt=-TEXT for a prompt that starts with -)")
-    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file, byte for byte")
-    p.add_argument("--model", metavar="TAG", help="Ollama model, e.g. llama3.2:1b (with --batch: for the lines "
-                   "that name none)")
+    p.add_argument("--prompt-file", metavar="PATH",
+                   help="read the prompt from a file, byte for byte")
+    p.add_argument("--model", metavar="TAG", help="Ollama model, e.g. llama3.2:1b (with --batch: "
+                   "for the lines that name none)")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="seed (default 42)")
     p.add_argument("--max-tokens", type=_max_tokens, default=0, metavar="N",
                    help="token limit (default 0: the model's default)")
     p.add_argument("--no-pin", action="store_true",
-                   help="do not pin the local model's digest in the job (pinned by default when present)")
-    p.add_argument("--batch", metavar="FILE", help="post a job per line of FILE (- : stdin): our lines or OpenAI "
-                   "batch requests; checked whole first, posted exactly once (run again to resume)")
-    p.add_argument("--name", metavar="NAME", help="with --batch: the batch's name (default: the file's name "
+                   help="do not pin the local model's digest in the job (pinned by default when "
+                   "present)")
+    p.add_argument("--batch", metavar="FILE", help="post a job per line of FILE (- : stdin): our "
+                   "lines or OpenAI batch requests; checked whole first, posted exactly once (run "
+                   "again to resume)")
+    p.add_argument("--name", metavar="NAME", help="with --batch: the batch's name (default: the "
+                   "file's name "
                    "without its extension; needed for stdin)")
-    p.add_argument("--wait", action="store_true", help="wait until a worker has done the job, check the answer "
+    p.add_argument("--wait", action="store_true",
+                   help="wait until a worker has done the job, check the answer "
                    "and print it on stdout, exactly")
     _wait_arguments(p)
     _policy_arguments(p)
@@ -5538,24 +5891,34 @@ def _post_arguments(p):
 
 def _wait_arguments(p):
     p.add_argument("--wait-timeout", type=_duration, metavar="D",
-                   help="with --wait: give up after D (seconds, or 90s, 15m, 2h; exit %d)" % EXIT_UNFINISHED)
+                   help="with --wait: give up after D (seconds, or 90s, 15m, 2h; exit %d)"
+                   % EXIT_UNFINISHED)
     p.add_argument("--interval", type=_positive, metavar="SECONDS",
-                   help="with --wait: seconds between looks at the board (default %g)" % DEFAULT_RESULTS_INTERVAL)
-    p.add_argument("--no-verify", action="store_true", help="take the answers as submitted, without re-running "
+                   help="with --wait: seconds between looks at the board (default %g)"
+                   % DEFAULT_RESULTS_INTERVAL)
+    p.add_argument("--no-verify", action="store_true",
+                   help="take the answers as submitted, without re-running "
                    "them (the checks that need no model still run)")
 
 
 def _results_arguments(p):
-    p.add_argument("batch", nargs="*", metavar="BATCH", help="the batch file, or its name, or item IDs")
-    p.add_argument("--ids", dest="ids_file", metavar="FILE", help="the item IDs in FILE (- : stdin), the first "
+    p.add_argument("batch", nargs="*", metavar="BATCH",
+                   help="the batch file, or its name, or item IDs")
+    p.add_argument("--ids", dest="ids_file", metavar="FILE",
+                   help="the item IDs in FILE (- : stdin), the first "
                    "word of each line")
-    p.add_argument("--name", metavar="NAME", help="the batch's name, when post --batch was given one")
+    p.add_argument("--name", metavar="NAME", help="the batch's name, when post --batch was given "
+                   "one")
     p.add_argument("--wait", action="store_true", help="wait until every job is done by a worker")
     _wait_arguments(p)
-    p.add_argument("--spot-check", type=_rate, metavar="RATE", help="re-run only a share RATE (0.1 or 10%%) of "
-                   "each worker's answers, at least one each, and all of a worker's once one is refuted")
-    p.add_argument("--accept", action="store_true", help="accept the verified (wl accept --quality 5)")
-    p.add_argument("--reject", action="store_true", help="reject the refuted, with the cause (wl reject)")
+    p.add_argument("--spot-check", type=_rate, metavar="RATE",
+                   help="re-run only a share RATE (0.1 or 10%%) of "
+                   "each worker's answers, at least one each, and all of a worker's once one is "
+                   "refuted")
+    p.add_argument("--accept", action="store_true",
+                   help="accept the verified (wl accept --quality 5)")
+    p.add_argument("--reject", action="store_true",
+                   help="reject the refuted, with the cause (wl reject)")
     p.add_argument("--format", choices=("wl_infer", "openai"), default="wl_infer",
                    help="openai: OpenAI Batch API output lines, the verdict under \"wl_infer\"")
     p.add_argument("--as-completed", action="store_true",
@@ -5566,45 +5929,53 @@ def _results_arguments(p):
 
 def _output_arguments(p):
     p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP)
-    p.add_argument("-z", "--null", action="store_true", help="end each output with a NUL (default: one ID: "
+    p.add_argument("-z", "--null", action="store_true",
+                   help="end each output with a NUL (default: one ID: "
                    "nothing added; several: a newline after each)")
 
 
 def _logprobs(p):
     p.add_argument("--no-logprobs", action="store_true",
-                   help="do not record logprobs in the evidence: asking for them slows generation (about 15%% on "
-                   "a CPU test server); verifiers then cannot compare numerics (--strict)")
+                   help="do not record logprobs in the evidence: asking for them slows generation "
+                   "(about 15%% on a CPU test server); verifiers then cannot compare numerics "
+                   "(--strict)")
 
 
 def _run_arguments(p):
     p.add_argument("id", type=_item_id, metavar="ID", help=ID_HELP)
-    p.add_argument("--skip-claim", action="store_true", help="the item is already claimed (by you or a claimer)")
+    p.add_argument("--skip-claim", action="store_true",
+                   help="the item is already claimed (by you or a claimer)")
     _logprobs(p)
     _no_push(p)
 
 
 def _verify_arguments(p):
-    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP + "; several: each in turn")
+    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP
+                   + "; several: each in turn")
     _policy_arguments(p)
 
 
 def _policy_arguments(p):
     p.add_argument("--strict", action="store_true",
-                   help="same text with logprobs more than %g nats (or the tolerance) apart is a MISMATCH"
+                   help="same text with logprobs more than %g nats (or the tolerance) apart is a "
+                   "MISMATCH"
                    % LOGPROB_TOLERANCE)
     p.add_argument("--tolerance", type=_nats, default=0.0, metavar="NATS",
-                   help="accept the submitted token where the model's own choice was at most NATS better "
-                   "(0.5 for mixed hardware; default 0: exact)")
+                   help="accept the submitted token where the model's own choice was at most NATS "
+                   "better (0.5 for mixed hardware; default 0: exact)")
     p.add_argument("--max-forced", type=_max_tokens, metavar="N",
-                   help="with --tolerance: at most N such tokens (default %d)" % DEFAULT_MAX_FORCED)
+                   help="with --tolerance: at most N such tokens (default %d)"
+                   % DEFAULT_MAX_FORCED)
     p.add_argument("--sample", type=_count, metavar="K",
-                   help="re-generate K windows of the output (the first, the last and K-2 at random) instead of "
-                   "all of it: a fraction of the cost, VERIFIED with a stated coverage, never exact")
-    p.add_argument("--window", type=_count, metavar="L", help="with --sample: tokens per window (default %d)"
+                   help="re-generate K windows of the output (the first, the last and K-2 at "
+                   "random) instead of all of it: a fraction of the cost, VERIFIED with a stated "
+                   "coverage, never exact")
+    p.add_argument("--window", type=_count, metavar="L",
+                   help="with --sample: tokens per window (default %d)"
                    % DEFAULT_WINDOW)
     p.add_argument("--sample-seed", type=_seed, metavar="S",
-                   help="with --sample: draw the windows from seed S (default: a random one, which the report "
-                   "gives), so that anyone can re-check the same windows")
+                   help="with --sample: draw the windows from seed S (default: a random one, "
+                   "which the report gives), so that anyone can re-check the same windows")
 
 
 def verify_policy(args):
@@ -5613,37 +5984,47 @@ def verify_policy(args):
     if (args.window is not None or args.sample_seed is not None) and not args.sample:
         raise UserError("--window and --sample-seed need --sample K")
     if args.sample and args.strict:
-        raise UserError("--strict compares the logprobs of every token, so it cannot be sampled; leave out one")
+        raise UserError("--strict compares the logprobs of every token, so it cannot be sampled; "
+                        "leave out one")
     if args.sample is not None and args.sample < 2:
         raise UserError("--sample needs at least 2 windows: the first and the last")
-    sample = Sample(args.sample, args.window or DEFAULT_WINDOW, args.sample_seed) if args.sample else None
-    return Policy(args.strict, args.tolerance, DEFAULT_MAX_FORCED if args.max_forced is None else args.max_forced,
+    sample = Sample(args.sample, args.window or DEFAULT_WINDOW,
+                    args.sample_seed) if args.sample else None
+    return Policy(args.strict, args.tolerance, DEFAULT_MAX_FORCED if args.max_forced is None
+                  else args.max_forced,
                   sample)
 
 
 def _status_arguments(p):
-    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP + "; several: each in turn")
+    p.add_argument("ids", nargs="+", type=_item_id, metavar="ID", help=ID_HELP
+                   + "; several: each in turn")
 
 
 def _list_arguments(p):
-    p.add_argument("--status", choices=("open", "claimed", "in_review", "completed", "all"), default="open",
+    p.add_argument("--status", choices=("open", "claimed", "in_review", "completed", "all"),
+                   default="open",
                    help="which jobs (default open)")
     p.add_argument("--model", metavar="TAG", help="only jobs for this model")
-    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N jobs (default 50)")
+    p.add_argument("--limit", type=_count, default=50, metavar="N",
+                   help="at most N jobs (default 50)")
 
 
 def _audit_arguments(p):
     p.add_argument("--model", metavar="TAG", help="only jobs for this model")
-    p.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N items (default 50)")
-    p.add_argument("--accept", action="store_true", help="accept VERIFIED items (wl accept --quality 5)")
-    p.add_argument("--reject", action="store_true", help="reject MISMATCH items with the cause (wl reject)")
+    p.add_argument("--limit", type=_count, default=50, metavar="N",
+                   help="at most N items (default 50)")
+    p.add_argument("--accept", action="store_true",
+                   help="accept VERIFIED items (wl accept --quality 5)")
+    p.add_argument("--reject", action="store_true",
+                   help="reject MISMATCH items with the cause (wl reject)")
     _policy_arguments(p)
     _no_push(p)
 
 
 def _work_arguments(p):
     p.add_argument("--models", type=_tags, metavar="TAG,...", help="only jobs for these models")
-    p.add_argument("--once", action="store_true", help="one poll: run what is eligible, then exit (for cron)")
+    p.add_argument("--once", action="store_true",
+                   help="one poll: run what is eligible, then exit (for cron)")
     p.add_argument("--max-jobs", type=_count, metavar="N", help="exit after taking N jobs")
     p.add_argument("--interval", type=_positive, default=30.0, metavar="SECONDS",
                    help="seconds between polls when idle (default 30, with jitter)")
@@ -5671,12 +6052,15 @@ class Command(collections.namedtuple("Command", "name run help usage add_argumen
 
 COMMANDS = [
     Command("post", cmd_post, "post an inference job, or a batch file of them, on the board",
-            "--model TAG --prompt TEXT [--wait] [options] | --batch FILE [options]", _post_arguments, [
+            "--model TAG --prompt TEXT [--wait] [options] | --batch FILE [options]",
+            _post_arguments, [
                 'wl_infer.py post --prompt "What is 1+1?" --model llama3.2:1b --max-tokens 64',
-                'echo "Summarise: ..." | wl_infer.py post --prompt - --model llama3.2:1b --max-tokens 256 --wait',
+                'echo "Summarise: ..." | wl_infer.py post --prompt - --model llama3.2:1b '
+                '--max-tokens 256 --wait',
                 "wl_infer.py post --batch prompts.jsonl --model llama3.2:1b --max-tokens 256",
             ]),
-    Command("results", cmd_results, "collect a batch's answers, each checked: JSON lines on stdout",
+    Command("results", cmd_results, "collect a batch's answers, each checked: JSON lines on "
+            "stdout",
             "BATCH | ID... | --ids FILE [options]", _results_arguments, [
                 "wl_infer.py results prompts.jsonl --wait > answers.jsonl",
                 "wl_infer.py results prompts.jsonl --spot-check 10% --accept --reject",
@@ -5685,14 +6069,16 @@ COMMANDS = [
     Command("output", cmd_output, "print submitted outputs exactly as submitted (not re-run)",
             "ID... [options]", _output_arguments, [
                 "wl_infer.py output w-3f9a > answer.txt",
-                "wl_infer.py -q list --status in_review | xargs wl_infer.py output -z | xargs -0 -n1 echo",
+                "wl_infer.py -q list --status in_review | xargs wl_infer.py output -z | xargs -0 "
+                "-n1 echo",
             ]),
     Command("run", cmd_run, "claim a job, run it on the local Ollama, submit the result",
             "ID [options]", _run_arguments, [
                 "wl_infer.py run w-3f9a",
                 "wl_infer.py run w-3f9a --skip-claim      # claimed already, with `wl claim`",
             ]),
-    Command("verify", cmd_verify, "check a completion and re-run its job: exit 0 VERIFIED, 1 MISMATCH",
+    Command("verify", cmd_verify, "check a completion and re-run its job: exit 0 VERIFIED, 1 "
+            "MISMATCH",
             "ID... [options]", _verify_arguments, [
                 "wl_infer.py verify w-3f9a",
                 "wl_infer.py verify w-3f9a --tolerance 0.5   # the worker ran other hardware",
@@ -5701,7 +6087,8 @@ COMMANDS = [
     Command("status", cmd_status, "show a job, its claim and its completion (no model needed)",
             "ID... [options]", _status_arguments, [
                 "wl_infer.py status w-3f9a",
-                "wl_infer.py -q status w-3f9a               # the status alone: open, claimed, in_review...",
+                "wl_infer.py -q status w-3f9a               # the status alone: open, claimed, "
+                "in_review...",
                 "wl_infer.py --json status w-3f9a | jq .completion.checks",
             ]),
     Command("list", cmd_list, "list inference jobs on the board (one wl browse)",
@@ -5715,7 +6102,8 @@ COMMANDS = [
                 "wl_infer.py audit --tolerance 0.5",
                 "wl_infer.py audit --tolerance 0.5 --accept --reject",
             ]),
-    Command("work", cmd_work, "take jobs for the local models and run them, until stopped (a worker)",
+    Command("work", cmd_work, "take jobs for the local models and run them, until stopped (a "
+            "worker)",
             "[options]", _work_arguments, [
                 "wl_infer.py work",
                 "wl_infer.py work --once --models llama3.2:1b   # one poll, from cron",
@@ -5724,21 +6112,23 @@ COMMANDS = [
     Command("spool", cmd_spool, "list finished results kept on disk because wl did not take them",
             "[options]", _spool_arguments, [
                 "wl_infer.py spool",
-                "wl_infer.py run w-3f9a                     # submits the kept result, without generating",
+                "wl_infer.py run w-3f9a                     # submits the kept result, without "
+                "generating",
                 "wl_infer.py spool --drop w-3f9a",
             ]),
 ]
 COMMAND_BY_NAME = {command.name: command for command in COMMANDS}
 PROG = "wl_infer.py"  # in usage lines and in every command we suggest
-SHARED_OPTIONS = ("options for every command, before or after its name (--wasteland, --local-db, --wl,\n"
-                  "--ollama, --timeout, --wl-timeout, --json, -q): see `%s --help`" % PROG)
+SHARED_OPTIONS = ("options for every command, before or after its name (--wasteland, --local-db, "
+                  "--wl,\n--ollama, --timeout, --wl-timeout, --json, -q): see `%s --help`" % PROG)
 
 
 def command_list():
     """What a bare `wl_infer.py` prints: the commands, one line each."""
     width = max(len(c.name) for c in COMMANDS)
     return "\n".join(["usage: %s [options] COMMAND [options]" % PROG,
-                      "Verifiable LLM inference jobs on the Wasteland wanted board.", "", "commands:"]
+                      "Verifiable LLM inference jobs on the Wasteland wanted board.", "",
+                      "commands:"]
                      + ["  %s  %s" % (c.name.ljust(width), c.help) for c in COMMANDS]
                      + ["", "`%s COMMAND --help` shows a command's options and examples." % PROG])
 
@@ -5747,7 +6137,8 @@ def build_parser():
     """The parser of every command (plain argparse)."""
     class Parser(argparse.ArgumentParser):
         def __init__(self, **kwargs):  # examples keep their lines
-            super(Parser, self).__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+            super(Parser, self).__init__(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         **kwargs)
 
         def error(self, message):  # one line, our prefix, exit 2 (see main)
             option = re.match(r"argument (--[\w-]+)(?:/[-\w]+)?: expected one argument$", message)
@@ -5771,24 +6162,28 @@ def build_parser():
         g.add_argument("--wl", metavar="PATH", default=argparse.SUPPRESS,
                        help=said("wl executable (default: $WL_BIN, else wl on PATH)"))
         g.add_argument("--ollama", metavar="URL", action="append", default=argparse.SUPPRESS,
-                       help=said("Ollama server (default: $OLLAMA_HOST, else %s); `work` and `results` take several "
-                                 "(repeat it, or a comma-separated OLLAMA_HOST)" % DEFAULT_OLLAMA))
+                       help=said("Ollama server (default: $OLLAMA_HOST, else %s); `work` and "
+                                 "`results` take several (repeat it, or a comma-separated "
+                                 "OLLAMA_HOST)" % DEFAULT_OLLAMA))
         g.add_argument("--timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
                        help=said("Ollama inactivity timeout: no byte for this long (default 300); "
                                  "a long generation is never cut for being long"))
-        g.add_argument("--wl-timeout", type=_positive, metavar="SECONDS", default=argparse.SUPPRESS,
+        g.add_argument("--wl-timeout", type=_positive, metavar="SECONDS",
+                       default=argparse.SUPPRESS,
                        help=said("limit for one wl call (default %g)" % DEFAULT_WL_TIMEOUT))
         g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help=said("print one JSON document on stdout (wins over -q)"))
         g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help=said("stdout: only what a pipeline needs (post: the ID, list: IDs, status: the status, "
-                                 "output and results: theirs; others nothing); stderr: only warnings and errors"))
+                       help=said("stdout: only what a pipeline needs (post: the ID, list: IDs, "
+                                 "status: the status, output and results: theirs; others "
+                                 "nothing); stderr: only warnings and errors"))
 
     parser = Parser(prog=PROG, usage="%(prog)s [options] COMMAND [options]",
                     description="Verifiable LLM inference jobs on the Wasteland wanted board.",
-                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 3 jobs not done yet (results, post "
-                           "--wait), 130 interrupted.\n"
-                           "`%s COMMAND --help` shows a command's options and examples." % PROG)
+                    epilog="Exit codes: 0 success/VERIFIED, 1 MISMATCH, 2 error, 3 jobs not done "
+                    "yet (results, post "
+                           "--wait), 130 interrupted.\n`%s COMMAND --help` shows a command's "
+                    "options and examples." % PROG)
     parser.add_argument("--version", action="version", version="wl_infer " + __version__)
     shared(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -5796,10 +6191,13 @@ def build_parser():
 
     for command in COMMANDS:
         examples = "\n".join("  " + e for e in command.examples)
-        p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s " + command.usage,
-                           help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
+        p = sub.add_parser(command.name, prog=PROG + " " + command.name, usage="%(prog)s "
+                           + command.usage,
+                           help=command.help, description=command.help[0].upper()
+                           + command.help[1:] + ".",
                            epilog="%s\n\nexamples:\n%s" % (SHARED_OPTIONS, examples))
-        command.add_arguments(p)  # its own options; the shared ones are taken, and listed by the top help
+        # its own options; the shared ones are taken, and listed by the top help
+        command.add_arguments(p)
         shared(p, shown=False)
     return parser
 
@@ -5813,7 +6211,8 @@ def parse_args(argv):
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
-    urls = args.ollama or [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",") if u.strip()]
+    urls = args.ollama or [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",")
+                           if u.strip()]
     args.ollama_urls = urls or [DEFAULT_OLLAMA]
     args.ollama = args.ollama_urls[0]  # every command but work uses one server: the first
     return args
@@ -5849,7 +6248,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         working = args.command == "work"
-        signals = Signals(graceful=working)  # a worker: the first signal lets the job in flight finish
+        # a worker: the first signal lets the job in flight finish
+        signals = Signals(graceful=working)
         signals.install()
         ctx = Context(settings_of(args), signals, threaded=working)
         try:
@@ -5859,7 +6259,8 @@ def main(argv=None):
     except UserError as exc:
         if want_json:
             _emit(sys.stdout, _json_text(dict({"error": str(exc)}, **exc.details)))
-        _emit(sys.stderr, "".join("wl_infer: error: %s\n" % printable(line) for line in exc.lines + [str(exc)]))
+        _emit(sys.stderr, "".join("wl_infer: error: %s\n" % printable(line) for line in exc.lines
+                                  + [str(exc)]))
         return EXIT_ERROR
     except Interrupted as exc:
         _say_now("interrupted; %s" % printable(str(exc)))
@@ -5873,7 +6274,8 @@ def main(argv=None):
 
 def print_report(report, args):
     if args.json:
-        _emit(sys.stdout, "".join(_json_text(doc) for doc in report.docs) if report.docs is not None
+        _emit(sys.stdout, "".join(_json_text(doc) for doc in report.docs)
+              if report.docs is not None
               else _json_text(report.doc))
     elif report.raw is not None:
         _emit(sys.stdout, report.raw if not sys.stdout.isatty() else printable(report.raw))
