@@ -593,8 +593,10 @@ class _OllamaHandlerMixin(object):
         try:
             self._stream_lines(name, thoughts, tokens, logprobs, reason, count, record)
         finally:
-            # the slot holds what was generated, up to where a client that went away cancelled it
-            fake.remember(self.evaluation[0], "".join(record["text"]), "final" in record)
+            # the slot holds what was generated, up to where a client that went away cancelled it (a
+            # generation that ended was remembered before its last line went out, and only then)
+            if "final" not in record:
+                fake.remember(self.evaluation[0], "".join(record["text"]), False)
             record["end"] = time.time()
             record["ended"].set()
 

@@ -2269,14 +2269,14 @@ class Context(object):
         self.signals = signals or Signals()  # not installed: a library user installs their own
         self._wl = None
         self._ollama = None
-        self.status = StatusLine(not settings.quiet and sys.stderr.isatty())
+        self.status_line = StatusLine(not settings.quiet and sys.stderr.isatty())
         # a local Dolt clone takes one wl at a time: the drivers made here share this lock
         self.wl_turn = threading.Lock() if settings.local_db else None
 
     @property
     def wl(self):
         if self._wl is None:
-            self._wl = self.new_wl(None if self.threaded else self.status)
+            self._wl = self.new_wl(None if self.threaded else self.status_line)
         return self._wl
 
     def new_wl(self, status_line):
@@ -2293,10 +2293,10 @@ class Context(object):
         return self._ollama
 
     def progress(self, label, total=None):
-        return Progress(self.status, label, total)
+        return Progress(self.status_line, label, total)
 
     def warn(self, message):
-        self.status.above("wl_infer: warning: %s" % printable(message))
+        self.status_line.above("wl_infer: warning: %s" % printable(message))
 
     def out(self, line, quiet=None):
         """A line of data on stdout at once, for a command that streams its
@@ -2305,7 +2305,7 @@ class Context(object):
         if self.settings.quiet:
             line = quiet
         if line is not None and not self.settings.json:
-            self.status.above(line, sys.stdout)
+            self.status_line.above(line, sys.stdout)
 
 
 class StatusLine(object):
@@ -2349,26 +2349,26 @@ class StatusLine(object):
 class Progress(object):
     """A generation's tokens on the status line, at most ten times a second."""
 
-    def __init__(self, status, label, total=None):
-        self.status, self.label, self.total = status, label, total
+    def __init__(self, status_line, label, total=None):
+        self.status_line, self.label, self.total = status_line, label, total
         self.clock = time.monotonic
         self.start = self.clock()
         self.shown = 0.0
 
     def __call__(self, tokens):
         now = self.clock()
-        if not self.status.enabled or now - self.shown < 0.1:
+        if not self.status_line.enabled or now - self.shown < 0.1:
             return
         self.shown = now
         elapsed = now - self.start
-        self.status.show("%s: %d%s tokens, %s, %.1fs" % (
+        self.status_line.show("%s: %d%s tokens, %s, %.1fs" % (
             self.label, tokens, " of %d" % self.total if self.total else "",
             received_rate(tokens, elapsed),
             elapsed))
 
 
     def clear(self):
-        self.status.clear()
+        self.status_line.clear()
 
 
 def received_rate(tokens, seconds):
@@ -2571,8 +2571,8 @@ class JobRun(object):
     def __init__(self, ctx, item, skip_claim=False):
         self.ctx, self.item, self.id, self.skip_claim = ctx, item, item.id, skip_claim
         self.job = self.digest = self.kept = None
-        self.full = None  # the whole evidence, before fitting wl's field
-        self.evidence = None  # as submitted
+        self.evidence = None  # the whole evidence, as made (or kept), before fitting wl's field
+        self.fitted_evidence = None  # as submitted: fitted into wl's field
         self.spooled = None  # where the result is kept on disk, once it is
         self.gen = None
         self.generating_s = None  # wall time of the generation, from its request to its end
@@ -2599,7 +2599,7 @@ class JobRun(object):
                                       short_digest(job.model_digest)))
         self.kept = kept_result(self.ctx, item, digest)
         if self.kept:
-            self.full, self.spooled = self.kept["evidence"], self.kept["path"]
+            self.evidence, self.spooled = self.kept["evidence"], self.kept["path"]
 
     def attempt(self, step, *args):
         """Run one step; a failure or a signal releases what is ours and
@@ -2622,7 +2622,7 @@ class JobRun(object):
         """Run the job on `ollama` (unless a kept result is submitted
         instead) and keep the result on disk. `digest`: the model's digest
         there."""
-        if self.full is None:
+        if self.evidence is None:
             job = self.job
             top = None if self.ctx.settings.no_logprobs else TOP_LOGPROBS
             started = time.monotonic()
@@ -2635,7 +2635,7 @@ class JobRun(object):
                                "max_tokens"
                                % (FIELD_LIMIT, _tokens(gen.chunks), FIELD_LIMIT))
             digest = digest or self.digest
-            self.full = make_evidence(job, gen.text,
+            self.evidence = make_evidence(job, gen.text,
                                       provenance(gen, digest, version, ollama_options(job)))
             self.spooled = self._keep(digest)
         self.ctx.signals.check()
@@ -2645,7 +2645,7 @@ class JobRun(object):
         full disk must not cost the result itself."""
         try:
             with self.ctx.signals.protected("the write of the result to disk"):
-                return spool_write(self.item, digest, self.full)
+                return spool_write(self.item, digest, self.evidence)
         except OSError as exc:
             self.ctx.warn("could not keep the result in %s (%s); submitting it anyway"
                           % (spool_dir(), _reason(exc)))
@@ -2653,15 +2653,15 @@ class JobRun(object):
 
     def submit(self):
         self.ctx.signals.check()
-        self.evidence, encoded = fit_evidence(self.full)
+        self.fitted_evidence, encoded = fit_evidence(self.evidence)
         self.phase = SUBMITTING
         submit_evidence(self.ctx, self.id, encoded)
         self.phase = SUBMITTED
         if self.spooled:
             _remove(self.spooled)
         self.ctx.signals.check()
-        dropped = [name for name, _ in PROVENANCE_FIELDS if self.full.get(name) and name
-                   not in self.evidence]
+        dropped = [name for name, _ in PROVENANCE_FIELDS if self.evidence.get(name) and name
+                   not in self.fitted_evidence]
         if dropped:
             self.ctx.warn("submitted without %s: the evidence would not fit wl's %d-byte field "
                           "with %s (verifiers will see them as not available)"
@@ -2710,7 +2710,7 @@ class JobRun(object):
                     "check with `wl status %s`" % item_id)
         if self.skip_claim:
             return "the claim on %s was left to its owner (--skip-claim)" % item_id
-        self.ctx.status.clear()
+        self.ctx.status_line.clear()
         _say_now("interrupted: releasing the claim on %s; press Ctrl-C again to stop waiting, and "
                  "the claim may stay held" % item_id)
         return release_claim(self.ctx, item_id)
@@ -2994,7 +2994,7 @@ class Verification(collections.namedtuple("Verification", "submission outcome"))
 
     item_id = property(lambda self: self.submission.item_id)
     job = property(lambda self: self.submission.job)
-    evidence = property(lambda self: self.submission.evidence)
+    submitted_evidence = property(lambda self: self.submission.evidence)
     expected_hash = property(lambda self: self.submission.expected_hash)
     verdict = property(lambda self: self.outcome.verdict)
     cause = property(lambda self: self.outcome.cause)
@@ -3654,7 +3654,7 @@ def verification_document(verification):
             "expected_hash": v.expected_hash, "actual_hash": outcome.actual_hash,
             "job": v.job.document(),
             "output": outcome.output, "local": local._asdict(),
-            "evidence": evidence_document(v.evidence)}
+            "evidence": evidence_document(v.submitted_evidence)}
 
 
 def verification_lines(verification):
@@ -3879,7 +3879,8 @@ class Worker(object):
 
     def log(self, message):
         """A line of the log on stderr: failures and what a signal does (-q keeps these)."""
-        self.ctx.status.above("%s %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), printable(message)))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.ctx.status_line.above("%s %s" % (stamp, printable(message)))
 
     def info(self, message):
         """A line of the log that -q leaves out: the jobs' progress."""
@@ -3898,7 +3899,7 @@ class Worker(object):
         seen = 0
         while any(t.is_alive() for t in threads):
             threads[-1].join(0.2)  # the submitter ends last; signals are acted on between waits
-            self.ctx.status.show(self.in_flight())
+            self.ctx.status_line.show(self.in_flight())
             if self.ctx.signals.received != seen:
                 seen = self.ctx.signals.received
                 if seen == 1:
@@ -4183,7 +4184,7 @@ class Worker(object):
 
     def infer_on(self, server, run):
         started = self.clock()
-        generated = run.full is None
+        generated = run.evidence is None
         if len(self.servers) > 1 and generated:
             self.info("running %s on %s" % (run.id, server.url))
 
@@ -4548,7 +4549,7 @@ class BatchPost(object):
                                   "posted": entry is None or entry.item_id is None})
                 elapsed = time.monotonic() - start
                 rate = done / elapsed if elapsed > 0 else 0.0
-                self.ctx.status.show("posting batch %s: %d of %d%s"
+                self.ctx.status_line.show("posting batch %s: %d of %d%s"
                                      % (self.name, done, self.jobs, (
                     ", %.1f jobs/s, %s left" % (rate, _seconds((self.jobs - done) / rate)) if rate
                     else "")))
@@ -4557,7 +4558,7 @@ class BatchPost(object):
         except KeyboardInterrupt:
             raise Interrupted("%s; run the same command again to post the rest" % self._so_far())
         finally:
-            self.ctx.status.clear()
+            self.ctx.status_line.clear()
         ledger.finish(self.jobs)
 
     def post_one(self, wl, title, description, number):
@@ -4805,7 +4806,7 @@ class Collector(object):
             with self.cond:
                 self.stopping = True
                 self.cond.notify_all()
-            self.ctx.status.clear()
+            self.ctx.status_line.clear()
         return self.results
 
     def _guarded(self, loop, *args):
@@ -4832,7 +4833,7 @@ class Collector(object):
     def _show(self, polling, next_poll):
         counts = collections.Counter(r.state for r in self.results)
         done = counts[FINAL] + counts[WRITTEN]
-        self.ctx.status.show("results: %d of %d final%s%s%s" % (
+        self.ctx.status_line.show("results: %d of %d final%s%s%s" % (
             done, len(self.results), ", %d being checked" % (counts[CHECKING] + counts[READING])
             if counts[CHECKING] + counts[READING] else "",
             ", %d not done yet" % counts[WAITING] if counts[WAITING] else "",
@@ -5135,7 +5136,7 @@ def wait_for_answer(ctx, doc, policy, options):
     item_id = doc["id"]
     later = "`wl_infer.py results %s --wait`" % item_id
     if not ctx.settings.quiet:
-        ctx.status.above("posted %s; waiting for a worker to do it" % item_id)
+        ctx.status_line.above("posted %s; waiting for a worker to do it" % item_id)
     try:
         [result] = Collector(ctx, [BatchJob(None, None, "", item_id)], policy, options,
                              lambda r: None).run()
@@ -5223,7 +5224,7 @@ def read_prompt(args):
 
 def cmd_run(ctx, args):
     done = run_job(ctx, args.id, args.skip_claim)
-    item_id, evidence, kept = done.id, done.evidence, done.kept
+    item_id, evidence, kept = done.id, done.fitted_evidence, done.kept
     text = (["✓ Inference completed for " + item_id] + _job_lines(done.job) + [
         "  Evidence:" + (" the result kept on %s, submitted without generating again"
                          % kept["spooled_at"]
@@ -5649,7 +5650,7 @@ def cmd_audit(ctx, args):
     listing = board_items(ctx, "in_review", args.model, args.limit)
     rows = [AuditRow(listed.item.id) for listed in listing.items]
     for n, row in enumerate(rows, 1):
-        ctx.status.show("%d of %d: reading %s" % (n, len(rows), row.item_id))
+        ctx.status_line.show("%d of %d: reading %s" % (n, len(rows), row.item_id))
         try:
             row.submission = Submission.of(ctx.wl.status(row.item_id))
         except UserError as exc:
@@ -5657,7 +5658,7 @@ def cmd_audit(ctx, args):
             continue
         if row.submission.cause is not None:  # refuted by the cheap checks: no re-run
             row.verification = verify_submission(row.submission, None)
-    ctx.status.clear()
+    ctx.status_line.clear()
     pending = [r for r in rows if r.submission and r.verification is None]
     for n, row in enumerate(sorted(pending, key=lambda r: len(r.submission.submitted)), 1):
         try:
@@ -6255,7 +6256,7 @@ def main(argv=None):
         try:
             report = COMMAND_BY_NAME[args.command].run(ctx, args)
         finally:
-            ctx.status.clear()  # what follows goes on a line of its own
+            ctx.status_line.clear()  # what follows goes on a line of its own
     except UserError as exc:
         if want_json:
             _emit(sys.stdout, _json_text(dict({"error": str(exc)}, **exc.details)))
