@@ -4820,6 +4820,8 @@ class ResultsTest(BatchTest):
         self.assertIn(b"interrupted; 1 of 2 results were handed on; the same command collects them again",
                       proc.stderr.read())
         proc.stderr.close()
+        # a wl call of a reader thread, in its own session, ends on its own: before the board is removed
+        wait_for(lambda: len(self.board.calls()) >= len(self.board.started()), "the last wl call's end")
 
     def test_as_completed_writes_a_line_as_soon_as_it_is_final(self):
         path, ids = self.batch(2)
