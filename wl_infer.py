@@ -2244,10 +2244,9 @@ def default_settings(**given):
     $OLLAMA_HOST), with `given` in their place: for library use."""
     urls = [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",") if u.strip()]
     defaults = dict(wl=os.environ.get("WL_BIN") or "wl", wasteland=None, local_db=False,
-                    no_push=False,
-                    wl_timeout=DEFAULT_WL_TIMEOUT, ollama_urls=urls or [DEFAULT_OLLAMA],
-                    timeout=300.0,
-                    quiet=False, json=False, no_logprobs=False)
+                    no_push=False, wl_timeout=DEFAULT_WL_TIMEOUT,
+                    ollama_urls=urls or [DEFAULT_OLLAMA], timeout=300.0, quiet=False, json=False,
+                    no_logprobs=False)
     defaults.update(given)
     return Settings(**defaults)
 
@@ -3395,14 +3394,13 @@ class Rerun(object):
             if cause is not None:  # the tolerance decided
                 return self.outcome(MISMATCH, cause=cause, actual_hash=actual_hash, output=output,
                                     local=local)
-        local = LocalServer(digest, None, prompt_eval_count)
         recorded_ending, ending = evidence["done_reason"], gen.final.get("done_reason")
         if self.forced and recorded_ending and ending != recorded_ending:
             # one request makes the ending the same as the submitted one's; forced steps split it
             # over several
             message = ("the re-run ends where the submitted output does, but for another reason "
-                       "(%s, the evidence says %s)" % (preview(_dumps(ending), 20),
-                                     preview(_dumps(recorded_ending), 20)))
+                       "(%s, the evidence says %s)"
+                       % (preview(_dumps(ending), 20), preview(_dumps(recorded_ending), 20)))
             self.checks.append(Check("rerun", False, message))
             return self.outcome(MISMATCH, cause=Cause("different-ending", message),
                                 actual_hash=actual_hash,
@@ -6204,18 +6202,14 @@ def build_parser():
 
 
 def parse_args(argv):
+    """The options given, with every Settings field set (those not given,
+    or that the command has not, from default_settings)."""
     args = build_parser().parse_args(argv)
-    defaults = {"wasteland": None, "local_db": False, "wl": os.environ.get("WL_BIN") or "wl",
-                "ollama": None, "timeout": 300.0, "wl_timeout": DEFAULT_WL_TIMEOUT,
-                "json": False, "quiet": False, "no_push": False,
-                "no_logprobs": False}  # no_push, no_logprobs: for commands without them
-    for name, value in defaults.items():
-        if not hasattr(args, name):
-            setattr(args, name, value)
-    urls = args.ollama or [u for u in (os.environ.get("OLLAMA_HOST") or "").split(",")
-                           if u.strip()]
-    args.ollama_urls = urls or [DEFAULT_OLLAMA]
-    args.ollama = args.ollama_urls[0]  # every command but work uses one server: the first
+    given = dict((name, getattr(args, name)) for name in Settings._fields if hasattr(args, name))
+    if hasattr(args, "ollama"):  # --ollama, repeated
+        given["ollama_urls"] = args.ollama
+    for name, value in default_settings(**given)._asdict().items():
+        setattr(args, name, value)
     return args
 
 
